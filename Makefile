@@ -1,0 +1,43 @@
+# `make demo` and `make test` set everything up on a fresh machine (Python 3.11).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= demo-work
+DEMO_ITEMS ?= 2000
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo bench compile lint clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+## The whole suite: unit, integration and the kfp.local end-to-end test.
+test: venv
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest $(PYTEST_ARGS)
+
+## Unit tests only (seconds).
+test-fast: venv
+	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
+
+## The main job end to end on a generated marketplace, then the serving container answers.
+demo: venv
+	$(PY) -m visrec.demo --work-dir $(DEMO_DIR) --items $(DEMO_ITEMS)
+
+compile: venv
+	$(VENV)/bin/visrec compile --out pipeline.yaml
+
+bench: venv
+	$(PY) bench/prepare.py
+
+lint: venv
+	$(VENV)/bin/hadolint containers/*/Dockerfile
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache pipeline.yaml

@@ -1,0 +1,95 @@
+"""Shared fixtures: a real GCS emulator, a small generated marketplace, tiny models.
+
+Stage-specific fixtures live in each test module; the ones here are expensive and
+session-scoped so every module reuses them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# Small CPU machines: keep torch from oversubscribing the cores the Beam workers use.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """`gcp-storage-emulator` as a real local server; yields a function making a fresh bucket.
+
+    Sets `STORAGE_EMULATOR_HOST` so the real `google-cloud-storage` client (and
+    `visrec.io`) talk to it.
+    """
+    port = free_port()
+    exe = Path(sys.executable).with_name("gcp-storage-emulator")
+    proc = subprocess.Popen([str(exe), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, proc=proc)
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    from visrec import io
+
+    io.gcs_client.cache_clear()
+    counter = iter(range(10**6))
+
+    def make_bucket(prefix: str = "visrec-test") -> str:
+        name = f"{prefix}-{next(counter)}"
+        io.gcs_client().create_bucket(name)
+        return name
+
+    try:
+        yield make_bucket
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        io.gcs_client.cache_clear()
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+
+
+@pytest.fixture(scope="session")
+def marketplace(tmp_path_factory) -> Path:
+    """A clean 400-item generated marketplace (listings, images, interactions, hidden truth)."""
+    from visrec.demo_data import DemoDataConfig, generate_marketplace
+
+    out = tmp_path_factory.mktemp("marketplace")
+    generate_marketplace(out, DemoDataConfig(items=400, seed=7))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, marketplace) -> Path:
+    """`visrec init-models` output: `siglip/` and `mobilenet_v2/` tiny random models."""
+    from visrec.models import init_models
+
+    out = tmp_path_factory.mktemp("models")
+    init_models(out, listings_uri=str(marketplace / "listings.jsonl"))
+    return out

@@ -1,0 +1,5 @@
+import sys
+
+from visrec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,222 @@
+"""One small storage layer for local paths and `gs://` URIs, used by every stage.
+
+Stages take URIs and never care where the bytes live. `gs://` goes through the
+real `google-cloud-storage` client, which also talks to `gcp-storage-emulator`
+when `STORAGE_EMULATOR_HOST` is set (that is how the tests exercise it). Local
+writes are atomic (temp file + rename) so a crashed stage never leaves a
+half-written file that looks whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from visrec.errors import UserError
+
+GCS_PREFIX = "gs://"
+
+
+def is_gcs(uri: str) -> bool:
+    """True for `gs://bucket/...` URIs."""
+    return str(uri).startswith(GCS_PREFIX)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a `gs://` URI."""
+    base = str(base)
+    if is_gcs(base):
+        out = base.rstrip("/")
+        for p in parts:
+            out = f"{out}/{str(p).strip('/')}"
+        return out
+    return str(Path(base, *parts))
+
+
+def parent(uri: str) -> str:
+    """The directory that holds `uri`."""
+    uri = str(uri)
+    if is_gcs(uri):
+        return uri.rstrip("/").rsplit("/", 1)[0]
+    return str(Path(uri).parent)
+
+
+def split_gcs(uri: str) -> tuple[str, str]:
+    """`gs://bucket/a/b` -> (`bucket`, `a/b`)."""
+    if not is_gcs(uri):
+        raise ValueError(f"not a gs:// URI: {uri}")
+    rest = uri[len(GCS_PREFIX):]
+    bucket, _, blob = rest.partition("/")
+    if not bucket:
+        raise UserError(f"gs:// URI without a bucket: {uri}")
+    return bucket, blob
+
+
+@functools.lru_cache(maxsize=1)
+def gcs_client() -> Any:
+    """A cached storage client; anonymous against the emulator, default credentials otherwise."""
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "visrec-local"),
+                              credentials=AnonymousCredentials())
+    return storage.Client()
+
+
+def _blob(uri: str) -> Any:
+    bucket, name = split_gcs(uri)
+    return gcs_client().bucket(bucket).blob(name)
+
+
+def exists(uri: str) -> bool:
+    """Whether a file (or, for local paths, a directory) exists."""
+    if is_gcs(uri):
+        if _blob(uri).exists():
+            return True
+        return bool(list_files(uri.rstrip("/") + "/", limit=1))
+    return Path(uri).exists()
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole content of a file; `FileNotFoundError` if it is missing."""
+    if is_gcs(uri):
+        from google.api_core.exceptions import NotFound
+
+        try:
+            return _blob(uri).download_as_bytes()
+        except NotFound as exc:
+            raise FileNotFoundError(uri) from exc
+    return Path(uri).read_bytes()
+
+
+def read_text(uri: str, encoding: str = "utf-8") -> str:
+    return read_bytes(uri).decode(encoding)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a file atomically (local: temp + rename; GCS uploads are atomic per object)."""
+    if is_gcs(uri):
+        _blob(uri).upload_from_string(data)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def list_files(prefix: str, pattern: str = "*", limit: int | None = None) -> list[str]:
+    """Files under a directory/prefix (recursive), whose base name matches `pattern`, sorted."""
+    out: list[str] = []
+    if is_gcs(prefix):
+        bucket, name = split_gcs(prefix)
+        if name and not name.endswith("/"):
+            name += "/"
+        for blob in gcs_client().list_blobs(bucket, prefix=name, max_results=limit):
+            if blob.name.endswith("/"):
+                continue
+            if fnmatch.fnmatch(blob.name.rsplit("/", 1)[-1], pattern):
+                out.append(f"{GCS_PREFIX}{bucket}/{blob.name}")
+        return sorted(out)
+    root = Path(prefix)
+    if root.is_file():
+        return [str(root)]
+    if not root.exists():
+        return []
+    out = sorted(str(p) for p in root.rglob(pattern) if p.is_file())
+    return out[:limit] if limit else out
+
+
+def makedirs(uri: str) -> None:
+    """Create a local directory (GCS has no directories: a no-op there)."""
+    if not is_gcs(uri):
+        Path(uri).mkdir(parents=True, exist_ok=True)
+
+
+def download_dir(uri: str, local: str | Path) -> Path:
+    """Copy every file under `uri` into `local`, keeping relative paths."""
+    local = Path(local)
+    local.mkdir(parents=True, exist_ok=True)
+    if not is_gcs(uri):
+        shutil.copytree(uri, local, dirs_exist_ok=True)
+        return local
+    base = uri.rstrip("/") + "/"
+    for f in list_files(base):
+        dest = local / f[len(base):]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _blob(f).download_to_filename(str(dest))
+    return local
+
+
+def upload_dir(local: str | Path, uri: str) -> None:
+    """Copy every file under local directory `local` to `uri` (local or `gs://`)."""
+    local = Path(local)
+    if not is_gcs(uri):
+        shutil.copytree(local, uri, dirs_exist_ok=True)
+        return
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            _blob(join(uri, p.relative_to(local).as_posix())).upload_from_filename(str(p))
+
+
+@contextlib.contextmanager
+def local_dir(uri: str) -> Iterator[Path]:
+    """A local directory holding the content of `uri`: itself if local, a temp download if `gs://`."""
+    if not is_gcs(uri):
+        if not Path(uri).exists():
+            raise UserError(f"directory not found: {uri}")
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="visrec-dl-") as tmp:
+        yield download_dir(uri, tmp)
+
+
+@contextlib.contextmanager
+def output_dir(uri: str) -> Iterator[Path]:
+    """A local directory to write into; for `gs://` it is uploaded when the block succeeds."""
+    if not is_gcs(uri):
+        Path(uri).mkdir(parents=True, exist_ok=True)
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="visrec-up-") as tmp:
+        yield Path(tmp)
+        upload_dir(tmp, uri)
+
+
+def local_file(uri: str, suffix: str = "") -> Path:
+    """A local path for reading `uri`; `gs://` objects are downloaded to a temp file (caller owns it)."""
+    if not is_gcs(uri):
+        return Path(uri)
+    fd, tmp = tempfile.mkstemp(prefix="visrec-", suffix=suffix)
+    os.close(fd)
+    _blob(uri).download_to_filename(tmp)
+    return Path(tmp)

@@ -1,0 +1,235 @@
+"""Loading the real checkpoints, and creating tiny stand-ins with the same classes.
+
+Production runs load `google/siglip-base-patch16-256-multilingual` (candidate) and
+`google/mobilenet_v2_1.4_224` (baseline) with `from_pretrained`. No machine here can
+download weights, so `init_models` creates randomly initialised *tiny* models of the
+very same classes (`SiglipModel`, `MobileNetV2Model`), a tokenizer trained on the
+catalog's titles and matching image processors, saved with `save_pretrained`. They
+load back through exactly the code path the real checkpoints use; only the sizes and
+the (random) weights differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from visrec import io
+from visrec.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SIGLIP_HUB_ID = "google/siglip-base-patch16-256-multilingual"
+MOBILENET_HUB_ID = "google/mobilenet_v2_1.4_224"
+KINDS = ("siglip", "mobilenet_v2")
+TEXT_MAX_LENGTH = 64  # SigLIP was trained with max_length padding to 64 tokens.
+
+# A few bilingual product words so a tokenizer can be trained even without a catalog.
+_FALLBACK_TITLES = [
+    "白 Tシャツ 無地 美品", "black leather bag 黒 バッグ", "ストライプ シャツ blue striped shirt",
+    "ドット柄 マグカップ red dotted mug", "チェック キャップ check cap green", "スニーカー 靴 sneakers",
+    "ワンピース dress 花柄 floral", "新品 未使用 送料無料", "vintage jacket ヴィンテージ",
+]
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the stand-in models: small enough to train in minutes on 2 CPU cores."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 128
+    image_size: int = 64
+    patch_size: int = 16
+    vocab_size: int = 2000
+    mobilenet_depth_multiplier: float = 0.35
+    seed: int = 0
+
+
+def resolve_model_dir(uri: str, workdir: str | Path | None = None) -> str:
+    """What `from_pretrained` should get: a local dir as is, a `gs://` dir downloaded, a hub id as is."""
+    if io.is_gcs(uri):
+        dest = Path(workdir or tempfile.mkdtemp(prefix="visrec-model-"))
+        return str(io.download_dir(uri, dest))
+    return str(uri)
+
+
+def load_siglip(uri: str = SIGLIP_HUB_ID) -> tuple[Any, Any]:
+    """A `SiglipModel` and its `AutoProcessor` (image processor + tokenizer) from a hub id or directory."""
+    from transformers import AutoProcessor, SiglipModel
+
+    path = resolve_model_dir(uri)
+    try:
+        model = SiglipModel.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path)
+    except OSError as exc:
+        raise UserError(f"cannot load a SigLIP model from {uri}: {exc}") from exc
+    return model, processor
+
+
+def image_features(model: Any, pixel_values: Any) -> Any:
+    """Pooled image embeddings of a `SiglipModel`.
+
+    transformers 5.x returns an output object from `get_image_features`; older
+    versions returned the tensor itself. Accept both so checkpoints of either era work.
+    """
+    out = model.get_image_features(pixel_values=pixel_values)
+    return getattr(out, "pooler_output", out)
+
+
+def _image_encoder_class():
+    import torch
+
+    class ImageEncoder(torch.nn.Module):
+        """`pixel_values (n, 3, H, W) -> (n, d)` pooled image features of either model kind.
+
+        One interface for the fine-tuned SigLIP image tower and the MobileNetV2
+        baseline, so embedding, evaluation and serving treat them alike.
+        """
+
+        def __init__(self, model: Any, image_processor: Any, kind: str):
+            super().__init__()
+            self.model = model
+            self.image_processor = image_processor
+            self.kind = kind
+
+        @property
+        def dims(self) -> int:
+            cfg = self.model.config
+            if self.kind == "siglip":
+                return int(cfg.vision_config.hidden_size)
+            return int(self.model.conv_1x1.convolution.out_channels)
+
+        def forward(self, pixel_values: Any) -> Any:
+            if self.kind == "siglip":
+                return image_features(self.model, pixel_values)
+            return self.model(pixel_values=pixel_values).pooler_output
+
+    return ImageEncoder
+
+
+def load_image_encoder(uri: str, kind: str = "siglip") -> Any:
+    """An `ImageEncoder` (eval mode) for `kind` in `KINDS`, from a hub id, local or `gs://` directory."""
+    if kind not in KINDS:
+        raise UserError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+    from transformers import AutoImageProcessor
+
+    path = resolve_model_dir(uri)
+    try:
+        if kind == "siglip":
+            from transformers import SiglipModel
+
+            model = SiglipModel.from_pretrained(path)
+            model.text_model = None  # the image encoder never needs the text tower
+        else:
+            from transformers import MobileNetV2Model
+
+            model = MobileNetV2Model.from_pretrained(path)
+        image_processor = AutoImageProcessor.from_pretrained(path)
+    except OSError as exc:
+        raise UserError(f"cannot load a {kind} model from {uri}: {exc}") from exc
+    encoder = _image_encoder_class()(model, image_processor, kind)
+    encoder.eval()
+    return encoder
+
+
+def preprocess_images(encoder: Any, images: Sequence[Any]) -> Any:
+    """PIL images -> `pixel_values` tensor the encoder expects (its own processor's resize/normalise)."""
+    return encoder.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+
+def train_title_tokenizer(titles: Iterable[str], vocab_size: int = 2000) -> Any:
+    """A Unigram tokenizer trained on catalog titles, wrapped as `PreTrainedTokenizerFast`.
+
+    Unigram over NFKC-normalised, lower-cased text handles Japanese (no spaces) and
+    English alike; `</s>` is appended as SigLIP's own tokenizer does.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", shrinking_factor=0.75)
+    tok.train_from_iterator(list(titles) + _FALLBACK_TITLES, trainer=trainer)
+    eos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=TEXT_MAX_LENGTH)
+
+
+def _catalog_titles(listings_uri: str | None) -> list[str]:
+    if not listings_uri:
+        return []
+    # Titles only, tolerant of bad rows: the tokenizer just needs the catalog's vocabulary.
+    titles = []
+    for line in io.read_text(listings_uri).splitlines():
+        try:
+            title = json.loads(line).get("title")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(title, str) and title.strip():
+            titles.append(title)
+    return titles
+
+
+def init_models(out_dir: str | Path, listings_uri: str | None = None,
+                config: TinyModelConfig | None = None) -> dict[str, str]:
+    """Create tiny random `siglip/` and `mobilenet_v2/` model directories under `out_dir`.
+
+    Returns {kind: directory}. The directories hold exactly what `save_pretrained`
+    writes for the real checkpoints, plus `visrec_tiny.json` recording that these are
+    random stand-ins (so nobody mistakes them for trained weights).
+    """
+    import torch
+    from transformers import (MobileNetV2Config, MobileNetV2ImageProcessor, MobileNetV2Model,
+                              SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor)
+
+    config = config or TinyModelConfig()
+    torch.manual_seed(config.seed)
+    titles = _catalog_titles(listings_uri)
+    tokenizer = train_title_tokenizer(titles, vocab_size=config.vocab_size)
+    common = dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+                  num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size)
+    siglip_config = SiglipConfig(
+        text_config=dict(common, vocab_size=len(tokenizer), max_position_embeddings=TEXT_MAX_LENGTH,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(common, image_size=config.image_size, patch_size=config.patch_size),
+    )
+    siglip = SiglipModel(siglip_config)
+    image_processor = SiglipImageProcessor(size={"height": config.image_size, "width": config.image_size})
+    processor = SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+    out = Path(out_dir)
+    note = {"tiny_random_stand_in": True, "real_checkpoint": None, "config": asdict(config),
+            "tokenizer_trained_on_titles": len(titles)}
+    paths = {}
+    with io.output_dir(str(out)) as local:
+        siglip_dir = local / "siglip"
+        siglip.save_pretrained(siglip_dir)
+        processor.save_pretrained(siglip_dir)
+        (siglip_dir / "visrec_tiny.json").write_text(json.dumps({**note, "real_checkpoint": SIGLIP_HUB_ID}, indent=2))
+
+        mobilenet_config = MobileNetV2Config(depth_multiplier=config.mobilenet_depth_multiplier,
+                                             image_size=config.image_size)
+        mobilenet = MobileNetV2Model(mobilenet_config)
+        mobilenet_processor = MobileNetV2ImageProcessor(
+            size={"shortest_edge": config.image_size},
+            crop_size={"height": config.image_size, "width": config.image_size})
+        mobilenet_dir = local / "mobilenet_v2"
+        mobilenet.save_pretrained(mobilenet_dir)
+        mobilenet_processor.save_pretrained(mobilenet_dir)
+        (mobilenet_dir / "visrec_tiny.json").write_text(
+            json.dumps({**note, "real_checkpoint": MOBILENET_HUB_ID}, indent=2))
+    for kind in KINDS:
+        paths[kind] = io.join(str(out), kind)
+    log.info("created tiny random models (tokenizer on %d titles): %s", len(titles), paths)
+    return paths
