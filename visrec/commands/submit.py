@@ -1,0 +1,53 @@
+"""`visrec submit`: submit the compiled pipeline to Vertex AI Pipelines."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "submit a pipeline run to Vertex AI Pipelines"
+
+
+def add_vertex_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `submit` and `schedule`."""
+    parser.add_argument("--config", help="run config YAML (default: configs/vertex.yaml)")
+    parser.add_argument("--project", help="Google Cloud project")
+    parser.add_argument("--region", help="Vertex AI region, e.g. us-central1")
+    parser.add_argument("--pipeline-root", help="gs:// root for pipeline artifacts")
+    parser.add_argument("--template", help="compiled pipeline (local YAML, gs:// or Artifact Registry URL)")
+    parser.add_argument("--service-account", help="service account the run executes as")
+    parser.add_argument("--data-snapshot", help="version string of the input data (disables stale caching)")
+    parser.add_argument("--param", action="append", metavar="KEY=VALUE", help="override a pipeline parameter")
+    parser.add_argument("--no-cache", action="store_true", help="disable step caching for this run")
+
+
+def vertex_config_from_args(args: argparse.Namespace):
+    from visrec.pipeline_config import load_run_config, parse_overrides
+    from visrec.vertex_pipelines import VertexPipelineConfig
+
+    cfg = load_run_config(args.config, "vertex.yaml")
+    vertex = dict(cfg["vertex"])
+    params = dict(cfg["parameters"])
+    params.update(parse_overrides(args.param))
+    if args.data_snapshot:
+        params["data_snapshot"] = args.data_snapshot
+    for flag, key in (("project", "project"), ("region", "region"), ("pipeline_root", "pipeline_root"),
+                      ("template", "template_path"), ("service_account", "service_account")):
+        if getattr(args, flag):
+            vertex[key] = getattr(args, flag)
+    if args.no_cache:
+        vertex["enable_caching"] = False
+    return VertexPipelineConfig(project=vertex.pop("project", ""), region=vertex.pop("region", ""),
+                                pipeline_root=vertex.pop("pipeline_root", ""), parameter_values=params,
+                                **vertex)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_vertex_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from visrec.vertex_pipelines import submit_pipeline
+
+    name = submit_pipeline(vertex_config_from_args(args))
+    print(f"submitted {name}")
+    return 0
