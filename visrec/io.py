@@ -22,6 +22,8 @@ from typing import Any, Iterator
 from visrec.errors import UserError
 
 GCS_PREFIX = "gs://"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def is_gcs(uri: str) -> bool:
@@ -115,6 +117,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -146,7 +149,8 @@ def list_files(prefix: str, pattern: str = "*", limit: int | None = None) -> lis
                 continue
             if fnmatch.fnmatch(blob.name.rsplit("/", 1)[-1], pattern):
                 out.append(f"{GCS_PREFIX}{bucket}/{blob.name}")
-        return sorted(out)
+        out.sort()
+        return out[:limit] if limit else out
     root = Path(prefix)
     if root.is_file():
         return [str(root)]

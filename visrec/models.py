@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -168,16 +169,10 @@ def train_title_tokenizer(titles: Iterable[str], vocab_size: int = 2000) -> Any:
 def _catalog_titles(listings_uri: str | None) -> list[str]:
     if not listings_uri:
         return []
-    # Titles only, tolerant of bad rows: the tokenizer just needs the catalog's vocabulary.
-    titles = []
-    for line in io.read_text(listings_uri).splitlines():
-        try:
-            title = json.loads(line).get("title")
-        except (json.JSONDecodeError, AttributeError):
-            continue
-        if isinstance(title, str) and title.strip():
-            titles.append(title)
-    return titles
+    from visrec.schema import read_rows
+
+    # Valid listings only (the contract's reader and validation), in any of the three formats.
+    return [clean["title"] for clean, _, _ in read_rows(listings_uri) if clean is not None]
 
 
 def init_models(out_dir: str | Path, listings_uri: str | None = None,
@@ -205,6 +200,11 @@ def init_models(out_dir: str | Path, listings_uri: str | None = None,
         vision_config=dict(common, image_size=config.image_size, patch_size=config.patch_size),
     )
     siglip = SiglipModel(siglip_config)
+    with torch.no_grad():
+        # The SigLIP paper's from-scratch initialisation, t' = log 10 and b = -10 (transformers
+        # zero-initialises both, which starts training far from a balanced sigmoid loss).
+        siglip.logit_scale.fill_(math.log(10.0))
+        siglip.logit_bias.fill_(-10.0)
     image_processor = SiglipImageProcessor(size={"height": config.image_size, "width": config.image_size})
     processor = SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 

@@ -1,0 +1,22 @@
+"""`visrec approve`: promote a pending release to production, recording who, when and why."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "approve a pending release: record who/when/why in its audit log and make it current"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("version", help="release version (see `visrec releases`)")
+    parser.add_argument("--registry", required=True, help="registry directory, local or gs://")
+    parser.add_argument("--who", required=True, help="who approves (name or e-mail)")
+    parser.add_argument("--why", required=True, help="why (e.g. the review that was done)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from visrec.release import approve_release
+
+    result = approve_release(args.registry, args.version, who=args.who, why=args.why)
+    print(f"approved {result['version']} (was {result['previous_status']}); now current")
+    return 0

@@ -1,0 +1,66 @@
+"""`visrec deploy`: assemble, verify and publish a release; make it current (or wait for approval)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = ("publish a release (model, PCA, index, item metadata, metrics) into a registry and make it current; "
+        "refuses a candidate the evaluation gate rejected (exit 3)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", required=True, help="registry directory, local or gs:// (vertex: gs://)")
+    parser.add_argument("--model", required=True, help="trained model directory (visrec train output model/)")
+    parser.add_argument("--embeddings", required=True, help="embeddings directory (visrec embed output, with pca/)")
+    parser.add_argument("--index", required=True, help="index directory (visrec build-index output)")
+    parser.add_argument("--listings", required=True, help="listings file (JSONL or Parquet) for item metadata")
+    parser.add_argument("--metrics", required=True, help="the evaluation's metrics.json (its gate decision)")
+    parser.add_argument("--version", help="release version (default: derived from the content's checksums)")
+    parser.add_argument("--require-approval", action="store_true",
+                        help="store the release as pending until `visrec approve VERSION`")
+    parser.add_argument("--target", choices=("local", "vertex"), default="local",
+                        help="local: registry pointer only; vertex: also upload and deploy on Vertex AI")
+    parser.add_argument("--encoder-kind", default="siglip", help="model kind of --model (siglip | mobilenet_v2)")
+    vertex = parser.add_argument_group("Vertex AI (--target vertex)")
+    vertex.add_argument("--project", help="Google Cloud project")
+    vertex.add_argument("--region", help="Vertex AI region, e.g. us-central1")
+    vertex.add_argument("--serving-image", help="serving container image URI")
+    vertex.add_argument("--parent-model", help="model resource name this release becomes a new version of")
+    vertex.add_argument("--model-display-name", default="visrec-similar-items", help="model display name")
+    vertex.add_argument("--version-alias", action="append", default=[], help="extra version alias (repeatable)")
+    vertex.add_argument("--endpoint", help="endpoint resource name (default: create one)")
+    vertex.add_argument("--machine-type", default="n1-standard-4", help="serving machine type")
+    vertex.add_argument("--min-replicas", type=int, default=1, help="minimum serving replicas")
+    vertex.add_argument("--max-replicas", type=int, default=2, help="maximum serving replicas")
+    vertex.add_argument("--canary-percent", type=int, default=10, help="traffic share of the first step (1-100)")
+    vertex.add_argument("--canary-only", action="store_true",
+                        help="stay at --canary-percent instead of moving all traffic to the new version")
+    vertex.add_argument("--service-account", help="service account the serving container runs as")
+
+
+def vertex_config_from_args(args: argparse.Namespace):
+    from visrec.vertex import VertexDeployConfig
+
+    if args.target != "vertex":
+        return None
+    return VertexDeployConfig(
+        project=args.project or "", region=args.region or "", serving_image=args.serving_image or "",
+        model_display_name=args.model_display_name, parent_model=args.parent_model,
+        version_aliases=tuple(args.version_alias), endpoint=args.endpoint, machine_type=args.machine_type,
+        min_replica_count=args.min_replicas, max_replica_count=args.max_replicas,
+        canary_percent=args.canary_percent, full_after_canary=not args.canary_only,
+        service_account=args.service_account)
+
+
+def run(args: argparse.Namespace) -> int:
+    from visrec.release import REFUSED, DeployConfig, deploy_release
+
+    result = deploy_release(DeployConfig(
+        registry=args.registry, model_dir=args.model, embeddings_dir=args.embeddings, index_dir=args.index,
+        listings_uri=args.listings, metrics_uri=args.metrics, version=args.version,
+        require_approval=args.require_approval, target=args.target, vertex=vertex_config_from_args(args),
+        encoder_kind=args.encoder_kind))
+    print(f"{result['status']}: {result['message']}")
+    if result["path"]:
+        print(f"release {result['version']} at {result['path']}")
+    return 3 if result["status"] == REFUSED else 0
