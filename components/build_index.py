@@ -1,0 +1,42 @@
+"""KFP component for stage 4: the ScaNN index, tuned to a recall target and gated."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Output
+
+from components.images import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def build_index(
+    embeddings: Input[Dataset],
+    index: Output[Artifact],
+    metrics: Output[Metrics],
+    recall_target: float = 0.95,
+    k: int = 10,
+    num_leaves: int = 0,
+    reorder_dtype: str = "float32",
+    max_p99_ms: float = 25.0,
+    tuning_queries: int = 1000,
+    seed: int = 0,
+):
+    """Build, tune and gate the index (`visrec.index.build_index`); num_leaves 0 = about sqrt(N),
+    max_p99_ms 0 = no latency gate. A failed gate logs its metrics and fails the task."""
+    from components.artifacts import location, log_metrics
+    from visrec import io
+    from visrec.errors import GateFailed
+    from visrec.index import METRICS, IndexConfig
+    from visrec.index import build_index as build
+
+    config = IndexConfig(k=k, recall_target=recall_target, num_leaves=num_leaves or None,
+                         reorder_dtype=reorder_dtype, max_p99_ms=max_p99_ms or None,
+                         tuning_queries=tuning_queries, seed=seed)
+    out = location(index)
+    try:
+        values = build(location(embeddings), out, config)
+    except GateFailed:
+        log_metrics(metrics, {key: value for key, value in io.read_json(io.join(out, METRICS)).items()
+                              if key != "tuning"})
+        raise
+    log_metrics(metrics, {key: value for key, value in values.items() if key != "tuning"})
+    index.metadata.update({"num_items": values["num_items"], "dims": values["dims"],
+                           "recall_at_k": values["recall_at_k"], "p99_ms": values["p99_ms"]})
