@@ -166,6 +166,33 @@ def train_title_tokenizer(titles: Iterable[str], vocab_size: int = 2000) -> Any:
                                    unk_token="<unk>", model_max_length=TEXT_MAX_LENGTH)
 
 
+def _calibrate_random_cnn(model: Any, image_size: int, batches: int = 4, batch_size: int = 32) -> None:
+    """Give a randomly initialised CNN activations of a usable scale.
+
+    With transformers' default init (std 0.02) and untouched BatchNorm running
+    statistics, a random MobileNetV2 shrinks its input at every block and pools to
+    ~1e-25: every image would get the same (zero) embedding. He-initialised convolutions
+    and BatchNorm statistics measured on random images give a random but informative
+    feature extractor, which is what an untrained stand-in for the baseline should be.
+    """
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, mode="fan_out")
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(pixel_values=torch.rand(batch_size, 3, image_size, image_size) * 2 - 1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.1
+    model.eval()
+
+
 def _catalog_titles(listings_uri: str | None) -> list[str]:
     if not listings_uri:
         return []
@@ -221,6 +248,7 @@ def init_models(out_dir: str | Path, listings_uri: str | None = None,
         mobilenet_config = MobileNetV2Config(depth_multiplier=config.mobilenet_depth_multiplier,
                                              image_size=config.image_size)
         mobilenet = MobileNetV2Model(mobilenet_config)
+        _calibrate_random_cnn(mobilenet, config.image_size)
         mobilenet_processor = MobileNetV2ImageProcessor(
             size={"shortest_edge": config.image_size},
             crop_size={"height": config.image_size, "width": config.image_size})
