@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from visrec.embed import read_embeddings  # noqa: E402
+from visrec.embeddings import read_embeddings  # noqa: E402
 from visrec.index import IndexConfig, SimilarityIndex, build_index, exact_top_k, normalize  # noqa: E402
 
 log = logging.getLogger("bench.ann")

@@ -34,7 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from visrec.embed import EmbedConfig, read_embeddings, run_embed  # noqa: E402
+from visrec.embed import EmbedConfig, run_embed  # noqa: E402
+from visrec.embeddings import read_embeddings  # noqa: E402
 from visrec.pca import PcaProjection, l2_normalise  # noqa: E402
 
 log = logging.getLogger("bench.embed")

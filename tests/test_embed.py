@@ -10,7 +10,8 @@ import pytest
 
 from visrec import io
 from visrec.cli import main as cli_main
-from visrec.embed import EMBEDDINGS_SCHEMA, EmbedConfig, read_embeddings, run_embed, write_embeddings
+from visrec.embed import EmbedConfig, run_embed
+from visrec.embeddings import EMBEDDINGS_SCHEMA, read_embeddings, write_embeddings
 from visrec.pca import PcaProjection, l2_normalise
 
 ITEMS = 24  # marketplace photos per test catalog: enough for batches and shards, fast on 2 cores

@@ -15,7 +15,7 @@ import pytest
 from visrec import io
 from visrec.cli import main
 from visrec.errors import GateFailed, UserError
-from visrec.embed import read_embeddings
+from visrec.embeddings import read_embeddings
 from visrec.index import (MANIFEST, METRICS, IndexConfig, SearchParams, SimilarityIndex, build_index, exact_top_k,
                           tune_search_params)
 

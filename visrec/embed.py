@@ -38,17 +38,16 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunIn
 from visrec import io
 from visrec.errors import UserError
 from visrec.models import KINDS, load_image_encoder, preprocess_images
+from visrec.embeddings import (EMBEDDINGS_PATTERN, EMBEDDINGS_SCHEMA, ROWS_PER_GROUP, embeddings_name,
+                               embeddings_table, write_embeddings)
 from visrec.pca import PCA_FILE, PcaProjection, l2_normalise
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS_PATTERN = "embeddings-*.parquet"
-EMBEDDINGS_SCHEMA = pa.schema([("item_id", pa.string()), ("embedding", pa.list_(pa.float32()))])
 PREPARED_PATTERN = "data-*.parquet"
 DEVICES = ("auto", "cpu", "gpu")
 _PROGRESS_SECONDS = 10.0
 _ROWS_PER_READ = 256
-_ROWS_PER_GROUP = 8192
 
 
 @dataclass
@@ -112,67 +111,6 @@ class EmbedConfig:
     @property
     def batch_size_max(self) -> int:
         return self.max_batch_size or self.batch_size
-
-
-# ---------------------------------------------------------------- embedding files
-
-def embeddings_name(shard: int, shards: int) -> str:
-    return f"embeddings-{shard:05d}-of-{shards:05d}.parquet"
-
-
-def write_embeddings(uri: str, ids: Sequence[str], vectors: np.ndarray) -> None:
-    """One embeddings Parquet file (`item_id` string, `embedding` list<float32>) at `uri`, local or `gs://`."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if len(ids) != len(vectors):
-        raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
-    with tempfile.TemporaryDirectory(prefix="visrec-emb-") as tmp:
-        local = Path(tmp, "embeddings.parquet")
-        with pq.ParquetWriter(local, EMBEDDINGS_SCHEMA) as writer:
-            for begin in range(0, len(ids), _ROWS_PER_GROUP):
-                end = begin + _ROWS_PER_GROUP
-                writer.write_table(_embeddings_table(ids[begin:end], vectors[begin:end]))
-        io.write_bytes(uri, local.read_bytes())
-
-
-def _embeddings_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:
-    """A table for one row group (list offsets are int32: keep row groups well under 2**31 floats)."""
-    dims = vectors.shape[1] if vectors.ndim == 2 else 0
-    offsets = pa.array(np.arange(len(ids) + 1, dtype=np.int32) * dims, pa.int32())
-    values = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
-    return pa.table({"item_id": pa.array(list(ids), pa.string()),
-                     "embedding": pa.ListArray.from_arrays(offsets, values)}, schema=EMBEDDINGS_SCHEMA)
-
-
-def read_embeddings(uri: str) -> tuple[list[str], np.ndarray]:
-    """Stage-3 output (a dir of `embeddings-*.parquet`, or one file) -> (ids, float32 (n, d) vectors)."""
-    files = [uri] if str(uri).endswith(".parquet") else io.list_files(uri, EMBEDDINGS_PATTERN)
-    if not files:
-        raise UserError(f"no {EMBEDDINGS_PATTERN} under {uri}")
-    ids: list[str] = []
-    parts: list[np.ndarray] = []
-    for f in files:
-        local = io.local_file(f, suffix=".parquet")
-        try:
-            table = pq.read_table(local, columns=["item_id", "embedding"])
-        except (pa.ArrowInvalid, KeyError, OSError) as exc:
-            raise UserError(f"unreadable embeddings file {f}: {exc}") from None
-        finally:
-            if io.is_gcs(f):
-                local.unlink(missing_ok=True)
-        emb = table.column("embedding").combine_chunks()
-        if len(emb) == 0:
-            continue
-        if emb.null_count or table.column("item_id").null_count:
-            raise UserError(f"{f}: null item_id or embedding")
-        lengths = emb.value_lengths().to_numpy(zero_copy_only=False)
-        if (lengths != lengths[0]).any():
-            raise UserError(f"{f}: embeddings of different lengths")
-        parts.append(emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(emb), -1))
-        ids.extend(table.column("item_id").to_pylist())
-    if parts and len({p.shape[1] for p in parts}) > 1:
-        raise UserError(f"{uri}: shards with different embedding sizes")
-    vectors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    return ids, vectors
 
 
 # ---------------------------------------------------------------- inputs
@@ -412,9 +350,9 @@ class WriteShard(beam.DoFn):
         with tempfile.TemporaryDirectory(prefix="visrec-emb-") as tmp:
             local = Path(tmp, embeddings_name(shard, self.shards))
             with pq.ParquetWriter(local, EMBEDDINGS_SCHEMA) as writer:
-                for chunk in _chunks(rows, _ROWS_PER_GROUP):
+                for chunk in _chunks(rows, ROWS_PER_GROUP):
                     ids = [item_id for item_id, _ in chunk]
-                    writer.write_table(_embeddings_table(ids, np.stack([v for _, v in chunk])))
+                    writer.write_table(embeddings_table(ids, np.stack([v for _, v in chunk])))
                     self.written.inc(len(chunk))
             # The whole temp dir is this one file: uploads it to a local dir or gs:// alike.
             io.upload_dir(tmp, self.out_dir)

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from visrec import io
+from visrec.embeddings import read_embeddings
 from visrec.errors import UserError
 from visrec.gate import DEFAULT_POLICY_YAML, evaluate_gate, parse_policy
 from visrec.metrics import METRICS, all_metrics
@@ -170,29 +171,6 @@ def read_table(uri: str, schema: pa.Schema, what: str) -> tuple[pa.Table, list[d
             rejected.append({"row": row, "reason": f"missing field: {missing}"})
         table = table.filter(complete)
     return table, rejected
-
-
-def read_embeddings(uri: str) -> tuple[list[str], np.ndarray]:
-    """Stage-3 embeddings (`embeddings-*.parquet`, `item_id` + `embedding`) -> (ids, float32 vectors)."""
-    import pyarrow.parquet as pq
-
-    files = io.list_files(uri, "embeddings-*.parquet") or io.list_files(uri, "*.parquet")
-    if not files:
-        raise UserError(f"no embeddings-*.parquet under {uri}")
-    tables = []
-    for f in files:
-        t = pq.read_table(_source(f))
-        if not {"item_id", "embedding"} <= set(t.column_names):
-            raise UserError(f"embeddings {f}: needs columns item_id and embedding, has {t.column_names}")
-        tables.append(t.select(["item_id", "embedding"]))
-    table = pa.concat_tables(tables)
-    emb = table["embedding"].combine_chunks()
-    lengths = pc.list_value_length(emb).to_numpy(zero_copy_only=False)
-    if len(emb) and (lengths != lengths[0]).any():
-        raise UserError(f"embeddings {uri}: vectors of different lengths")
-    dims = int(lengths[0]) if len(emb) else 0
-    vectors = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(emb), dims)
-    return table["item_id"].to_pylist(), vectors
 
 
 def _normalise(vectors: np.ndarray) -> np.ndarray:

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from visrec import io
+from visrec.embeddings import read_embeddings
 from visrec.errors import GateFailed, UserError
 
 log = logging.getLogger(__name__)
@@ -732,8 +733,6 @@ def build_index(embeddings_uri: str, out_dir: str, config: IndexConfig = IndexCo
     `out_dir/metrics.json`. On a failed gate only that file is written (no index, so
     nothing downstream can pick up a failed build) and `GateFailed` is raised.
     """
-    from visrec.embed import read_embeddings  # imports Beam: only when a stage actually runs
-
     ids, vectors = read_embeddings(embeddings_uri)
     log.info("read %d embeddings of %d dims from %s", len(ids), vectors.shape[1], embeddings_uri)
     index = SimilarityIndex.build(ids, vectors, config)
