@@ -1,0 +1,295 @@
+"""Serving benchmark: the real `visrec serve` over a release of synthetic vectors, under load.
+
+    python bench/serve.py [--items 1000000] [--requests 3000] [--concurrency 1 8 32]
+
+1. Builds (or reuses, in --workdir) a release of `--items` synthetic 128-d vectors
+   (clustered, like real embeddings, with categories and prices correlated with the
+   clusters) through the real stages: a tiny SigLIP whose image features are 128-d (so
+   upserts would work), a tuned ScaNN index, `deploy_release`.
+2. Times the bare `SimilarityIndex.search` for the serving fetch (200 candidates) and the
+   in-process `recommend` (search + filter + re-rank) on the same query items.
+3. Starts `visrec serve` and drives it from a second process (an async httpx loop keeping
+   exactly `c` requests in flight) at each concurrency: QPS and p50/p95/p99 end-to-end.
+4. Reports the ratio of end-to-end latency to bare search and the server's RSS per
+   million items; prints a table and writes `bench/results/serve.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "serve.json"
+DIMS = 128
+CATEGORY_TREE = [f"{a}/{b}/{c}" for a in ("fashion", "home", "kids", "sports", "hobby")
+                 for b in ("women", "men", "unisex", "misc") for c in ("bags", "shoes", "tops")]
+
+
+def synthetic_catalog(items: int, seed: int = 0) -> dict:
+    """Clustered unit vectors plus metadata that correlates with the clusters, as in a real catalog."""
+    rng = np.random.default_rng(seed)
+    clusters = max(16, items // 500)
+    centres = rng.standard_normal((clusters, DIMS)).astype(np.float32)
+    assign = rng.integers(0, clusters, size=items)
+    vectors = centres[assign] + 0.6 * rng.standard_normal((items, DIMS)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    cluster_category = rng.integers(0, len(CATEGORY_TREE), size=clusters)
+    own = rng.random(items) < 0.8
+    category_idx = np.where(own, cluster_category[assign], rng.integers(0, len(CATEGORY_TREE), size=items))
+    cluster_price = np.exp(rng.normal(8.0, 1.0, size=clusters))
+    prices = np.maximum(100, np.round(cluster_price[assign] * np.exp(rng.normal(0, 0.5, size=items)))).astype(np.int64)
+    statuses = rng.choice(np.array(["on_sale", "sold", "reserved"]), size=items, p=[0.92, 0.05, 0.03])
+    return {"ids": [f"i{n:07d}" for n in range(items)], "vectors": vectors, "prices": prices,
+            "categories": [CATEGORY_TREE[c] for c in category_idx], "statuses": statuses.tolist()}
+
+
+def build_release(workdir: Path, items: int) -> Path:
+    """A registry with one release of the synthetic catalog; reused when already built."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from visrec.embeddings import write_embeddings
+    from visrec.index import IndexConfig, SimilarityIndex, tune_search_params
+    from visrec.models import TinyModelConfig, init_models
+    from visrec.release import DeployConfig, deploy_release
+
+    registry = workdir / "registry"
+    marker = workdir / "built.json"
+    if marker.exists() and json.loads(marker.read_text()).get("items") == items:
+        print(f"reusing release in {registry}")
+        return registry
+    shutil.rmtree(workdir, ignore_errors=True)
+    work = workdir / "work"
+    (work / "embeddings").mkdir(parents=True)
+    started = time.monotonic()
+    cat = synthetic_catalog(items)
+    # Image features of this tiny SigLIP are 128-d, matching the index, so the release verifies
+    # (encoder dims == index dims) without a PCA step.
+    init_models(work / "models", config=TinyModelConfig(hidden_size=DIMS))
+    write_embeddings(str(work / "embeddings" / "embeddings-00000-of-00001.parquet"), cat["ids"], cat["vectors"])
+    pq.write_table(pa.table({"item_id": cat["ids"], "title": [f"item {i}" for i in cat["ids"]],
+                             "image_uri": [f"images/{i}.jpg" for i in cat["ids"]],
+                             "listed_at": ["2026-01-01T00:00:00Z"] * items,
+                             "price": cat["prices"], "category": cat["categories"], "status": cat["statuses"]}),
+                   work / "listings.parquet")
+    config = IndexConfig(tuning_queries=300)
+    index = SimilarityIndex.build(cat["ids"], cat["vectors"], config)
+    tuning = tune_search_params(index, config)
+    index.set_search_params(tuning.params)
+    index.save(str(work / "index"))
+    print(f"index built and tuned: {index.params}, recall@10 {tuning.recall_at_k}")
+    del index, cat
+    (work / "metrics.json").write_text(json.dumps(
+        {"decision": "deploy", "reasons": [{"name": "benchmark", "passed": True, "message": "synthetic release"}]}))
+    deploy_release(DeployConfig(registry=str(registry), model_dir=str(work / "models" / "siglip"),
+                                embeddings_dir=str(work / "embeddings"), index_dir=str(work / "index"),
+                                listings_uri=str(work / "listings.parquet"),
+                                metrics_uri=str(work / "metrics.json"), version="bench"))
+    shutil.rmtree(work)
+    marker.write_text(json.dumps({"items": items, "build_seconds": round(time.monotonic() - started, 1)}))
+    return registry
+
+
+def percentiles_ms(seconds: list[float] | np.ndarray) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {f"p{q}_ms": round(float(np.percentile(ms, q)), 3) for q in (50, 95, 99)}
+
+
+def time_in_process(registry: Path, queries: list[str], fetch: int) -> dict:
+    """Bare index search for the serving fetch, and the whole `recommend`, one query at a time."""
+    from visrec.ranking import RankingConfig, recommend
+    from visrec.release import load_release
+    from visrec.service import read_catalog
+    from visrec.index import SimilarityIndex
+
+    release = load_release(str(registry))
+    index = SimilarityIndex.load(str(release.index_dir))
+    catalog = read_catalog(str(release.items_path))
+    config = RankingConfig(fetch=fetch)
+    vectors = [index.vector(q)[None, :] for q in queries]
+    for v in vectors[:50]:
+        index.search(v, fetch)
+    bare = []
+    for v in vectors:
+        t = time.perf_counter()
+        index.search(v, fetch)
+        bare.append(time.perf_counter() - t)
+    ranked = []
+    survivors = []
+    for q in queries:
+        t = time.perf_counter()
+        out = recommend(q, 10, index, catalog, config)
+        ranked.append(time.perf_counter() - t)
+        survivors.append(out.survivors)
+    return {"bare_search": percentiles_ms(bare), "recommend_in_process": percentiles_ms(ranked),
+            "mean_survivors": round(float(np.mean(survivors)), 1)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _drive(url: str, ids: list[str], concurrency: int, requests: int, k: int, server_pid: int) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    rng = random.Random(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        async def worker(counter) -> None:
+            nonlocal errors
+            for _ in counter:
+                path = f"/v1/items/{rng.choice(ids)}/similar"
+                t = time.perf_counter()
+                r = await client.get(path, params={"k": k})
+                latencies.append(time.perf_counter() - t)
+                errors += r.status_code != 200
+
+        # Warm-up at the same concurrency, so every connection is open before timing starts.
+        warmup = iter(range(max(200, 10 * concurrency)))
+        await asyncio.gather(*(worker(warmup) for _ in range(concurrency)))
+        latencies.clear()
+        errors = 0
+        counter = iter(range(requests))
+        load_before = os.getloadavg()[0]
+        started, cpu_started, server_cpu_started = time.perf_counter(), time.process_time(), cpu_seconds(server_pid)
+        await asyncio.gather(*(worker(counter) for _ in range(concurrency)))
+        elapsed, client_cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        server_cpu = cpu_seconds(server_pid) - server_cpu_started
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
+            "qps": round(len(latencies) / elapsed, 1), **percentiles_ms(latencies),
+            # The client shares the cores with the server (and, on a shared VM, with others).
+            "client_cpu_ms_per_request": round(1e3 * client_cpu / len(latencies), 3),
+            "server_cpu_ms_per_request": round(1e3 * server_cpu / len(latencies), 3),
+            "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def load_generator(url: str, ids: list[str], levels: list[int], requests: int, k: int, server_pid: int,
+                   out: mp.Queue) -> None:
+    """Runs in its own process so client CPU is not the server's."""
+    out.put([asyncio.run(_drive(url, ids, c, requests, k, server_pid)) for c in levels])
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--requests", type=int, default=3000, help="timed requests per concurrency level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--fetch", type=int, default=200)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/visrec-bench-serve"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    import httpx
+
+    registry = build_release(args.workdir, args.items)
+    rng = random.Random(0)
+    ids = [f"i{rng.randrange(args.items):07d}" for _ in range(2000)]
+    in_process = time_in_process(registry, ids, args.fetch)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = args.workdir / "server.log"
+    started = time.monotonic()
+    server = subprocess.Popen([sys.executable, "-m", "visrec", "serve", "--release", str(registry),
+                               "--port", str(port), "--fetch", str(args.fetch)],
+                              stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"server exited; see {log}")
+            try:
+                health = httpx.get(url + "/healthz", timeout=2)
+                # Steady state: also wait for the encoder, whose background import would steal CPU.
+                if health.status_code == 200 and health.json()["encoder"] != "loading":
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        load_seconds = time.monotonic() - started
+        rss_loaded = rss_mb(server.pid)
+        queue: mp.Queue = mp.get_context("spawn").Queue()
+        gen = mp.get_context("spawn").Process(target=load_generator,
+                                              args=(url, ids, args.concurrency, args.requests, args.k, server.pid, queue))
+        gen.start()
+        levels = queue.get()
+        gen.join()
+        rss_after = rss_mb(server.pid)
+        metrics = httpx.get(url + "/metrics").text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    bare_p50 = in_process["bare_search"]["p50_ms"]
+    bare_p99 = in_process["bare_search"]["p99_ms"]
+    for level in levels:
+        level["p50_over_bare_p50"] = round(level["p50_ms"] / bare_p50, 2)
+        level["p99_over_bare_p99"] = round(level["p99_ms"] / bare_p99, 2)
+    result = {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "note": "server and load generator share these cores"},
+        # uvicorn picks uvloop + httptools when installed, else asyncio + h11.
+        "http_stack": {name: importlib.util.find_spec(name) is not None for name in ("uvloop", "httptools")},
+        "items": args.items, "dims": DIMS, "k": args.k, "fetch": args.fetch,
+        "requests_per_level": args.requests, "startup_seconds": round(load_seconds, 1),
+        "in_process": in_process, "levels": levels,
+        "rss_mb": {"after_load": round(rss_loaded, 1), "after_bench": round(rss_after, 1),
+                   "per_million_items": round(rss_after / (args.items / 1e6), 1)},
+        "server_metrics_excerpt": [line for line in metrics.splitlines()
+                                   if line.startswith(("visrec_candidates_surviving_sum",
+                                                       "visrec_candidates_surviving_count",
+                                                       "visrec_search_widened_total", "visrec_index_items"))],
+        "goals": {"p99_ms_at_concurrency_8": 25.0, "overhead_ratio": 2.0},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\n{args.items:,} items x {DIMS}-d, k={args.k}, fetch={args.fetch}, {os.cpu_count()} CPUs")
+    print(f"bare search (fetch {args.fetch}): p50 {bare_p50} ms, p99 {bare_p99} ms; "
+          f"recommend in-process p50 {in_process['recommend_in_process']['p50_ms']} ms; "
+          f"mean survivors {in_process['mean_survivors']}")
+    print(f"{'conc':>5} {'QPS':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'p50/bare':>9} {'p99/bare':>9} "
+          f"{'srv cpu ms':>10} {'cli cpu ms':>10} {'load':>11} {'errors':>6}")
+    for lv in levels:
+        print(f"{lv['concurrency']:>5} {lv['qps']:>8} {lv['p50_ms']:>8} {lv['p95_ms']:>8} {lv['p99_ms']:>8} "
+              f"{lv['p50_over_bare_p50']:>9} {lv['p99_over_bare_p99']:>9} {lv['server_cpu_ms_per_request']:>10} "
+              f"{lv['client_cpu_ms_per_request']:>10} {'%.1f->%.1f' % tuple(lv['loadavg_1min']):>11} {lv['errors']:>6}")
+    print(f"server RSS {rss_after:.0f} MB = {result['rss_mb']['per_million_items']} MB per million items; "
+          f"startup {load_seconds:.1f} s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

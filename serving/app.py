@@ -1,0 +1,346 @@
+"""FastAPI app: similar items, Vertex AI prediction contract, item writes, hot reload, metrics.
+
+`create_app(release_uri, ...)` builds the app around a `visrec.service.RecommenderService`.
+The release loads in a background thread so the port opens at once and `/healthz`
+answers 503 until it is ready (what Vertex AI and Kubernetes probes expect).
+
+Reads (`similar`, `predict`) run on the event loop: a search is a few milliseconds of
+ScaNN plus vectorised filtering, cheaper than a hop to the thread pool. Writes embed
+an image with torch and reloads read a whole release, so those run in the thread pool.
+Every error reaches the client as `{"error": message}` with no stack trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from visrec.errors import UserError
+from visrec.service import BadItem, NoEncoder, RecommenderService, ServingConfig, UnknownItem
+
+log = logging.getLogger(__name__)
+
+DEFAULT_K = 10
+MAX_INSTANCES = 1000
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+SURVIVOR_BUCKETS = (0, 1, 5, 10, 20, 50, 100, 150, 200, 500, 1000)
+
+
+class ItemUpdate(BaseModel):
+    """`PUT /v1/items/{item_id}` body; unknown fields are refused so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = None
+    category: str | None = Field(default=None, min_length=1)
+    price: float | None = Field(default=None, ge=0)
+    status: Literal["on_sale", "sold", "reserved"] | None = None
+    image: str | None = Field(default=None, description="the image file, base64")
+    image_uri: str | None = Field(default=None, description="gs:// URI or a path under the image root")
+
+
+class PredictInstance(BaseModel):
+    item_id: str
+    k: int = DEFAULT_K
+
+
+class PredictRequest(BaseModel):
+    # Bounded so one request cannot hold the event loop for long (each instance is one search).
+    instances: list[PredictInstance] = Field(max_length=MAX_INSTANCES)
+
+
+class ServingMetrics:
+    """Prometheus metrics on a registry of their own (several apps may share a process in tests)."""
+
+    def __init__(self, service: RecommenderService):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("visrec_http_requests", "HTTP requests", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("visrec_http_request_seconds", "HTTP request latency", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.survivors = Histogram("visrec_candidates_surviving",
+                                   "ANN candidates left after the availability and price filters",
+                                   buckets=SURVIVOR_BUCKETS, registry=self.registry)
+        self.widened = Counter("visrec_search_widened", "Queries that needed the one wider fetch",
+                               registry=self.registry)
+        self.release = Gauge("visrec_release_info", "The release being served (value 1)", ["version"],
+                             registry=self.registry)
+        index_items = Gauge("visrec_index_items", "Vectors in the ANN index", registry=self.registry)
+        index_items.set_function(lambda: len(service.state.index) if service.ready else 0)
+        catalog_items = Gauge("visrec_catalog_items", "Items in the catalog", registry=self.registry)
+        catalog_items.set_function(lambda: len(service.state.catalog) if service.ready else 0)
+
+    def serving(self, version: str) -> None:
+        self.release.clear()
+        self.release.labels(version=version).set(1)
+
+
+class MetricsAndLimits:
+    """Pure ASGI middleware: request count and latency per route template, body size limit (413)."""
+
+    def __init__(self, app: Any, metrics: ServingMetrics, max_body_bytes: int):
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+                response = JSONResponse({"error": f"payload over {self.max_body_bytes} bytes"}, status_code=413)
+                await response(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            label = route.path if route is not None else "unmatched"
+            self.metrics.requests.labels(scope["method"], label, str(status)).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _parse_k(raw: str | None, max_k: int) -> int:
+    if raw is None:
+        return DEFAULT_K
+    try:
+        k = int(raw)
+    except ValueError:
+        raise HTTPException(400, f"k must be an integer in 1..{max_k}, got {raw!r}") from None
+    if not 1 <= k <= max_k:
+        raise HTTPException(400, f"k must be in 1..{max_k}, got {k}")
+    return k
+
+
+def _validation_message(exc: ValidationError | RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
+    return "; ".join(parts)
+
+
+async def _read_json_model(request: Request, model: type[BaseModel], max_bytes: int) -> Any:
+    """The body parsed into `model`: 413 over the size limit, 400 not JSON, 422 wrong shape."""
+    body = bytearray()
+    async for chunk in request.stream():  # also bounds bodies sent without Content-Length
+        body += chunk
+        if len(body) > max_bytes:
+            raise HTTPException(413, f"payload over {max_bytes} bytes")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPException(400, f"malformed JSON: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise HTTPException(422, _validation_message(exc)) from None
+
+
+def _stop_process() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down gracefully
+
+
+def _start_background(service: RecommenderService, metrics: ServingMetrics, app: FastAPI,
+                      stop: threading.Event, on_load_error: Callable[[], None]) -> None:
+    """Load the release, then tail the journal until `stop` (writes from other workers)."""
+
+    def run() -> None:
+        try:
+            service.start()
+        except Exception as exc:  # noqa: BLE001 - any load failure makes this process useless
+            log.critical("cannot load release %s: %s", service.release_uri, exc,
+                         exc_info=not isinstance(exc, UserError))
+            app.state.load_error = str(exc)
+            on_load_error()
+            return
+        metrics.serving(service.state.version)
+        while not stop.wait(service.config.journal_poll_seconds):
+            try:
+                service.sync_journal()
+            except Exception:  # noqa: BLE001 - keep tailing; the error is logged
+                log.exception("journal sync failed")
+
+    threading.Thread(target=run, name="visrec-release", daemon=True).start()
+
+
+def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_token: str | None = None,
+               health_route: str | None = None, predict_route: str | None = None,
+               on_load_error: Callable[[], None] = _stop_process) -> FastAPI:
+    """The similar-items app serving the release at `release_uri` (release dir or registry, local or gs://).
+
+    admin_token: bearer token for write endpoints; default `VISREC_ADMIN_TOKEN`; unset -> writes 403.
+    health_route, predict_route: extra paths for the Vertex AI contract; default
+        `AIP_HEALTH_ROUTE` / `AIP_PREDICT_ROUTE`.
+    on_load_error: called when the release cannot be loaded (`app.state.load_error` says why);
+        default: SIGTERM to this process, so uvicorn stops and the orchestrator sees it.
+    """
+    config = config or ServingConfig()
+    admin_token = admin_token if admin_token is not None else os.environ.get("VISREC_ADMIN_TOKEN") or None
+    health_route = health_route or os.environ.get("AIP_HEALTH_ROUTE")
+    predict_route = predict_route or os.environ.get("AIP_PREDICT_ROUTE")
+    service = RecommenderService(release_uri, config)
+    metrics = ServingMetrics(service)
+    stop = threading.Event()
+    max_k = config.ranking.max_k
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        _start_background(service, metrics, app, stop, on_load_error)
+        yield
+        stop.set()
+
+    app = FastAPI(title="visrec similar items", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = service
+    app.state.load_error = None
+    app.add_middleware(MetricsAndLimits, metrics=metrics, max_body_bytes=config.max_body_bytes)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, _validation_message(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal error")
+
+    def require_ready() -> None:
+        if not service.ready:
+            raise HTTPException(503, "release is still loading")
+
+    def require_admin(request: Request) -> None:
+        if admin_token is None:
+            raise HTTPException(403, "write endpoints are disabled: no VISREC_ADMIN_TOKEN configured")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), admin_token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def similar_payload(item_id: str, k: int) -> dict:
+        version, ranked = service.similar(item_id, k)
+        metrics.survivors.observe(ranked.survivors)
+        if ranked.widened:
+            metrics.widened.inc()
+        return {"item_id": item_id, "release": version,
+                "items": [{"item_id": r.item_id, "score": r.score, "price": r.price, "category": r.category}
+                          for r in ranked.items]}
+
+    async def health() -> JSONResponse:
+        if not service.ready:
+            return _error(503, app.state.load_error or "release is still loading")
+        return JSONResponse({"status": "ok", "release": service.state.version,
+                             "encoder": service.state.encoder_status()})
+
+    for path in dict.fromkeys(["/healthz", "/readyz", health_route or "/healthz"]):
+        app.add_api_route(path, health, methods=["GET"], include_in_schema=False)
+
+    @app.get("/v1/items/{item_id}/similar")
+    async def similar(item_id: str, request: Request) -> JSONResponse:
+        require_ready()
+        k = _parse_k(request.query_params.get("k"), max_k)
+        try:
+            return JSONResponse(similar_payload(item_id, k))
+        except UnknownItem:
+            raise HTTPException(404, f"unknown item {item_id!r}") from None
+
+    async def predict(request: Request) -> JSONResponse:
+        require_ready()
+        body = await _read_json_model(request, PredictRequest, config.max_body_bytes)
+        predictions = []
+        for instance in body.instances:
+            if not 1 <= instance.k <= max_k:
+                predictions.append({"item_id": instance.item_id, "error": f"k must be in 1..{max_k}"})
+                continue
+            try:
+                predictions.append(similar_payload(instance.item_id, instance.k))
+            except UnknownItem:
+                predictions.append({"item_id": instance.item_id, "error": "unknown item"})
+        return JSONResponse({"predictions": predictions})
+
+    for path in dict.fromkeys(["/predict", predict_route or "/predict"]):
+        app.add_api_route(path, predict, methods=["POST"])
+
+    @app.put("/v1/items/{item_id}")
+    async def put_item(item_id: str, request: Request) -> JSONResponse:
+        require_admin(request)
+        require_ready()
+        update = await _read_json_model(request, ItemUpdate, config.max_body_bytes)
+        if update.image is not None and update.image_uri is not None:
+            raise HTTPException(422, "give either `image` or `image_uri`, not both")
+        try:
+            result = await run_in_threadpool(service.upsert, item_id, update.model_dump(exclude_none=True))
+        except BadItem as exc:
+            raise HTTPException(422, str(exc)) from None
+        except NoEncoder as exc:
+            raise HTTPException(503, str(exc)) from None
+        return JSONResponse(result)
+
+    @app.delete("/v1/items/{item_id}")
+    async def delete_item(item_id: str, request: Request) -> JSONResponse:
+        require_admin(request)
+        require_ready()
+        try:
+            await run_in_threadpool(service.delete, item_id)
+        except UnknownItem:
+            raise HTTPException(404, f"unknown item {item_id!r}") from None
+        return JSONResponse({"item_id": item_id, "deleted": True})
+
+    @app.post("/admin/reload")
+    async def reload(request: Request) -> JSONResponse:
+        require_admin(request)
+        require_ready()
+        previous = service.state.version
+        try:
+            version = await run_in_threadpool(service.reload)
+        except Exception as exc:  # noqa: BLE001 - any failure means: refuse, keep serving the old one
+            log.error("reload refused, still serving %s: %s", previous, exc, exc_info=True)
+            raise HTTPException(409, f"release refused, still serving {previous}: {exc}") from None
+        metrics.serving(version)
+        return JSONResponse({"release": version, "previous": previous})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` worker processes: `create_app` with `VISREC_SERVE_CONFIG` (JSON)."""
+    from visrec.ranking import RankingConfig
+
+    spec = json.loads(os.environ["VISREC_SERVE_CONFIG"])
+    config = ServingConfig(**{**spec["config"], "ranking": RankingConfig(**spec["config"]["ranking"])})
+    return create_app(spec["release"], config)

@@ -1,0 +1,125 @@
+"""Ranking as pure functions: price band, category similarity, re-rank, the full recommend flow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from visrec.ranking import (ItemCatalog, RankingConfig, category_path, category_similarity,
+                            price_band_filter, recommend, rerank)
+
+
+class BruteForceIndex:
+    """Exact inner-product search over a dict, standing in for `SimilarityIndex`; counts fetches."""
+
+    def __init__(self, ids, vectors):
+        self.ids = list(ids)
+        self.vectors = np.asarray(vectors, dtype=np.float32)
+        self.fetches: list[int] = []
+
+    def search(self, queries, k):
+        self.fetches.append(k)
+        scores = queries @ self.vectors.T
+        order = np.argsort(-scores, axis=1)[:, :k]
+        return [[self.ids[j] for j in row] for row in order], np.take_along_axis(scores, order, axis=1)
+
+    def vector(self, item_id):
+        return self.vectors[self.ids.index(item_id)] if item_id in self.ids else None
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def test_category_path_and_similarity():
+    assert category_path(" Fashion / Women > Bags ") == ("fashion", "women", "bags")
+    assert category_similarity("fashion/women/bags", "fashion/women/bags") == 1.0
+    assert category_similarity("fashion/women/bags", "fashion/women/shoes") == pytest.approx(2 / 3)
+    assert category_similarity("fashion/women/bags", "fashion") == pytest.approx(1 / 3)
+    assert category_similarity("fashion/women", "home/kitchen") == 0.0
+    assert category_similarity("", "") == 0.0
+
+
+def test_price_band_filter():
+    prices = np.array([4.9, 5, 10, 20, 20.1])
+    assert price_band_filter(10, prices).tolist() == [False, True, True, True, False]
+    assert price_band_filter(10, prices, 0.9, 1.1).tolist() == [False, False, True, False, False]
+    assert price_band_filter(0, prices).all()  # no reference price: no band
+
+
+def test_rerank_blends_and_is_stable():
+    ann = np.array([0.9, 0.85, 0.8])
+    sims = np.array([0.0, 1.0, 0.0])
+    order, blended = rerank(ann, sims, 0.0)
+    assert order.tolist() == [0, 1, 2] and np.allclose(blended, ann)
+    order, blended = rerank(ann, sims, 0.3)
+    assert order.tolist() == [1, 0, 2]
+    assert blended[1] == pytest.approx(0.7 * 0.85 + 0.3)
+    order, _ = rerank(np.array([0.5, 0.5]), np.array([0.0, 0.0]), 0.3)
+    assert order.tolist() == [0, 1]
+
+
+def test_config_validates():
+    with pytest.raises(ValueError):
+        RankingConfig(price_low=2.0)
+    with pytest.raises(ValueError):
+        RankingConfig(category_weight=1.5)
+
+
+def _catalog_and_index():
+    # q is the query; a..e in decreasing visual similarity to q.
+    ids = ["q", "a", "b", "c", "d", "e"]
+    vectors = np.array([[1, 0], [0.99, 0.1], [0.95, 0.3], [0.9, 0.43], [0.8, 0.6], [0.0, 1.0]])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    catalog = ItemCatalog.from_columns(
+        ids,
+        prices=[100, 100, 500, 120, 90, 100],
+        categories=["f/w/bags", "home/kitchen", "f/w/bags", "f/w/bags", "f/w/shoes", "f/w/bags"],
+        statuses=["on_sale", "sold", "on_sale", "on_sale", "on_sale", "on_sale"],
+    )
+    return catalog, BruteForceIndex(ids, vectors)
+
+
+def test_recommend_filters_and_reranks():
+    catalog, index = _catalog_and_index()
+    ranked = recommend("q", 3, index, catalog, RankingConfig(fetch=10, category_weight=0.3))
+    got = [r.item_id for r in ranked.items]
+    # q itself, a (sold) and b (price 5x) are dropped; c, d, e remain, c/e share the category.
+    assert "q" not in got and "a" not in got and "b" not in got
+    assert got[0] == "c"
+    assert set(got) == {"c", "d", "e"}
+    assert ranked.items[0].category == "f/w/bags" and ranked.items[0].price == 120
+    assert ranked.survivors == 3 and not ranked.widened
+
+
+def test_recommend_widens_once_when_too_few_survive():
+    catalog, index = _catalog_and_index()
+    ranked = recommend("q", 2, index, catalog, RankingConfig(fetch=3, widen_factor=2))
+    assert index.fetches == [3, 6]
+    assert ranked.widened and [r.item_id for r in ranked.items][:1] == ["c"]
+    # A page bigger than what can survive: one widening, then a short answer.
+    index.fetches.clear()
+    ranked = recommend("q", 5, index, catalog, RankingConfig(fetch=6))
+    assert index.fetches == [6] and len(ranked.items) == 3
+
+
+def test_recommend_unknown_and_bad_k():
+    catalog, index = _catalog_and_index()
+    with pytest.raises(KeyError):
+        recommend("nope", 3, index, catalog)
+    with pytest.raises(ValueError):
+        recommend("q", 0, index, catalog)
+    with pytest.raises(ValueError):
+        recommend("q", 101, index, catalog)
+
+
+def test_catalog_upsert_delete_and_growth():
+    catalog = ItemCatalog.from_columns(["x"], [10], ["a/b"], ["on_sale"])
+    for i in range(40):
+        catalog.upsert(f"n{i}", float(i), "a/c", "on_sale")
+    assert len(catalog) == 41 and "n39" in catalog
+    catalog.upsert("x", 12, "a/b", "reserved")
+    assert catalog.get("x") == {"price": 12.0, "category": "a/b", "status": "reserved"}
+    assert catalog.delete("n3") and "n3" not in catalog and not catalog.delete("n3")
+    assert catalog.rows(["x", "zzz"]).tolist() == [0, -1]
+    with pytest.raises(ValueError):
+        ItemCatalog.from_columns(["x", "x"], [1, 1], ["a", "a"], ["on_sale", "on_sale"])

@@ -1,0 +1,77 @@
+"""`visrec serve`: the similar-items HTTP service for a release (or a registry's CURRENT release)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "serve similar items for a release over HTTP (Vertex AI prediction contract included)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from visrec.ranking import RankingConfig
+
+    ranking = RankingConfig()
+    parser.add_argument("--release", default=os.environ.get("AIP_STORAGE_URI"),
+                        help="release directory or registry, local or gs:// (default: $AIP_STORAGE_URI)")
+    parser.add_argument("--host", default=os.environ.get("VISREC_HOST", "127.0.0.1"),
+                        help="bind address (default: $VISREC_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("AIP_HTTP_PORT", "8080")),
+                        help="port (default: $AIP_HTTP_PORT or 8080)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes; each holds the index, writes reach all through the journal")
+    parser.add_argument("--fetch", type=int, default=ranking.fetch, help="ANN candidates fetched per query")
+    parser.add_argument("--price-low", type=float, default=ranking.price_low,
+                        help="keep candidates priced >= this factor of the query price")
+    parser.add_argument("--price-high", type=float, default=ranking.price_high,
+                        help="keep candidates priced <= this factor of the query price")
+    parser.add_argument("--category-weight", type=float, default=ranking.category_weight,
+                        help="weight of category similarity in the re-rank score")
+    parser.add_argument("--image-root", help="local directory PUT image_uri paths may point into")
+    parser.add_argument("--cache-dir", help="where a gs:// release is downloaded")
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    import uvicorn
+
+    from visrec.errors import UserError
+    from visrec.ranking import RankingConfig
+    from visrec.service import ServingConfig
+
+    if not args.release:
+        raise UserError("no release: pass --release or set AIP_STORAGE_URI")
+    if args.workers < 1:
+        raise UserError("--workers must be >= 1")
+    try:
+        ranking = RankingConfig(fetch=args.fetch, price_low=args.price_low, price_high=args.price_high,
+                                category_weight=args.category_weight)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    config = ServingConfig(ranking=ranking, image_root=args.image_root, cache_dir=args.cache_dir)
+    options = dict(host=args.host, port=args.port, access_log=args.access_log, log_level="info")
+
+    if args.workers == 1:
+        from serving.app import create_app
+
+        # A release that fails to load stops this server (late-bound: `server` exists by then).
+        app = create_app(args.release, config, on_load_error=lambda: setattr(server, "should_exit", True))
+        server = uvicorn.Server(uvicorn.Config(app, **options))
+        server.run()
+        if app.state.load_error:
+            raise UserError(f"cannot load release {args.release}: {app.state.load_error}")
+        return 0
+
+    # Several processes: verify the release once here (a broken one fails once instead of in a
+    # worker restart loop); a gs:// release is downloaded once and the workers load that copy.
+    from visrec import io
+    from visrec.release import load_release
+
+    verified = load_release(args.release, args.cache_dir)
+    release = str(verified.path) if io.is_gcs(args.release) else args.release
+    os.environ["VISREC_SERVE_CONFIG"] = json.dumps({"release": release, "config": dataclasses.asdict(config)})
+    uvicorn.run("serving.app:app_from_env", factory=True, workers=args.workers, **options)
+    return 0

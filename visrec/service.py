@@ -1,0 +1,371 @@
+"""The framework-free state of the similar-items service: a loaded release and its mutations.
+
+`RecommenderService` owns one `ServingState` (release, ANN index, item catalog,
+image encoder + PCA for upserts) and swaps it for a new one on reload: the new
+release is loaded completely (index, catalog, encoder, replayed journal) before a
+single reference assignment makes it live, so in-flight requests finish on the old
+state and a broken release never replaces a working one. At start-up the encoder
+(torch, seconds to import) loads in the background after the index: the service
+answers reads as soon as the index is in memory, and image upserts wait for it.
+
+Writes (upsert, delete) go through the journal `state/journal.jsonl`: the request
+handler embeds the image, appends one JSON line (with the vector, so replay never
+needs the image again) and then applies every journal line it has not applied yet,
+in file order. Start-up replay and the background tail (which keeps several
+`--workers` processes in step) use that very same `sync_journal`, so there is one
+write path and the journal order is the truth everywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visrec import io
+from visrec.errors import UserError
+from visrec.ranking import ON_SALE, ItemCatalog, RankedList, RankingConfig, recommend
+
+log = logging.getLogger(__name__)
+
+JOURNAL_NAME = "journal.jsonl"
+ENCODER_WAIT_SECONDS = 120.0  # an image upsert right after start waits this long for torch to load
+
+
+class UnknownItem(KeyError):
+    """The item is not in the catalog (or has no embedding)."""
+
+
+class BadItem(ValueError):
+    """An upsert that cannot be applied (missing fields, undecodable image); a 422 for clients."""
+
+
+class NoEncoder(RuntimeError):
+    """The release's image encoder is absent or unavailable, so images cannot be embedded."""
+
+
+@dataclass
+class ServingConfig:
+    """Everything the service needs besides the release URI.
+
+    max_body_bytes: request bodies above this are refused (413); 10 MiB holds a
+        base64 phone photo with room to spare.
+    journal_poll_seconds: how often the journal is re-read for writes made by other
+        worker processes; well under the one-second "recommendable" promise.
+    image_root: local directory that `image_uri` values may point into; `gs://` URIs
+        are always allowed, local paths only under this root (None: local paths refused).
+    cache_dir: where a `gs://` release is downloaded (None: a temporary directory).
+    """
+
+    ranking: RankingConfig = field(default_factory=RankingConfig)
+    max_body_bytes: int = 10 * 1024 * 1024
+    journal_poll_seconds: float = 0.5
+    image_root: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass
+class ServingState:
+    """One loaded release with its mutable index and catalog; `lock` guards both."""
+
+    version: str
+    release: Any
+    index: Any
+    catalog: ItemCatalog
+    encoder_future: Future
+    pca: Any | None
+    journal_path: Path
+    journal_offset: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def encoder_status(self) -> str:
+        """`loading`, `ready`, `none` (the release has no encoder) or `failed`."""
+        if not self.encoder_future.done():
+            return "loading"
+        if self.encoder_future.exception() is not None:
+            return "failed"
+        return "none" if self.encoder_future.result() is None else "ready"
+
+    def encoder(self, timeout: float | None = None) -> Any | None:
+        """The image encoder (None if the release has none); waits while it is still loading."""
+        return self.encoder_future.result(timeout)
+
+
+def read_catalog(items_path: str) -> ItemCatalog:
+    """The release's `items.parquet` (a local file: releases are loaded onto local disk) as an `ItemCatalog`."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(items_path, columns=["item_id", "price", "category", "status"])
+    return ItemCatalog.from_columns(
+        table.column("item_id").to_pylist(),
+        table.column("price").to_numpy(zero_copy_only=False).astype(np.float64),
+        table.column("category").to_pylist(),
+        table.column("status").to_pylist(),
+    )
+
+
+def load_state(release_uri: str, config: ServingConfig) -> ServingState:
+    """Load a release: verified files, index, catalog, PCA, replayed journal; the encoder starts
+    loading in the background (`ServingState.encoder()` waits for it)."""
+    from visrec.index import SimilarityIndex
+    from visrec.release import load_release
+
+    started = time.monotonic()
+    release = load_release(release_uri, config.cache_dir)
+    index = SimilarityIndex.load(str(release.index_dir))
+    catalog = read_catalog(str(release.items_path))
+    encoder_future: Future = Future()
+    if release.model_dir.is_dir():
+        kind = release.manifest.get("encoder_kind", "siglip")
+        threading.Thread(target=_load_encoder, args=(str(release.model_dir), kind, encoder_future),
+                         name="visrec-encoder", daemon=True).start()
+    else:
+        encoder_future.set_result(None)
+    pca = None
+    if release.pca_path is not None:
+        from visrec.pca import PcaProjection
+
+        pca = PcaProjection.load(str(release.pca_path))
+    state_dir = Path(release.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = ServingState(version=release.version, release=release, index=index, catalog=catalog,
+                         encoder_future=encoder_future, pca=pca, journal_path=state_dir / JOURNAL_NAME)
+    replayed = sync_journal(state)
+    log.info("loaded release %s: %d indexed items, %d catalog items, %d journal entries replayed, %.1fs",
+             state.version, len(index), len(catalog), replayed, time.monotonic() - started)
+    return state
+
+
+def _load_encoder(model_dir: str, kind: str, future: Future) -> None:
+    try:
+        from visrec.models import load_image_encoder
+
+        future.set_result(load_image_encoder(model_dir, kind=kind))
+        log.info("image encoder loaded from %s", model_dir)
+    except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the encoder
+        log.error("cannot load the image encoder from %s: %s", model_dir, exc)
+        future.set_exception(exc)
+
+
+def sync_journal(state: ServingState) -> int:
+    """Apply every complete journal line after `state.journal_offset`, in order; returns how many.
+
+    Index writes are batched (the last vector operation per item wins), so replaying a
+    long journal costs one index upsert and one delete rather than one per line.
+    """
+    path = state.journal_path
+    try:
+        if path.stat().st_size <= state.journal_offset:
+            return 0
+    except FileNotFoundError:
+        return 0
+    with open(path, "rb") as fh:
+        fh.seek(state.journal_offset)
+        data = fh.read()
+    end = data.rfind(b"\n") + 1  # a line still being written is left for the next sync
+    if end == 0:
+        return 0
+    upserts: dict[str, np.ndarray] = {}
+    deletes: set[str] = set()
+    applied = 0
+    with state.lock:
+        for line in data[:end].splitlines():
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                item_id = entry["item_id"]
+                if entry["op"] == "delete":
+                    state.catalog.delete(item_id)
+                    upserts.pop(item_id, None)
+                    deletes.add(item_id)
+                else:
+                    state.catalog.upsert(item_id, float(entry["price"]), entry["category"], entry["status"])
+                    if entry.get("vector") is not None:
+                        upserts[item_id] = np.asarray(entry["vector"], dtype=np.float32)
+                        deletes.discard(item_id)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("skipping unreadable journal line in %s: %s", path, exc)
+                continue
+            applied += 1
+        gone = [i for i in deletes if i in state.index]
+        if gone:
+            state.index.delete(gone)
+        if upserts:
+            state.index.upsert(list(upserts), np.stack(list(upserts.values())))
+        state.journal_offset += end
+    return applied
+
+
+def append_journal(path: Path, entry: dict) -> None:
+    """Append one line under an exclusive file lock (other worker processes append too)."""
+    line = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8")
+    with open(path, "ab") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def embed_image(encoder: Any, pca: Any | None, image: Any) -> np.ndarray:
+    """One PIL image -> the vector the index holds: encoder features, L2-normalised, then PCA."""
+    import torch
+
+    from visrec.models import preprocess_images
+    from visrec.pca import l2_normalise
+
+    # The same steps as stage 3 (`visrec.embed`), so upserted and batch vectors are comparable.
+    with torch.inference_mode():
+        features = l2_normalise(encoder(preprocess_images(encoder, [image])).float().cpu().numpy())
+    if pca is not None:
+        features = pca.transform(features)
+    return np.asarray(features[0], dtype=np.float32)
+
+
+class RecommenderService:
+    """The service: the current `ServingState` plus the operations the HTTP layer exposes."""
+
+    def __init__(self, release_uri: str, config: ServingConfig | None = None):
+        self.release_uri = release_uri
+        self.config = config or ServingConfig()
+        self._state: ServingState | None = None
+        # Serialises writers and reloads: a write never lands in a state being replaced.
+        self._write_lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self._state is not None
+
+    @property
+    def state(self) -> ServingState:
+        if self._state is None:
+            raise RuntimeError("no release loaded yet")
+        return self._state
+
+    def start(self) -> None:
+        """Load the release named at construction."""
+        state = load_state(self.release_uri, self.config)
+        with self._write_lock:
+            self._state = state
+
+    def reload(self) -> str:
+        """Load the release the URI names now (a registry's CURRENT), then swap; returns its version.
+
+        Any error leaves the old state serving and propagates to the caller.
+        """
+        new = load_state(self.release_uri, self.config)
+        new.encoder()  # a release whose encoder does not load is refused too
+        with self._write_lock:
+            sync_journal(new)  # writes that landed while the new release was loading
+            self._state = new
+        log.info("now serving release %s", new.version)
+        return new.version
+
+    def similar(self, item_id: str, k: int) -> tuple[str, RankedList]:
+        """(release version, ranked list) for the item; `UnknownItem` if it has no embedding."""
+        state = self.state
+        with state.lock:
+            try:
+                return state.version, recommend(item_id, k, state.index, state.catalog, self.config.ranking)
+            except KeyError:
+                raise UnknownItem(item_id) from None
+
+    def sync_journal(self) -> int:
+        """Pick up journal lines written by other processes."""
+        if self._state is None:
+            return 0
+        with self._write_lock:
+            return sync_journal(self._state)
+
+    def upsert(self, item_id: str, fields: dict) -> dict:
+        """Create or update an item from request fields; embeds the image if one is given.
+
+        `fields`: `title`, `category`, `price`, `status` and optionally `image` (base64)
+        or `image_uri`. A new item needs an image and every metadata field; an existing
+        one may change only some (e.g. just `status`).
+        """
+        state = self.state
+        image = self._read_image(fields)
+        vector = None
+        if image is not None:
+            try:
+                encoder = state.encoder(timeout=ENCODER_WAIT_SECONDS)
+            except Exception as exc:  # noqa: BLE001 - still loading past the wait, or failed to load
+                raise NoEncoder(f"the image encoder of release {state.version} is unavailable: {exc!r}") from None
+            if encoder is None:
+                raise NoEncoder(f"release {state.version} has no image encoder")
+            vector = embed_image(encoder, state.pca, image)
+        with self._write_lock:
+            state = self.state
+            with state.lock:
+                current = state.catalog.get(item_id)
+                indexed = item_id in state.index
+            if vector is None and not (current and indexed):
+                raise BadItem("a new item needs an image (`image` base64 or `image_uri`)")
+            merged = {"category": fields.get("category", current and current["category"]),
+                      "price": fields.get("price", current and current["price"]),
+                      "status": fields.get("status") or (current["status"] if current else ON_SALE)}
+            if merged["category"] is None or merged["price"] is None:
+                raise BadItem("a new item needs `category` and `price`")
+            entry = {"op": "upsert", "item_id": item_id, "title": fields.get("title"), **merged,
+                     "vector": None if vector is None else vector.tolist(), "at": time.time()}
+            append_journal(state.journal_path, entry)
+            sync_journal(state)
+        return {"item_id": item_id, "release": state.version, "status": merged["status"],
+                "embedded": vector is not None}
+
+    def delete(self, item_id: str) -> None:
+        """Remove an item from catalog and index; `UnknownItem` if it is not there."""
+        with self._write_lock:
+            state = self.state
+            with state.lock:
+                known = item_id in state.catalog or item_id in state.index
+            if not known:
+                raise UnknownItem(item_id)
+            append_journal(state.journal_path, {"op": "delete", "item_id": item_id, "at": time.time()})
+            sync_journal(state)
+
+    def _read_image(self, fields: dict) -> Any | None:
+        """The request's image as a PIL image, or None if it carries none."""
+        from visrec.images import ImageDecodeError, decode_image, load_image_bytes
+
+        if fields.get("image") is not None:
+            try:
+                data = base64.b64decode(fields["image"], validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise BadItem(f"`image` is not valid base64: {exc}") from None
+        elif fields.get("image_uri"):
+            data = self._read_image_uri(fields["image_uri"], load_image_bytes)
+        else:
+            return None
+        try:
+            return decode_image(data)
+        except ImageDecodeError as exc:
+            raise BadItem(f"image does not decode: {exc}") from None
+
+    def _read_image_uri(self, uri: str, load_image_bytes: Any) -> bytes:
+        root = self.config.image_root
+        if not io.is_gcs(uri):
+            if root is None:
+                raise BadItem("local image_uri paths are disabled (no image root configured)")
+            resolved = (Path(root) / uri).resolve()
+            if not resolved.is_relative_to(Path(root).resolve()):
+                raise BadItem("image_uri points outside the image root")
+        try:
+            return load_image_bytes(uri, root)
+        except (FileNotFoundError, UserError, OSError) as exc:
+            raise BadItem(f"cannot read image_uri {uri}: {exc}") from None
