@@ -28,7 +28,7 @@ test-fast: venv
 
 ## The main job end to end on a generated marketplace, then the serving container answers.
 demo: venv
-	$(PY) -m visrec.demo --work-dir $(DEMO_DIR) --items $(DEMO_ITEMS)
+	$(PY) -m pipelines.demo --work-dir $(DEMO_DIR) --items $(DEMO_ITEMS)
 
 compile: venv
 	$(VENV)/bin/visrec compile --out pipeline.yaml

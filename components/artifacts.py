@@ -14,6 +14,16 @@ def location(artifact) -> str:
     return uri if uri.startswith("gs://") else artifact.path
 
 
+def trained_model_dir(model_artifact) -> str:
+    """The model directory inside a `visrec train` output (its `model/`), or the artifact itself
+    when it already is a model directory."""
+    from visrec import io
+
+    root = location(model_artifact)
+    best = io.join(root, "model")
+    return best if io.exists(io.join(best, "config.json")) else root
+
+
 def log_metrics(metrics_artifact, values: dict, prefix: str = "") -> None:
     """Log every numeric leaf of a (nested) dict to a KFP `Metrics` artifact."""
     for key, value in values.items():

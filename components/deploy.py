@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from components.images import BASE_IMAGE, SERVING_IMAGE
+from components.images import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -20,7 +20,7 @@ def deploy(
     release: Output[Artifact],
     project: str = "",
     region: str = "",
-    serving_image: str = SERVING_IMAGE,
+    serving_image: str = "",
     parent_model: str = "",
     endpoint: str = "",
     machine_type: str = "n1-standard-4",
@@ -40,15 +40,13 @@ def deploy(
     import logging
     import os
 
-    from components.artifacts import location
+    from components.artifacts import location, trained_model_dir
     from visrec import io
     from visrec.release import REFUSED, DeployConfig, deploy_release
     from visrec.vertex import VertexDeployConfig
 
     log = logging.getLogger("deploy")
-    model_dir = location(model)
-    if io.exists(io.join(model_dir, "model", "config.json")):
-        model_dir = io.join(model_dir, "model")
+    model_dir = trained_model_dir(model)
     if decision != "deploy":
         result = {"status": REFUSED, "version": None, "path": None,
                   "message": f"the evaluation decided {decision!r}; a rejected candidate is never deployed"}

@@ -23,6 +23,7 @@ def embed(
     model_uri: str = "",
     pca_uri: str = "",
     shards: int = 4,
+    data_snapshot: str = "",
 ):
     """Run `visrec.embed.run_embed` on `data` (prepared shards or a listings file).
 
@@ -33,8 +34,9 @@ def embed(
     `beam_options`: extra pipeline options, e.g. the Dataflow project, region, GPU
     worker accelerator and custom container (docs/embedding.md).
     `embeddings` receives the whole stage-3 directory; `pca` a copy of its `pca.npz`.
+    `data_snapshot` (the input data's version) is part of the cache key and recorded on the output.
     """
-    from components.artifacts import location, log_metrics
+    from components.artifacts import location, log_metrics, trained_model_dir
     from visrec import io
     from visrec.embed import EmbedConfig, run_embed
     from visrec.errors import UserError
@@ -42,9 +44,7 @@ def embed(
     if model_uri:
         encoder = model_uri
     elif model is not None:
-        encoder = location(model)
-        if io.exists(io.join(encoder, "model", "config.json")):
-            encoder = io.join(encoder, "model")
+        encoder = trained_model_dir(model)
     else:
         raise UserError("embed needs a model artifact or a model_uri")
     out = location(embeddings)
@@ -56,4 +56,5 @@ def embed(
         io.write_bytes(io.join(location(pca), "pca.npz"), io.read_bytes(pca_file))
     log_metrics(metrics, {k: stats[k] for k in ("items", "rejected", "dims", "pca_explained_variance",
                                                 "seconds", "items_per_second") if stats[k] is not None})
-    embeddings.metadata.update({"items": stats["items"], "dims": stats["dims"], "kind": kind, "model": encoder})
+    embeddings.metadata.update({"items": stats["items"], "dims": stats["dims"], "kind": kind, "model": encoder,
+                                "data_snapshot": data_snapshot})
