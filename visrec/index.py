@@ -25,7 +25,6 @@ while another thread writes, and a search never sees a half-applied write.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -186,14 +185,6 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
 def default_num_leaves(num_items: int) -> int:
     """About sqrt(N) partitions, each still holding a few dozen items."""
     return max(1, min(round(math.sqrt(num_items)), num_items // 20))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _remove(uri: str) -> None:
@@ -454,7 +445,7 @@ class SimilarityIndex:
                     "tuning": self.info.get("tuning"),
                     "library_versions": library_versions(),
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "sha256": {name: _sha256(local / name) for name in files},
+                    "sha256": {name: io.sha256_file(local / name) for name in files},
                 }
         io.write_json(io.join(out_dir, MANIFEST), manifest)
         log.info("saved index (%d items) to %s", manifest["num_items"], out_dir)
@@ -482,7 +473,7 @@ class SimilarityIndex:
                 path = local / name
                 if not path.is_file():
                     raise UserError(f"{index_dir}: index file {name} is missing")
-                if _sha256(path) != digest:
+                if io.sha256_file(path) != digest:
                     raise UserError(f"{index_dir}: index file {name} is corrupt (sha256 mismatch)")
             for name in (IDS, VECTORS, f"{SCANN_DIR}/scann_assets.pbtxt"):
                 if name not in manifest.get("sha256", {}):

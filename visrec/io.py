@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -214,6 +215,15 @@ def output_dir(uri: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="visrec-up-") as tmp:
         yield Path(tmp)
         upload_dir(tmp, uri)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a local file, read in chunks (index and release manifests checksum every file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def local_file(uri: str, suffix: str = "") -> Path:

@@ -162,14 +162,6 @@ def _user() -> str:
         return "unknown"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _checksummed_files(root: Path) -> dict[str, str]:
     """sha256 of every immutable file under `root` (relative POSIX path -> hex digest)."""
     out: dict[str, str] = {}
@@ -177,7 +169,7 @@ def _checksummed_files(root: Path) -> dict[str, str]:
         rel = path.relative_to(root).as_posix()
         if not path.is_file() or rel in MUTABLE_FILES or rel.split("/", 1)[0] == STATE:
             continue
-        out[rel] = _sha256(path)
+        out[rel] = io.sha256_file(path)
     return out
 
 
@@ -368,7 +360,7 @@ def _verify_checksums(root: Path, manifest: dict[str, Any]) -> None:
         path = root / rel
         if not path.is_file():
             raise ReleaseInvalid(f"release {manifest.get('version')} is incomplete: {rel} is missing")
-        if _sha256(path) != expected:
+        if io.sha256_file(path) != expected:
             raise ReleaseInvalid(f"release {manifest.get('version')} is corrupt: {rel} does not match its sha256")
 
 
