@@ -7,7 +7,7 @@ DEMO_DIR ?= demo-work
 DEMO_ITEMS ?= 2000
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo bench compile lint clean
+.PHONY: venv test test-fast demo compile lint clean
 
 venv: $(STAMP)
 
@@ -32,9 +32,6 @@ demo: venv
 
 compile: venv
 	$(VENV)/bin/visrec compile --out pipeline.yaml
-
-bench: venv
-	$(PY) bench/prepare.py
 
 lint: venv
 	$(VENV)/bin/hadolint containers/*/Dockerfile

@@ -140,3 +140,11 @@ def test_compile_uploads_the_template_to_gcs(gcs_emulator, tmp_path):
     assert main(["compile", "--out", str(tmp_path / "p.yaml"), "--upload", dest]) == 0
     assert yaml.safe_load(io.read_text(dest))["pipelineInfo"]["name"] == "visual-recommender"
     assert main(["compile", "--out", str(tmp_path / "p.yaml"), "--upload", "ftp://nowhere"]) == 2
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "vertex.yaml"])
+def test_config_files_only_name_pipeline_parameters(ir, name):
+    """A typo in a config key would otherwise be a silently ignored (or rejected-at-submit) parameter."""
+    params = set(ir["root"]["inputDefinitions"]["parameters"])
+    config = yaml.safe_load((ROOT / "configs" / name).read_text())
+    assert set(config["parameters"]) <= params

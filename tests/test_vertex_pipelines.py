@@ -108,6 +108,18 @@ def test_schedule_kwargs_default_to_one_concurrent_run():
                   "service_account": "runner@my-proj.iam.gserviceaccount.com"}
 
 
+def test_default_config_names_the_paper_defaults(fake_aiplatform):
+    """Without --config, configs/vertex.yaml supplies the run: paper hyper-parameters, real checkpoints."""
+    assert main(["submit", "--data-snapshot", "2026-11-23"]) == 0
+    kwargs = fake_aiplatform.calls[1][1]
+    params = kwargs["parameter_values"]
+    assert params["siglip_model"] == "google/siglip-base-patch16-256-multilingual"
+    assert params["baseline_model"] == "google/mobilenet_v2_1.4_224"
+    assert (params["epochs"], params["batch_size"], params["lr"], params["pca_dims"]) == (5, 256, 5e-5, 128)
+    assert params["data_snapshot"] == "2026-11-23"
+    assert kwargs["pipeline_root"].startswith("gs://")
+
+
 def test_submit_cli_sends_exact_requests(fake_aiplatform, tmp_path, capsys):
     cfg = tmp_path / "vertex.yaml"
     cfg.write_text("vertex:\n  project: my-proj\n  region: us-central1\n  pipeline_root: gs://bucket/root\n"
@@ -126,7 +138,9 @@ def test_submit_cli_sends_exact_requests(fake_aiplatform, tmp_path, capsys):
 
 
 def test_schedule_cli_creates_weekly_schedule(fake_aiplatform, tmp_path):
-    rc = main(["schedule", "--project", "p", "--region", "us-central1", "--pipeline-root", "gs://b/r",
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("parameters: {}\n")
+    rc = main(["schedule", "--config", str(empty), "--project", "p", "--region", "us-central1", "--pipeline-root", "gs://b/r",
                "--template", "gs://b/t.yaml", "--cron", "0 3 * * 1", "--name", "weekly-retrain",
                "--data-snapshot", "latest"])
     assert rc == 0
