@@ -141,7 +141,7 @@ class ItemCatalog:
         row = self.row_of.get(item_id)
         if row is None or not self.present[row]:
             return None
-        return {"price": float(self.prices[row]),
+        return {"price": int(self.prices[row]),
                 "category": self.categories[self.category_codes[row]],
                 "status": self.statuses[self.status_codes[row]]}
 
@@ -191,7 +191,7 @@ class ItemCatalog:
 class Recommendation:
     item_id: str
     score: float
-    price: float
+    price: int  # JPY, as in the data contract
     category: str
 
 
@@ -299,7 +299,7 @@ def recommend(item_id: str, k: int, index: VectorIndex, catalog: ItemCatalog,
     sims = np.array([category_similarity(query_category, catalog.categories[c]) for c in unique_codes],
                     dtype=np.float64)[inverse] if len(codes) else np.zeros(0)
     order, blended = rerank(ann, sims, config.category_weight)
-    items = [Recommendation(item_id=ids[i], score=float(blended[i]), price=float(catalog.prices[rows[i]]),
+    items = [Recommendation(item_id=ids[i], score=float(blended[i]), price=int(catalog.prices[rows[i]]),
                             category=catalog.categories[codes[i]])
              for i in order[:k]]
     return RankedList(items=items, fetched=fetch, survivors=len(ids), widened=widened)

@@ -1,0 +1,41 @@
+"""The paper's offline study on the synthetic marketplace (same code as `visrec study`).
+
+    python bench/study.py --out /tmp/study                 # defaults: 20,000 items, tiny models on CPU
+    python bench/study.py --out /tmp/study --full-size     # SigLIP ViT-B/16-256 architecture (GPU)
+
+Writes everything into --out (study.json, study.md, plots, the gate report), prints the
+headline figures and copies study.json to bench/results/study.json. The data are
+synthetic: the figures are this study's, not the paper's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from visrec.commands.study import add_arguments, config_from_args
+from visrec.study import run_study, summary_lines
+
+RESULTS = Path(__file__).parent / "results" / "study.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    config = config_from_args(args)
+    result = run_study(config, command="python bench/study.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print("\n".join(summary_lines(result)))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The offline study (visrec.study): pure parts, and one fast end-to-end run on a tiny marketplace.
+
+The end-to-end run uses the shared 400-item marketplace and tiny models, 1 epoch, few
+bootstrap resamples and a few dozen simulated users: it checks that every output is
+written and that the figures agree with each other, not what they are.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from visrec.demo_data import tap_probability
+from visrec.metrics import METRICS
+from visrec.study import (ARMS, BASELINE, CANDIDATE, RANKING_VARIANTS, Session, StudyConfig, arm_of, make_sessions,
+                          ratio_bootstrap, run_study, simulate_taps, summarise_ab, table1_pca_dims, tradeoff_dims)
+from visrec.errors import UserError
+
+
+def test_table1_pca_dims_follow_the_paper_or_the_largest_smaller_size():
+    assert table1_pca_dims(768) == 128
+    assert table1_pca_dims(64) == 32
+    assert table1_pca_dims(16) is None
+
+
+def test_tradeoff_skips_sizes_above_the_embedding():
+    assert tradeoff_dims(64) == ([16, 32, 64], [128, 256])
+    assert tradeoff_dims(768) == ([16, 32, 64, 128, 256], [])
+
+
+def test_traffic_split_is_stable_per_user_and_roughly_even():
+    assert arm_of("user-1", "s") == arm_of("user-1", "s")
+    arms = [arm_of(f"user-{i}", "s") for i in range(2000)]
+    assert set(arms) == set(ARMS)
+    assert 0.45 < arms.count(CANDIDATE) / len(arms) < 0.55
+    sessions = make_sessions(["a", "b", "c"], users=10, sessions_per_user=3, seed=0)
+    assert len(sessions) == 30 and [s.index for s in sessions] == list(range(30))
+    for s in sessions:  # a user always sees one arm
+        assert s.arm == arm_of(s.user_id, "study-0")
+    with pytest.raises(UserError):
+        make_sessions([], 2, 1, 0)
+
+
+def test_ranking_variants_switch_filter_and_rerank_through_serve_flags():
+    flags = {v.name: v.serve_flags() for v in RANKING_VARIANTS}
+    assert flags["filter + re-rank"] == []
+    assert "--category-weight" in flags["no category re-rank"] and "--price-low" not in flags["no category re-rank"]
+    assert "--price-low" in flags["no price filter"] and "--category-weight" not in flags["no price filter"]
+    assert "--price-low" in flags["neither"] and "--category-weight" in flags["neither"]
+
+
+def _hidden(item_id, shape, colour, price, category="Men/Tops/T-shirts"):
+    return {"item_id": item_id, "shape": shape, "colour": colour, "pattern": "plain", "category": category,
+            "price": price}
+
+
+def test_simulated_taps_use_the_hidden_model_and_common_random_numbers():
+    hidden = {"q": _hidden("q", "tshirt", "black", 1000), "twin": _hidden("twin", "tshirt", "black", 1000),
+              "far": _hidden("far", "mug", "yellow", 9000, "Home/Kitchen/Mugs")}
+    session = Session(3, "user-1", CANDIDATE, "q")
+    probs, taps = simulate_taps(hidden, session, ["twin", "far"], seed=0, k=10)
+    assert probs[0] == pytest.approx(tap_probability(hidden["q"], hidden["twin"], 0))
+    assert probs[1] == pytest.approx(tap_probability(hidden["q"], hidden["far"], 1))
+    assert probs[0] > 10 * probs[1]
+    again = simulate_taps(hidden, session, ["twin", "far"], seed=0, k=10)[1]
+    assert (again == taps).all()  # same session, same list: same draws
+
+
+def test_ratio_bootstrap_and_ab_summary_are_consistent():
+    rng = np.random.default_rng(0)
+    draws = ratio_bootstrap(np.array([1, 2, 3, 4.0]), np.array([10, 10, 10, 10.0]), 200, rng)
+    assert draws.shape == (200, 1) and ((draws >= 0.1) & (draws <= 0.4)).all()
+    records = [{"variant": v, "user_id": f"u{u}", "arm": ARMS[u % 2], "impressions": 10,
+                "taps": (u % 3) + (v == "a") * (u % 2), "expected_taps": 1.0, "latency_ms": 1.0}
+               for v in ("a", "b") for u in range(20)]
+    out = summarise_ab(records, ["a", "b"], 100, 0)
+    for v in ("a", "b"):
+        for arm in ARMS:
+            entry = out["variants"][v][arm]
+            assert entry["sessions"] == 10 and entry["impressions"] == 100
+            assert entry["ctr"] == pytest.approx(entry["taps"] / 100)
+        base, cand = out["variants"][v][BASELINE]["ctr"], out["variants"][v][CANDIDATE]["ctr"]
+        assert out["variants"][v]["ctr_uplift"] == pytest.approx(cand / base - 1, abs=1e-6)
+    assert "relative_change_vs_full" in out["variants"]["b"][CANDIDATE]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, marketplace, tiny_models):
+    out = tmp_path_factory.mktemp("study")
+    config = StudyConfig(out_dir=str(out), marketplace_dir=str(marketplace), models_dir=str(tiny_models), epochs=1,
+                         bootstrap_resamples=50, ab_users=30, ab_sessions_per_user=2, workers=1, seed=7)
+    result = run_study(config, command="pytest")
+    return out, result, config
+
+
+def test_study_writes_every_output(study):
+    out, result, _ = study
+    for name in ("study.json", "study.md", "table1.png", "pca_tradeoff.png", "ab_test.png", "gate_report.html",
+                 "evaluation/metrics.json", "evaluation/report.html"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert json.loads((out / "study.json").read_text())["table1"]["lists_used"] == result["table1"]["lists_used"]
+    md = (out / "study.md").read_text()
+    assert "synthetic" in md and "none of them is the paper's" in md
+    assert "## Table 1" in md and "## PCA trade-off" in md and "## Simulated online A/B test" in md
+    assert (out / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table1_has_the_papers_rows_and_consistent_uplifts(study):
+    _, result, _ = study
+    rows = {r["key"]: r for r in result["table1"]["rows"]}
+    assert list(rows) == [BASELINE, "siglip_full", "siglip_pca32", "siglip_untrained", "random", "logged_order"]
+    assert rows["siglip_full"]["dims"] == 64 and rows["siglip_pca32"]["dims"] == 32
+    base = rows[BASELINE]["metrics"]
+    for key, row in rows.items():
+        for m in METRICS:
+            mean, ci = row["metrics"][m]["mean"], row["metrics"][m]["ci95"]
+            assert 0.0 <= mean <= 1.0 and ci[0] <= mean + 1e-9 and mean <= ci[1] + 1e-9
+            if key == BASELINE:
+                continue
+            up = row["uplift"][m]
+            assert up["relative"] == pytest.approx((mean - base[m]["mean"]) / base[m]["mean"], abs=1e-5)
+            assert up["absolute"] == pytest.approx(mean - base[m]["mean"], abs=1e-5)
+    # The gate's own evaluation scored the served candidate and the baseline on the same lists.
+    gate = result["table1"]["gate"]
+    assert gate["candidate"] == "siglip_pca32" and gate["lists_used"] == result["table1"]["lists_used"]
+    assert gate["candidate_ndcg@5"] == pytest.approx(rows["siglip_pca32"]["metrics"]["ndcg@5"]["mean"])
+    assert gate["baseline_ndcg@5"] == pytest.approx(base["ndcg@5"]["mean"])
+
+
+def test_pca_tradeoff_rows_and_sizes(study):
+    _, result, _ = study
+    trade = result["pca_tradeoff"]
+    points = {p["label"]: p for p in trade["points"]}
+    assert list(points) == ["none", "64", "32", "16"] and trade["skipped_dims"] == [128, 256]
+    full = points["none"]["index_bytes"]["total"]
+    assert points["16"]["bytes_per_item"] < points["32"]["bytes_per_item"] < points["none"]["bytes_per_item"]
+    for p in trade["points"]:
+        assert p["bytes_per_item"] == pytest.approx(p["index_bytes"]["total"] / p["index_items"])
+        assert p["storage_saving"] == pytest.approx(1 - p["index_bytes"]["total"] / full)
+    rows = {r["key"]: r for r in result["table1"]["rows"]}
+    assert points["32"]["ndcg@5"] == rows["siglip_pca32"]["metrics"]["ndcg@5"]["mean"]
+
+
+def test_ab_test_arms_and_variants_are_consistent(study):
+    _, result, config = study
+    summary = result["ab_test"]["summary"]
+    assert list(summary["variants"]) == [v.name for v in RANKING_VARIANTS]
+    assert summary["users"][BASELINE] + summary["users"][CANDIDATE] == config.ab_users
+    for name, v in summary["variants"].items():
+        assert v[BASELINE]["sessions"] + v[CANDIDATE]["sessions"] == config.ab_users * config.ab_sessions_per_user
+        for arm in ARMS:
+            a = v[arm]
+            assert 0 < a["impressions"] <= a["sessions"] * config.ab_k
+            assert 0.0 <= a["ctr"] <= 1.0 and a["ctr"] == pytest.approx(a["taps"] / a["impressions"], abs=1e-6)
+            assert a["ctr_ci95"][0] <= a["ctr"] <= a["ctr_ci95"][1]
+        assert v["ctr_uplift"] == pytest.approx(v[CANDIDATE]["ctr"] / v[BASELINE]["ctr"] - 1, abs=1e-5)
+    releases = result["ab_test"]["releases"]
+    assert {r["status"] for r in releases.values()} <= {"deployed", "unchanged"}
+    assert releases[BASELINE]["version"] != releases[CANDIDATE]["version"]
