@@ -190,8 +190,9 @@ def main() -> None:
     parser.add_argument("--full-size", action="store_true", help="ViT-B/16-256 SigLIP architecture (needs a GPU)")
     parser.add_argument("--precision", default=None, help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--must-show", action="store_true", help="also run the learning check (minutes on CPU)")
-    parser.add_argument("--must-show-epochs", type=int, default=6)
+    parser.add_argument("--must-show-epochs", type=int, default=20)
     parser.add_argument("--must-show-lr", type=float, default=3e-3)
+    parser.add_argument("--must-show-batch-size", type=int, default=32)
     parser.add_argument("--workdir", help="keep data/models here (default: a temp dir)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -242,7 +243,8 @@ def main() -> None:
     if args.must_show:
         shuffled = shuffled_copy(data, root / "data" / "shuffled")
         tiny = model_dir if not args.full_size else init_models(root / "models", listings_uri=listings)["siglip"]
-        results["must_show"] = must_show(tiny, data, shuffled, root / "must-show", args.must_show_epochs, 16,
+        results["must_show"] = must_show(tiny, data, shuffled, root / "must-show", args.must_show_epochs,
+                                         args.must_show_batch_size,
                                          args.must_show_lr, workers)
 
     runs = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-from io import BytesIO
 
 from visrec.metrics import METRICS
 
@@ -51,11 +50,11 @@ def _ci(ci, signed: bool = False) -> str:
 
 def bar_chart_png(per_ranking: dict[str, dict[str, dict]]) -> bytes:
     """Grouped bars: every metric for every ranking, with 95% bootstrap intervals as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from visrec.plots import figure_png, pyplot
+
+    plt = pyplot()
 
     names = list(METRICS)
     rankings = [r for r in RANKING_LABELS if r in per_ranking]
@@ -77,10 +76,7 @@ def bar_chart_png(per_ranking: dict[str, dict[str, dict]]) -> bytes:
     ax.set_title("Offline metrics on impression logs (95% paired-bootstrap intervals)")
     ax.legend(fontsize=8, ncols=len(rankings), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
-    buf = BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _gate_table(reasons: list[dict]) -> str:

@@ -569,12 +569,9 @@ def render_markdown(result: dict) -> str:
 
 
 def _plot_table1(rows: list[dict]) -> bytes:
-    import io as bytes_io
+    from visrec.plots import figure_png, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = ("ndcg@5", "precision@1", "precision@3")
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -590,19 +587,13 @@ def _plot_table1(rows: list[dict]) -> bytes:
     ax.set_title("Table 1 on synthetic data (95% bootstrap intervals)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = bytes_io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _plot_tradeoff(points: list[dict]) -> bytes:
-    import io as bytes_io
+    from visrec.plots import figure_png, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     x = [p["bytes_per_item"] for p in points]
@@ -618,19 +609,13 @@ def _plot_tradeoff(points: list[dict]) -> bytes:
     ax.set_ylabel("nDCG@5")
     ax.set_title("PCA trade-off (synthetic data)")
     fig.tight_layout()
-    buf = bytes_io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _plot_ab(summary: dict) -> bytes:
-    import io as bytes_io
+    from visrec.plots import figure_png, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(summary["variants"])
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -644,10 +629,7 @@ def _plot_ab(summary: dict) -> bytes:
     ax.set_title("Simulated A/B test (hidden user model, synthetic data)")
     ax.legend()
     fig.tight_layout()
-    buf = bytes_io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 # ---------------------------------------------------------------------------------------------

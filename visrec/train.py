@@ -378,14 +378,9 @@ def _save_model(model: Any, processor: Any) -> Callable[[Path], None]:
 
 def plot_loss_curve(step_loss: list[float], epochs: list[dict], steps_per_epoch: int) -> bytes:
     """PNG: per-step training loss (raw and smoothed) with validation loss, and validation recall@5."""
-    import matplotlib
+    from visrec.plots import figure_png, pyplot
 
-    matplotlib.use("Agg")
-    import io as bytes_io
-
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_recall) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_recall) = pyplot().subplots(1, 2, figsize=(11, 4))
     steps = np.arange(1, len(step_loss) + 1)
     ax_loss.plot(steps, step_loss, alpha=0.3, label="train (per step)")
     if len(step_loss) >= 2:
@@ -404,10 +399,7 @@ def plot_loss_curve(step_loss: list[float], epochs: list[dict], steps_per_epoch:
     if ep:
         ax_recall.legend()
     fig.tight_layout()
-    buf = bytes_io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 # ---- the training run ----------------------------------------------------------------------
