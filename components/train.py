@@ -4,6 +4,7 @@ from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components.images import TRAINER_IMAGE
+from components.resources import set_resources
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -56,9 +57,4 @@ def apply_train_resources(task: dsl.PipelineTask, accelerator: str = "NVIDIA_L4"
                           memory: str = "32G", retries: int = 2) -> dsl.PipelineTask:
     """Vertex AI machine for the training task: `count` GPUs of `accelerator` ("" for none),
     CPU/memory limits, and retries with backoff so a preempted (spot) run resumes."""
-    task.set_cpu_limit(cpu).set_memory_limit(memory)
-    if accelerator:
-        task.set_accelerator_type(accelerator).set_accelerator_limit(count)
-    if retries:
-        task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)
-    return task
+    return set_resources(task, cpu, memory, accelerator, count, retries)

@@ -19,6 +19,7 @@ from components.evaluate import evaluate
 from components.images import SERVING_IMAGE
 from components.gate import gate_decision, record_rejection, resolve_champion
 from components.prepare_dataset import prepare_dataset
+from components.resources import set_resources
 from components.train import apply_train_resources, train
 
 PIPELINE_NAME = "visual-recommender"
@@ -26,13 +27,6 @@ PIPELINE_NAME = "visual-recommender"
 # Retries for the long, preemptible tasks (GPU training on spot capacity, Dataflow launches).
 TRAIN_RETRIES = 2
 BEAM_RETRIES = 2
-
-
-def _cpu_task(task: dsl.PipelineTask, cpu: str, memory: str, retries: int = 0) -> dsl.PipelineTask:
-    task.set_cpu_limit(cpu).set_memory_limit(memory)
-    if retries:
-        task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)
-    return task
 
 
 @dsl.pipeline(name=PIPELINE_NAME,
@@ -83,7 +77,7 @@ def visual_recommender(
     prep = prepare_dataset(listings_uri=listings_uri, data_snapshot=data_snapshot, max_pairs=max_pairs,
                            val_fraction=val_fraction, seed=seed, image_size=image_size, runner=beam_runner,
                            beam_options=beam_options)
-    _cpu_task(prep, "4", "16G", BEAM_RETRIES).set_display_name("prepare dataset")
+    set_resources(prep, "4", "16G", retries=BEAM_RETRIES).set_display_name("prepare dataset")
 
     trained = train(dataset=prep.outputs["dataset"], model_uri=siglip_model, epochs=epochs,
                     batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, max_steps=max_steps,
@@ -94,29 +88,29 @@ def visual_recommender(
     candidate = embed(data=listings.output, data_snapshot=data_snapshot, model=trained.outputs["model"],
                       kind="siglip", pca_dims=pca_dims, batch_size=embed_batch_size, runner=beam_runner,
                       beam_options=embed_beam_options)
-    _cpu_task(candidate, "4", "16G", BEAM_RETRIES).set_display_name("embed candidate (SigLIP + PCA)")
+    set_resources(candidate, "4", "16G", retries=BEAM_RETRIES).set_display_name("embed candidate (SigLIP + PCA)")
 
     # The baseline needs no training: it runs in parallel with the fine-tuning.
     baseline = embed(data=listings.output, data_snapshot=data_snapshot, model_uri=baseline_model,
                      kind="mobilenet_v2", pca_dims=0, batch_size=embed_batch_size, runner=beam_runner,
                      beam_options=embed_beam_options)
-    _cpu_task(baseline, "4", "16G", BEAM_RETRIES).set_display_name("embed baseline (MobileNetV2)")
+    set_resources(baseline, "4", "16G", retries=BEAM_RETRIES).set_display_name("embed baseline (MobileNetV2)")
 
     index = build_index(embeddings=candidate.outputs["embeddings"], recall_target=recall_target, k=index_k,
                         max_p99_ms=max_p99_ms, seed=seed)
-    _cpu_task(index, "4", "16G").set_display_name("build ScaNN index")
+    set_resources(index, "4", "16G").set_display_name("build ScaNN index")
 
     champion = resolve_champion(registry=registry)
-    _cpu_task(champion, "1", "2G").set_display_name("find champion").set_caching_options(False)
+    set_resources(champion, "1", "2G").set_display_name("find champion").set_caching_options(False)
 
     evaluation = evaluate(interactions_uri=interactions_uri, candidate=candidate.outputs["embeddings"],
                           baseline=baseline.outputs["embeddings"], champion_uri=champion.output,
                           listings_uri=listings_uri, gate_policy=gate_policy,
                           bootstrap_resamples=bootstrap_resamples)
-    _cpu_task(evaluation, "4", "16G").set_display_name("evaluate + gate").set_caching_options(False)
+    set_resources(evaluation, "4", "16G").set_display_name("evaluate + gate").set_caching_options(False)
 
     decision = gate_decision(evaluation=evaluation.outputs["evaluation"])
-    _cpu_task(decision, "1", "2G").set_display_name("gate decision").set_caching_options(False)
+    set_resources(decision, "1", "2G").set_display_name("gate decision").set_caching_options(False)
 
     with dsl.If(decision.output == "deploy", name="candidate-passed"):
         release = deploy(decision=decision.output, model=trained.outputs["model"],
@@ -126,7 +120,7 @@ def visual_recommender(
                          project=vertex_project, region=vertex_region, endpoint=vertex_endpoint,
                          parent_model=vertex_parent_model, canary_percent=canary_percent,
                          serving_image=SERVING_IMAGE)
-        _cpu_task(release, "2", "8G").set_display_name("deploy release").set_caching_options(False)
+        set_resources(release, "2", "8G").set_display_name("deploy release").set_caching_options(False)
     with dsl.Else(name="candidate-rejected"):
         rejected = record_rejection(evaluation=evaluation.outputs["evaluation"], registry=registry)
-        _cpu_task(rejected, "1", "2G").set_display_name("record rejection").set_caching_options(False)
+        set_resources(rejected, "1", "2G").set_display_name("record rejection").set_caching_options(False)
