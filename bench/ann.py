@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("data: %s, %d queries (%.1fs)", dataset, len(queries), time.perf_counter() - started)
     truth, _ = exact_top_k(data, queries, args.k)
 
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="visrec-ann-", dir=args.workdir) as tmp:
         rows_out = [bench_exact(data, queries, truth, args.k, args)]
         log.info("exact done")
