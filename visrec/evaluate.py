@@ -20,7 +20,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -367,23 +366,17 @@ def top_level_category(category: str | None) -> str | None:
 
 # ---------------------------------------------------------------- report examples
 
-def _image_uri(listings_uri: str, image_uri: str) -> str:
-    """Resolve a listing's image path: absolute and `gs://` as is, relative to the listings file otherwise."""
-    if io.is_gcs(image_uri) or PurePosixPath(image_uri).is_absolute():
-        return image_uri
-    return io.join(io.parent(listings_uri), image_uri)
-
-
-def _thumbnail(uri: str | None, size: int = 112) -> bytes | None:
-    """A small JPEG of the image at `uri`, or None when it cannot be read (the report shows the id)."""
+def _thumbnail(uri: str | None, base_dir: str | None, size: int = 112) -> bytes | None:
+    """A small JPEG of a listing's image (`uri` as in the listings, relative to `base_dir`), or None
+    when it cannot be read (the report shows the id)."""
     if not uri:
         return None
     try:
         from io import BytesIO
 
-        from PIL import Image
+        from visrec.images import decode_image, load_image_bytes
 
-        img = Image.open(BytesIO(io.read_bytes(uri))).convert("RGB")
+        img = decode_image(load_image_bytes(uri, base_dir))
         img.thumbnail((size, size))
         buf = BytesIO()
         img.save(buf, format="JPEG", quality=80)
@@ -407,8 +400,11 @@ def nearest_neighbours(query_ids: list[str], ids: list[str], vectors: np.ndarray
 
 
 def report_examples(lists: ImpressionLists, embeddings: dict[str, tuple[list[str], np.ndarray]],
-                    images: dict[str, str], count: int, seed: int) -> list[dict]:
+                    images: dict[str, str], count: int, seed: int, image_base: str | None = None) -> list[dict]:
     """`count` sampled query items with the candidate's and the baseline's top 5, as thumbnails.
+
+    `images`: item id -> the listing's `image_uri`, relative ones resolved against `image_base`
+    (the listings file's directory).
 
     Items the logs show tapped for that query are flagged, so a reader sees at a
     glance which model surfaces what users actually wanted.
@@ -422,7 +418,7 @@ def report_examples(lists: ImpressionLists, embeddings: dict[str, tuple[list[str
                      lists.vocab.take(pa.array(lists.item_code[tapped_rows])).to_pylist()))
     neighbours = {name: nearest_neighbours(chosen, *embeddings[name], k=5) for name in ("candidate", "baseline")}
     def card(query: str, item: str) -> dict:
-        return {"item_id": item, "image": _thumbnail(images.get(item)), "tapped": (query, item) in tapped}
+        return {"item_id": item, "image": _thumbnail(images.get(item), image_base), "tapped": (query, item) in tapped}
 
     return [{"query": card(q, q), "candidate": [card(q, x) for x in neighbours["candidate"][i]],
              "baseline": [card(q, x) for x in neighbours["baseline"][i]]} for i, q in enumerate(chosen)]
@@ -513,8 +509,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         if bad_listings:
             log.warning("listings: %d rows without item_id/category/image_uri ignored", len(bad_listings))
         category = dict(zip(listings["item_id"].to_pylist(), listings["category"].to_pylist()))
-        images = {i: _image_uri(config.listings_uri, u)
-                  for i, u in zip(listings["item_id"].to_pylist(), listings["image_uri"].to_pylist())}
+        images = dict(zip(listings["item_id"].to_pylist(), listings["image_uri"].to_pylist()))
         slice_of_list = np.array([top_level_category(category.get(q)) or "" for q in used.query_ids()], dtype=object)
         uplift["slices"] = {}
         for r in sections:
@@ -551,7 +546,8 @@ def run_evaluation(config: EvaluateConfig) -> dict:
             io.write_text(str(out / "rejected.jsonl"),
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
         examples = report_examples(used, {m.name: (m.ids, m.vectors) for m in models}, images,
-                                   config.report_examples, config.seed)
+                                   config.report_examples, config.seed,
+                                   image_base=io.parent(config.listings_uri) if config.listings_uri else None)
         html = render_report(result, per_ranking=values, skipped=skipped, examples=examples,
                              inputs={"interactions": config.interactions_uri, "candidate": config.candidate_uri,
                                      "baseline": config.baseline_uri, "champion": config.champion_uri,
