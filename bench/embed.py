@@ -1,19 +1,25 @@
 """Stage-3 benchmark: `visrec embed` (Beam + RunInference) against a bare PyTorch loop, and PCA fit time.
 
 Both sides embed the same prepared Parquet shards (synthetic marketplace photos,
-JPEG) with the same randomly initialised SigLIP image encoder: read -> decode ->
-the encoder's own preprocessing -> forward -> L2-normalise. The bare loop is the
-fastest plain way to do that on one machine (sequential batches, no framework);
-the ratio is the price of Beam's portability (Dataflow, dead letters, sharded
-output). Wall time includes loading the model on both sides; `visrec embed` also
-pays pipeline construction and the shuffle before writing shards.
+JPEG) with the same randomly initialised encoder: read -> decode -> the encoder's
+own preprocessing -> forward -> L2-normalise. The bare loop is the fastest plain
+way to do that on one machine (sequential batches, no framework); the ratio is the
+price of Beam's portability (Dataflow, dead letters, sharded output). Wall time
+includes loading the model on both sides; `visrec embed` also pays pipeline
+construction, the reshuffle that spreads rows over workers and the shuffle before
+writing shards. The two loops alternate `--repeats` times and the ratio is the
+median of the paired runs' ratios: on a shared machine a neighbour's burst hits one
+run, not the median.
 
-Also measured: preprocessing per image vs per batch (the DoFn preprocesses per
-image), Beam's adaptive batching (min batch 1) vs a fixed batch size, and the
-PCA fit on 100k and 1M vectors of 768 dims (the production sample size).
+Encoders: the candidate (SigLIP vision tower) and the baseline (MobileNetV2 with
+depth multiplier 1.4 at 224 px: the production `google/mobilenet_v2_1.4_224`
+architecture), both random. Also measured: preprocessing per image vs per batch
+(the DoFn preprocesses per image), Beam's adaptive batching (min batch 1) vs a
+fixed batch size, PCA inside the pipeline, and the PCA fit on 100k and 1M vectors
+of 768 dims (the production sample size).
 
-    python bench/embed.py                    # ViT-S/16-sized SigLIP at 224 px, 512 images, PCA up to 1M
-    python bench/embed.py --images 200 --pca-sizes 100000   # quick
+    python bench/embed.py                    # ViT-S/16-sized SigLIP at 224 px + MobileNetV2 1.4, 512 images
+    python bench/embed.py --images 200 --repeats 1 --pca-sizes 100000   # quick
     python bench/embed.py --full-size        # SigLIP ViT-B/16 at 256 px (the real architecture): GPU machines
 """
 
@@ -24,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -40,24 +47,27 @@ from visrec.pca import PcaProjection, l2_normalise  # noqa: E402
 
 log = logging.getLogger("bench.embed")
 RESULTS = Path(__file__).resolve().parent / "results"
-# (name, min batch size (None = the batch size), PCA dims) of the `visrec embed` runs.
-RUNS: list[tuple[str, int | None, int]] = [
-    ("beam", None, 0), ("beam_adaptive_batch_min1", 1, 0), ("beam_pca128", None, 128)]
+KINDS = ("siglip", "mobilenet_v2")
+# Extra `visrec embed` runs, once each on the SigLIP: (name, min batch size (None = the batch size), PCA dims).
+VARIANTS: list[tuple[str, int | None, int]] = [("beam_adaptive_batch_min1", 1, 0), ("beam_pca128", None, 128)]
 
 # Vision tower sizes: ViT-S/16 (a CPU-sized stand-in) and SigLIP base patch16-256 (the production model).
 SIZES: dict[str, dict[str, int]] = {
     "small": dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536, image_size=224),
     "full": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, image_size=256),
 }
+# The baseline's production architecture, whatever the SigLIP size.
+MOBILENET = dict(mobilenet_depth_multiplier=1.4, image_size=224)
 
 
-def make_model(out: Path, size: str) -> Path:
-    """A random SigLIP of the given vision size, saved like `visrec init-models` saves its tiny one."""
+def make_models(out: Path, size: str) -> dict[str, Path]:
+    """Random encoders saved like `visrec init-models` saves its tiny ones: a SigLIP of the given vision
+    size and a MobileNetV2 1.4 at 224 px."""
     from visrec.models import TinyModelConfig, init_models
 
-    dims = SIZES[size]
-    paths = init_models(out, config=TinyModelConfig(**dims, patch_size=16, vocab_size=500))
-    return Path(paths["siglip"])
+    siglip = init_models(out / "siglip", config=TinyModelConfig(**SIZES[size], patch_size=16, vocab_size=500))
+    mobilenet = init_models(out / "mobilenet", config=TinyModelConfig(**MOBILENET, vocab_size=500))
+    return {"siglip": Path(siglip["siglip"]), "mobilenet_v2": Path(mobilenet["mobilenet_v2"])}
 
 
 def make_prepared(out: Path, images: int) -> Path:
@@ -82,7 +92,8 @@ def make_prepared(out: Path, images: int) -> Path:
     return data
 
 
-def bare_loop(data: Path, model_dir: Path, batch_size: int) -> tuple[float, float, dict[str, np.ndarray]]:
+def bare_loop(data: Path, model_dir: Path, kind: str,
+              batch_size: int) -> tuple[float, float, dict[str, np.ndarray]]:
     """Wall and CPU seconds for the plain PyTorch loop over the same shards, and its embeddings."""
     import pyarrow.parquet as pq
     import torch
@@ -91,7 +102,7 @@ def bare_loop(data: Path, model_dir: Path, batch_size: int) -> tuple[float, floa
     from visrec.models import load_image_encoder, preprocess_images
 
     start, cpu = time.perf_counter(), time.process_time()
-    encoder = load_image_encoder(str(model_dir), "siglip")
+    encoder = load_image_encoder(str(model_dir), kind)
     out: dict[str, np.ndarray] = {}
     for f in sorted(data.glob("data-*.parquet")):
         table = pq.read_table(f)
@@ -129,15 +140,46 @@ def preprocessing_ms(data: Path, model_dir: Path, batch_size: int) -> dict[str, 
     return {"per_image_ms": 1e3 * per_image / len(images), "batched_ms": 1e3 * batched / len(images)}
 
 
-def beam_run(data: Path, model_dir: Path, out: Path, batch_size: int, min_batch_size: int,
+def beam_run(data: Path, model_dir: Path, kind: str, out: Path, batch_size: int, min_batch_size: int,
              pca_dims: int) -> tuple[float, float, dict[str, Any], dict[str, np.ndarray]]:
     """Wall and CPU seconds of `run_embed` (the DirectRunner runs in this process), stats, embeddings."""
     start, cpu = time.perf_counter(), time.process_time()
-    stats = run_embed(EmbedConfig(data_uri=str(data), model_uri=str(model_dir), out_dir=str(out),
+    stats = run_embed(EmbedConfig(data_uri=str(data), model_uri=str(model_dir), kind=kind, out_dir=str(out),
                                   pca_dims=pca_dims, batch_size=batch_size, min_batch_size=min_batch_size))
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     ids, vectors = read_embeddings(str(out))
     return seconds, cpu_seconds, stats, dict(zip(ids, vectors))
+
+
+def timing(seconds: float, cpu_seconds: float, images: int) -> dict[str, float]:
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "images_per_second": images / seconds,
+            "images_per_cpu_second": images / cpu_seconds}
+
+
+def paired_runs(data: Path, model_dir: Path, kind: str, work: Path, batch_size: int,
+                repeats: int) -> dict[str, Any]:
+    """Bare loop and `visrec embed` (fixed batches, no PCA) alternated `repeats` times after a warm-up."""
+    bare_loop(data, model_dir, kind, batch_size)  # warm-up: file cache, lazy imports, allocator
+    bare_runs, beam_runs = [], []
+    bare: dict[str, np.ndarray] = {}
+    beam: dict[str, np.ndarray] = {}
+    for repeat in range(repeats):
+        seconds, cpu_seconds, bare = bare_loop(data, model_dir, kind, batch_size)
+        bare_runs.append(timing(seconds, cpu_seconds, len(bare)))
+        seconds, cpu_seconds, _, beam = beam_run(data, model_dir, kind, work / f"{kind}-{repeat}", batch_size,
+                                                 batch_size, 0)
+        beam_runs.append(timing(seconds, cpu_seconds, len(beam)))
+        log.info("%s repeat %d: bare %.1f s, visrec embed %.1f s", kind, repeat + 1, bare_runs[-1]["seconds"],
+                 beam_runs[-1]["seconds"])
+    ratios = {measure: statistics.median(o[measure] / b[measure] for o, b in zip(beam_runs, bare_runs))
+              for measure in ("images_per_second", "images_per_cpu_second")}
+    return {"bare_loop": {k: statistics.median(r[k] for r in bare_runs) for k in bare_runs[0]},
+            "visrec_embed": {k: statistics.median(r[k] for r in beam_runs) for k in beam_runs[0]},
+            "runs": {"bare_loop": bare_runs, "visrec_embed": beam_runs},
+            "ratio_images_per_second": ratios["images_per_second"],
+            "ratio_images_per_cpu_second": ratios["images_per_cpu_second"],
+            "max_abs_diff_vs_bare": max(float(np.abs(beam[i] - bare[i]).max()) for i in bare),
+            "items": len(beam)}
 
 
 def pca_fit_seconds(n: int, dims: int = 768, out_dims: int = 128, seed: int = 0) -> dict[str, float]:
@@ -164,6 +206,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512, help="catalog images to embed (default: 512)")
     parser.add_argument("--batch-size", type=int, default=32, help="inference batch size (default: 32)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating runs of each loop per encoder; ratios are medians of pairs (default: 3)")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="encoders to time")
     parser.add_argument("--full-size", action="store_true",
                         help="SigLIP ViT-B/16 at 256 px (the production architecture, random weights)")
     parser.add_argument("--pca-sizes", type=int, nargs="*", default=[100_000, 1_000_000],
@@ -183,63 +228,70 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device,
                     "torch_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
-        "model": {"size": size, **SIZES[size]}, "images": args.images, "batch_size": args.batch_size,
+        "models": {"siglip": {"size": size, **SIZES[size]}, "mobilenet_v2": MOBILENET},
+        "images": args.images, "batch_size": args.batch_size, "repeats": args.repeats, "ratio_goal": 0.8,
     }
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
         tmp_path = Path(tmp)
-        log.info("generating %d photos and a %s SigLIP", args.images, size)
+        log.info("generating %d photos, a %s SigLIP and a MobileNetV2 1.4", args.images, size)
         data = make_prepared(tmp_path, args.images)
-        model_dir = make_model(tmp_path / "models", size)
-        results["preprocessing"] = preprocessing_ms(data, model_dir, args.batch_size)
-
-        bare_loop(data, model_dir, args.batch_size)  # warm-up: file cache, lazy imports, allocator
-        bare_seconds, bare_cpu, bare = bare_loop(data, model_dir, args.batch_size)
-        runs = {}
-        for name, min_batch, pca_dims in RUNS:
-            seconds, cpu_seconds, stats, vectors = beam_run(data, model_dir, tmp_path / name, args.batch_size,
-                                                            min_batch or args.batch_size, pca_dims)
-            runs[name] = {"seconds": seconds, "cpu_seconds": cpu_seconds,
-                          "min_batch_size": min_batch or args.batch_size, "pca_dims": pca_dims,
-                          "images_per_second": len(vectors) / seconds,
-                          "images_per_cpu_second": len(vectors) / cpu_seconds,
-                          "stats_items_per_second": stats["items_per_second"], "dims": stats["dims"]}
-            if pca_dims == 0:
-                diff = max(float(np.abs(vectors[i] - bare[i]).max()) for i in bare)
-                runs[name]["max_abs_diff_vs_bare"] = diff
-            log.info("%s: %.1f s", name, seconds)
-        results["bare_loop"] = {"seconds": bare_seconds, "cpu_seconds": bare_cpu,
-                                "images_per_second": len(bare) / bare_seconds,
-                                "images_per_cpu_second": len(bare) / bare_cpu}
-        results["visrec_embed"] = runs
-        for measure in ("images_per_second", "images_per_cpu_second"):
-            results[f"ratio_{measure}"] = runs["beam"][measure] / results["bare_loop"][measure]
+        models = make_models(tmp_path / "models", size)
+        results["preprocessing"] = {kind: preprocessing_ms(data, models[kind], args.batch_size)
+                                    for kind in args.kinds}
+        results["encoders"] = {kind: paired_runs(data, models[kind], kind, tmp_path, args.batch_size, args.repeats)
+                               for kind in args.kinds}
+        variants = {}
+        if "siglip" in args.kinds:
+            for name, min_batch, pca_dims in VARIANTS:
+                seconds, cpu_seconds, _, vectors = beam_run(data, models["siglip"], "siglip", tmp_path / name,
+                                                            args.batch_size, min_batch or args.batch_size, pca_dims)
+                variants[name] = {**timing(seconds, cpu_seconds, len(vectors)),
+                                  "min_batch_size": min_batch or args.batch_size, "pca_dims": pca_dims}
+                log.info("%s: %.1f s", name, seconds)
+        results["siglip_variants"] = variants
 
     results["pca"] = []
     for n in args.pca_sizes:
         log.info("PCA fit on %d x 768", n)
         results["pca"].append(pca_fit_seconds(n))
 
-    print(f"\nstage 3 on {results['machine']['cpus']} CPUs ({device}), SigLIP {size} "
-          f"({SIZES[size]['hidden_size']}-d, {SIZES[size]['num_layers']} layers, {SIZES[size]['image_size']} px), "
-          f"{args.images} images, batch {args.batch_size}")
-    print(f"{'run':<40}{'wall s':>8}{'images/s':>10}{'vs bare':>9}{'CPU s':>8}{'img/CPU s':>11}{'vs bare':>9}")
-    bare_run = results["bare_loop"]
-    rows = [("bare PyTorch loop", bare_run)] + [(f"visrec embed ({name})", run) for name, run in runs.items()]
-    for name, run in rows:
-        print(f"{name:<40}{run['seconds']:>8.1f}{run['images_per_second']:>10.1f}"
-              f"{run['images_per_second'] / bare_run['images_per_second']:>9.2f}{run['cpu_seconds']:>8.1f}"
-              f"{run['images_per_cpu_second']:>11.2f}"
-              f"{run['images_per_cpu_second'] / bare_run['images_per_cpu_second']:>9.2f}")
-    pre = results["preprocessing"]
-    print(f"preprocessing: {pre['per_image_ms']:.2f} ms/image per image, {pre['batched_ms']:.2f} ms/image batched")
-    print(f"max |beam - bare| = {runs['beam']['max_abs_diff_vs_bare']:.2e}")
+    print_report(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+def print_report(results: dict[str, Any]) -> None:
+    machine, siglip = results["machine"], results["models"]["siglip"]
+    print(f"\nstage 3 on {machine['cpus']} CPUs ({machine['device']}), {results['images']} images, "
+          f"batch {results['batch_size']}, medians of {results['repeats']} paired runs; SigLIP {siglip['size']} "
+          f"({siglip['hidden_size']}-d, {siglip['num_layers']} layers, {siglip['image_size']} px), "
+          f"MobileNetV2 1.4 at 224 px")
+    print(f"{'run':<52}{'wall s':>8}{'images/s':>10}{'vs bare':>9}{'CPU s':>8}{'img/CPU s':>11}{'vs bare':>9}")
+    for kind, runs in results["encoders"].items():
+        bare, ours = runs["bare_loop"], runs["visrec_embed"]
+        for name, run, wall_ratio, cpu_ratio in (
+                (f"{kind}: bare PyTorch loop", bare, 1.0, 1.0),
+                (f"{kind}: visrec embed", ours, runs["ratio_images_per_second"],
+                 runs["ratio_images_per_cpu_second"])):
+            print(f"{name:<52}{run['seconds']:>8.1f}{run['images_per_second']:>10.1f}{wall_ratio:>9.2f}"
+                  f"{run['cpu_seconds']:>8.1f}{run['images_per_cpu_second']:>11.2f}{cpu_ratio:>9.2f}")
+    if "siglip" in results["encoders"]:
+        bare = results["encoders"]["siglip"]["bare_loop"]
+        for name, run in results["siglip_variants"].items():
+            print(f"{'siglip: visrec embed (' + name + ')':<52}{run['seconds']:>8.1f}{run['images_per_second']:>10.1f}"
+                  f"{run['images_per_second'] / bare['images_per_second']:>9.2f}{run['cpu_seconds']:>8.1f}"
+                  f"{run['images_per_cpu_second']:>11.2f}"
+                  f"{run['images_per_cpu_second'] / bare['images_per_cpu_second']:>9.2f}")
+    for kind, pre in results["preprocessing"].items():
+        print(f"{kind} preprocessing: {pre['per_image_ms']:.2f} ms/image per image, "
+              f"{pre['batched_ms']:.2f} ms/image batched")
+    for kind, runs in results["encoders"].items():
+        print(f"{kind}: max |beam - bare| = {runs['max_abs_diff_vs_bare']:.2e}")
     print(f"\n{'PCA 768->128 on':<20}{'fit s':>8}{'transform s':>13}{'explained':>11}")
     for row in results["pca"]:
         print(f"{row['n']:<20}{row['fit_seconds']:>8.1f}{row['transform_seconds']:>13.1f}"
               f"{row['explained_variance']:>11.3f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -63,8 +63,9 @@ class EmbedConfig:
         new listings must be projected with the production PCA.
     pca_sample_size: at most this many vectors for the PCA fit.
     batch_size / min_batch_size / max_batch_size: `BatchElements` bounds for inference; both
-        default to `batch_size`: fixed batches measured ~10% faster than Beam's adaptive sizing
-        from 1 (bench/embed.py). A smaller minimum lets Beam shrink batches (memory, streaming).
+        default to `batch_size`: fixed batches keep memory per forward predictable (a GPU's
+        limit), and on CPU Beam's adaptive sizing from 1 was no faster (bench/embed.py). A
+        smaller minimum lets Beam shrink batches (memory, streaming).
     shards: number of `embeddings-*.parquet` files.
     device: `auto` (GPU when the worker has one), `cpu` or `gpu`.
     share_model: one model copy per machine shared by all its SDK processes
