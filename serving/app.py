@@ -4,10 +4,15 @@
 The release loads in a background thread so the port opens at once and `/healthz`
 answers 503 until it is ready (what Vertex AI and Kubernetes probes expect).
 
-Reads (`similar`, `predict`) run on the event loop: a search is a few milliseconds of
-ScaNN plus vectorised filtering, cheaper than a hop to the thread pool. Writes embed
-an image with torch and reloads read a whole release, so those run in the thread pool.
-Every error reaches the client as `{"error": message}` with no stack trace.
+Reads (`similar`, `predict`) run on the event loop: a search is a fraction of a
+millisecond of ScaNN plus vectorised filtering, cheaper than a hop to the thread pool.
+Writes embed an image with torch and reloads read a whole release, so those run in the
+thread pool. Every error reaches the client as `{"error": message}` with no stack trace.
+
+The hottest route, `GET /v1/items/{item_id}/similar`, is answered by the outermost ASGI
+layer (`ServingLayer`) without FastAPI's routing, request object and response classes:
+measured with bench/serve.py, that framework path cost about as much CPU as the search
+itself. Everything else goes through FastAPI.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Literal
+from typing import Any, Awaitable, Callable, Literal
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +43,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_K = 10
 MAX_INSTANCES = 1000
+SIMILAR_ROUTE = "/v1/items/{item_id}/similar"
+_SIMILAR_PREFIX, _SIMILAR_SUFFIX = SIMILAR_ROUTE.split("{item_id}")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SURVIVOR_BUCKETS = (0, 1, 5, 10, 20, 50, 100, 150, 200, 500, 1000)
 
@@ -90,13 +98,38 @@ class ServingMetrics:
         self.release.labels(version=version).set(1)
 
 
-class MetricsAndLimits:
-    """Pure ASGI middleware: request count and latency per route template, body size limit (413)."""
+def similar_route_item(scope: dict) -> str | None:
+    """The item id of a request to `/v1/items/{item_id}/similar`, else None.
 
-    def __init__(self, app: Any, metrics: ServingMetrics, max_body_bytes: int):
+    Matches what the route template would: one non-empty path segment (the ASGI server
+    has already percent-decoded it).
+    """
+    path = scope["path"]
+    if not (path.startswith(_SIMILAR_PREFIX) and path.endswith(_SIMILAR_SUFFIX)):
+        return None
+    item_id = path[len(_SIMILAR_PREFIX):-len(_SIMILAR_SUFFIX)]
+    return item_id if item_id and "/" not in item_id else None
+
+
+async def send_json(send: Callable[[dict], Awaitable[None]], status: int, payload: dict,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ServingLayer:
+    """Outermost pure-ASGI layer: the similar-items fast path, metrics for every request
+    (count and latency per route template) and the body size limit (413)."""
+
+    def __init__(self, app: Any, metrics: ServingMetrics, max_body_bytes: int,
+                 similar: Callable[[str, str | None], tuple[int, dict]]):
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.similar = similar
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -104,6 +137,7 @@ class MetricsAndLimits:
             return
         started = time.perf_counter()
         status = 500
+        label = "unmatched"
 
         async def send_status(message: dict) -> None:
             nonlocal status
@@ -112,15 +146,30 @@ class MetricsAndLimits:
             await send(message)
 
         try:
+            item_id = similar_route_item(scope)
+            if item_id is not None:
+                label = SIMILAR_ROUTE
+                if scope["method"] != "GET":
+                    await send_json(send_status, 405, {"error": "Method Not Allowed"}, [(b"allow", b"GET")])
+                    return
+                k = next((v for name, v in parse_qsl(scope["query_string"].decode("latin-1")) if name == "k"),
+                         None)
+                await send_json(send_status, *self.similar(item_id, k))
+                return
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                response = JSONResponse({"error": f"payload over {self.max_body_bytes} bytes"}, status_code=413)
-                await response(scope, receive, send_status)
+                await send_json(send_status, 413, {"error": f"payload over {self.max_body_bytes} bytes"})
             else:
                 await self.app(scope, receive, send_status)
+        except Exception as exc:  # noqa: BLE001 - the fast path has no framework to catch for it
+            if label != SIMILAR_ROUTE:
+                raise
+            log.error("unhandled error on GET %s", scope["path"], exc_info=exc)
+            await send_json(send_status, 500, {"error": "internal error"})
         finally:
-            route = scope.get("route")
-            label = route.path if route is not None else "unmatched"
+            if label != SIMILAR_ROUTE:
+                route = scope.get("route")  # set by FastAPI's router when a route matched
+                label = route.path if route is not None else label
             self.metrics.requests.labels(scope["method"], label, str(status)).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - started)
 
@@ -129,15 +178,16 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _parse_k(raw: str | None, max_k: int) -> int:
+def parse_k(raw: str | None, max_k: int) -> int:
+    """The `k` query parameter; `ValueError` with a client-facing message if it is not 1..max_k."""
     if raw is None:
         return DEFAULT_K
     try:
         k = int(raw)
     except ValueError:
-        raise HTTPException(400, f"k must be an integer in 1..{max_k}, got {raw!r}") from None
+        raise ValueError(f"k must be an integer in 1..{max_k}, got {raw!r}") from None
     if not 1 <= k <= max_k:
-        raise HTTPException(400, f"k must be in 1..{max_k}, got {k}")
+        raise ValueError(f"k must be in 1..{max_k}, got {k}")
     return k
 
 
@@ -172,7 +222,8 @@ def _stop_process() -> None:
 
 def _start_background(service: RecommenderService, metrics: ServingMetrics, app: FastAPI,
                       stop: threading.Event, on_load_error: Callable[[], None]) -> None:
-    """Load the release, then tail the journal until `stop` (writes from other workers)."""
+    """Load the release, then tail the journal and the reload signal until `stop` (writes and
+    reloads made through other workers)."""
 
     def run() -> None:
         try:
@@ -187,6 +238,9 @@ def _start_background(service: RecommenderService, metrics: ServingMetrics, app:
         while not stop.wait(service.config.journal_poll_seconds):
             try:
                 service.sync_journal()
+                version = service.follow_reloads()
+                if version is not None:
+                    metrics.serving(version)
             except Exception:  # noqa: BLE001 - keep tailing; the error is logged
                 log.exception("journal sync failed")
 
@@ -222,7 +276,6 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
     app = FastAPI(title="visrec similar items", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.load_error = None
-    app.add_middleware(MetricsAndLimits, metrics=metrics, max_body_bytes=config.max_body_bytes)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -266,14 +319,18 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
     for path in dict.fromkeys(["/healthz", "/readyz", health_route or "/healthz"]):
         app.add_api_route(path, health, methods=["GET"], include_in_schema=False)
 
-    @app.get("/v1/items/{item_id}/similar")
-    async def similar(item_id: str, request: Request) -> JSONResponse:
-        require_ready()
-        k = _parse_k(request.query_params.get("k"), max_k)
+    def similar(item_id: str, raw_k: str | None) -> tuple[int, dict]:
+        """(status, body) of `GET /v1/items/{item_id}/similar` (served by `ServingLayer`)."""
+        if not service.ready:
+            return 503, {"error": "release is still loading"}
         try:
-            return JSONResponse(similar_payload(item_id, k))
+            k = parse_k(raw_k, max_k)
+        except ValueError as exc:
+            return 400, {"error": str(exc)}
+        try:
+            return 200, similar_payload(item_id, k)
         except UnknownItem:
-            raise HTTPException(404, f"unknown item {item_id!r}") from None
+            return 404, {"error": f"unknown item {item_id!r}"}
 
     async def predict(request: Request) -> JSONResponse:
         require_ready()
@@ -334,6 +391,8 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # The last middleware added runs first: ahead of FastAPI's routing and exception handling.
+    app.add_middleware(ServingLayer, metrics=metrics, max_body_bytes=config.max_body_bytes, similar=similar)
     return app
 
 

@@ -155,6 +155,31 @@ def test_upsert_and_delete_survive_save_and_load(tmp_path):
         loaded.delete(["item-0"])
 
 
+def test_labels_follow_their_items_through_upserts_and_deletes():
+    vectors = clustered(3000, seed=5)
+    ids = item_ids(3000)
+    index = SimilarityIndex.build(ids, vectors, IndexConfig())
+    label = {item_id: 10_000 + n for n, item_id in enumerate(ids)}  # e.g. a metadata table's rows
+    index.set_labels(ids, [label[i] for i in ids])
+    new = clustered(3, seed=6)
+    index.upsert(item_ids(3, "new"), new)
+    index.set_labels(["new-0", "new-1"], [1, 2])  # new-2 stays unlabelled
+    index.upsert(["item-5"], -vectors[5][None, :])  # a replaced vector keeps its label
+    index.delete(["item-0", "item-100", "new-1"])  # holes filled by the last items
+    label.update({"new-0": 1, "new-2": -1})
+    full = SearchParams(int(index.params["num_leaves"]), 500)
+    for query in (vectors[3], vectors[2999], new[0], new[2], -vectors[5]):
+        ids_found, scores = index.search(query, 100, full)
+        index.set_search_params(full)
+        labels, label_scores = index.search_labels(query, 100)
+        assert labels.tolist() == [label[i] for i in ids_found[0]]
+        np.testing.assert_array_equal(label_scores, scores[0])
+    with pytest.raises(KeyError):
+        index.set_labels(["item-0"], [7])
+    with pytest.raises(ValueError):
+        index.search_labels(vectors[:2], 5)
+
+
 def test_corrupt_partial_or_missing_files_are_refused(tuned, tmp_path):
     index, _, _ = tuned
     target = tmp_path / "index"

@@ -5,29 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from visrec.index import SimilarityIndex
 from visrec.ranking import (ItemCatalog, RankingConfig, category_path, category_similarity,
-                            price_band_filter, recommend, rerank)
+                            label_index_with_catalog, price_band_filter, recommend, rerank)
 
 
-class BruteForceIndex:
-    """Exact inner-product search over a dict, standing in for `SimilarityIndex`; counts fetches."""
+class CountingIndex(SimilarityIndex):
+    """The real index (exact search at this size), recording the fetch size of each search."""
 
-    def __init__(self, ids, vectors):
-        self.ids = list(ids)
-        self.vectors = np.asarray(vectors, dtype=np.float32)
-        self.fetches: list[int] = []
+    fetches: list[int]
 
-    def search(self, queries, k):
-        self.fetches.append(k)
-        scores = queries @ self.vectors.T
-        order = np.argsort(-scores, axis=1)[:, :k]
-        return [[self.ids[j] for j in row] for row in order], np.take_along_axis(scores, order, axis=1)
-
-    def vector(self, item_id):
-        return self.vectors[self.ids.index(item_id)] if item_id in self.ids else None
-
-    def __len__(self):
-        return len(self.ids)
+    def search_labels(self, query, k):
+        self.__dict__.setdefault("fetches", []).append(k)
+        return super().search_labels(query, k)
 
 
 def test_category_path_and_similarity():
@@ -76,7 +66,9 @@ def _catalog_and_index():
         categories=["f/w/bags", "home/kitchen", "f/w/bags", "f/w/bags", "f/w/shoes", "f/w/bags"],
         statuses=["on_sale", "sold", "on_sale", "on_sale", "on_sale", "on_sale"],
     )
-    return catalog, BruteForceIndex(ids, vectors)
+    index = CountingIndex.build(ids, vectors)
+    label_index_with_catalog(index, catalog, ids)
+    return catalog, index
 
 
 def test_recommend_filters_and_reranks():
@@ -89,6 +81,23 @@ def test_recommend_filters_and_reranks():
     assert set(got) == {"c", "d", "e"}
     assert ranked.items[0].category == "f/w/bags" and ranked.items[0].price == 120
     assert ranked.survivors == 3 and not ranked.widened
+
+
+def test_recommend_follows_catalog_rows_not_index_positions():
+    # The catalog lists items in another order than the index, and the index moves items
+    # around on delete (ScaNN fills the hole with its last item): answers must still carry
+    # each candidate's own price and category.
+    catalog, index = _catalog_and_index()
+    shuffled = ItemCatalog.from_columns(
+        ["e", "d", "c", "b", "a", "q", "x"], prices=[100, 90, 120, 500, 100, 100, 100],
+        categories=["f/w/bags", "f/w/shoes", "f/w/bags", "f/w/bags", "home/kitchen", "f/w/bags", "f/w/bags"],
+        statuses=["on_sale", "on_sale", "on_sale", "on_sale", "sold", "on_sale", "on_sale"])
+    index.upsert(["x"], np.array([[0.97, 0.2]]))
+    index.delete(["c"])  # "x", last in the index, moves into c's place
+    label_index_with_catalog(index, shuffled, ["q", "a", "b", "d", "e", "x"])
+    ranked = recommend("q", 3, index, shuffled, RankingConfig(fetch=10))
+    by_id = {r.item_id: (r.price, r.category) for r in ranked.items}
+    assert by_id == {"x": (100, "f/w/bags"), "d": (90, "f/w/shoes"), "e": (100, "f/w/bags")}
 
 
 def test_recommend_widens_once_when_too_few_survive():
@@ -121,5 +130,9 @@ def test_catalog_upsert_delete_and_growth():
     assert catalog.get("x") == {"price": 12.0, "category": "a/b", "status": "reserved"}
     assert catalog.delete("n3") and "n3" not in catalog and not catalog.delete("n3")
     assert catalog.rows(["x", "zzz"]).tolist() == [0, -1]
+    sims = catalog.category_similarities(catalog.category_codes[0])  # "a/b" against every category
+    assert sims.tolist() == [1.0, 0.5]
+    catalog.upsert("y", 5, "a/b/c", "on_sale")  # a new category extends the cached row
+    assert catalog.category_similarities(catalog.category_codes[0]).tolist() == [1.0, 0.5, pytest.approx(2 / 3)]
     with pytest.raises(ValueError):
         ItemCatalog.from_columns(["x", "x"], [1, 1], ["a", "a"], ["on_sale", "on_sale"])

@@ -189,6 +189,31 @@ def test_read_errors(server):
     assert r.json()["predictions"][0]["error"].startswith("k must")
     r = httpx.get(server.url + "/nothing-here")
     assert r.status_code == 404 and "error" in r.json()
+    # The similar-items fast path matches exactly what its route template would.
+    r = similar(server, "no such ünïcode")  # percent-encoded on the wire, decoded by the server
+    assert r.status_code == 404 and "no such ünïcode" in r.json()["error"]
+    for path in ("/v1/items//similar", "/v1/items/a/b/similar", "/v1/items/item-0000/similar/x"):
+        r = httpx.get(server.url + path)
+        assert r.status_code == 404 and r.json()["error"] == "Not Found"
+    assert httpx.post(server.url + "/v1/items/item-0000/similar").status_code == 405
+
+
+def test_similar_before_the_release_is_loaded_is_503():
+    from serving.app import create_app
+
+    # No lifespan here: the release never starts loading.
+    app = create_app("/nonexistent-release")
+    transport = httpx.ASGITransport(app=app)
+
+    async def get(path: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get(path)
+
+    import asyncio
+
+    for path in ("/v1/items/item-0000/similar", "/healthz"):
+        r = asyncio.run(get(path))
+        assert r.status_code == 503 and "loading" in r.json()["error"]
 
 
 def test_write_auth(server):
@@ -375,12 +400,16 @@ def test_vertex_environment_with_a_gcs_release(registry, gcs_emulator):
         srv.stop()
 
 
-def test_two_workers_see_each_others_writes_within_a_second(registry):
+def test_two_workers_see_each_others_writes_and_reloads(registry):
+    (registry / "CURRENT").write_text("v1\n")
     srv = Server(registry, free_port(), registry.parent / "images", TOKEN, args=("--workers", "2")).start()
 
-    def fresh_get(path: str) -> int:  # a new connection each time, so both workers answer
+    def fresh(path: str) -> httpx.Response:  # a new connection each time, so both workers answer
         with httpx.Client(base_url=srv.url) as c:
-            return c.get(path).status_code
+            return c.get(path)
+
+    def fresh_get(path: str) -> int:
+        return fresh(path).status_code
 
     try:
         deadline = time.monotonic() + 60
@@ -391,5 +420,13 @@ def test_two_workers_see_each_others_writes_within_a_second(registry):
         assert httpx.delete(srv.url + "/v1/items/item-0012", headers=AUTH).status_code == 200
         time.sleep(1.0)
         assert {fresh_get("/v1/items/item-0012/similar") for _ in range(10)} == {404}
+        # One reload request, taken by one worker, moves every worker to the new release.
+        (registry / "CURRENT").write_text("v2\n")
+        r = httpx.post(srv.url + "/admin/reload", headers=AUTH, timeout=60)
+        assert r.status_code == 200 and r.json()["release"] == "v2"
+        deadline = time.monotonic() + 30
+        while {fresh("/healthz").json()["release"] for _ in range(10)} != {"v2"}:
+            assert time.monotonic() < deadline, "a worker is still serving v1"
+            time.sleep(0.2)
     finally:
         srv.stop()

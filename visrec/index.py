@@ -225,6 +225,8 @@ class SimilarityIndex:
         self._searcher = searcher
         self._vectors = vectors
         self._size = len(searcher.docids)
+        # The owner's integer label per item (`set_labels`), aligned with `_vectors`; -1 = none.
+        self._labels = np.full(len(vectors), -1, dtype=np.int64)
         self.params = dict(params)
         self.info = dict(info or {})
         self._lock = _ReadWriteLock()
@@ -303,38 +305,75 @@ class SimilarityIndex:
 
         Scores are cosine similarities, best first. When fewer than k items can be
         returned (a tiny index), a row's id list is shorter and its scores are padded
-        with NaN. The tuned re-order depth was chosen for `params["k"] + 1` results; a
-        larger k scales it proportionally so deeper lists keep about the same recall.
+        with NaN.
         """
-        queries = np.asarray(queries, dtype=np.float32)
-        queries = queries[None, :] if queries.ndim == 1 else queries
-        if queries.ndim != 2 or queries.shape[1] != self.dims:
-            raise ValueError(f"queries of shape {queries.shape}, the index has {self.dims} dims")
-        queries = normalize(queries)
+        queries = self._check_queries(queries)
         if k < 1:
             raise ValueError("k must be >= 1")
-        params = params or self.search_params
-        reorder = params.pre_reorder_num_neighbors
-        tuned_for = int(self.params["k"]) + 1  # tuning searches k neighbours plus the query item itself
-        if reorder is not None:
-            reorder = max(reorder if k <= tuned_for else math.ceil(reorder * k / tuned_for), k)
         if not len(queries):
             return [], np.zeros((0, k), dtype=np.float32)
         with _Reading(self._lock):
             if self._size == 0:
                 return [[] for _ in queries], np.full((len(queries), k), np.nan, dtype=np.float32)
-            search = (self._searcher.search_batched_parallel if len(queries) >= _PARALLEL_BATCH
-                      else self._searcher.search_batched)
-            found, scores = search(queries, final_num_neighbors=k, leaves_to_search=params.leaves_to_search,
-                                   pre_reorder_num_neighbors=reorder)
-        scores = np.asarray(scores, dtype=np.float32).reshape(len(queries), -1)
+            positions, scores = self._search_positions(queries, k, params or self.search_params)
+            docids = self._searcher.docids
+            # ScaNN pads missing results (a tiny index) with position 0 and a NaN score.
+            valid = ~np.isnan(scores)
+            if valid.all():
+                ids = [[docids[p] for p in row] for row in positions.tolist()]
+            else:
+                ids = [[docids[p] for p in row[ok].tolist()] for row, ok in zip(positions, valid)]
         if scores.shape[1] < k:
             scores = np.pad(scores, ((0, 0), (0, k - scores.shape[1])), constant_values=np.nan)
-        scores = scores[:, :k]
-        # ScaNN pads missing results with docid 0 and a NaN score.
-        valid = ~np.isnan(scores)
-        ids = [[found[q][j] for j in range(k) if valid[q, j]] for q in range(len(queries))]
         return ids, scores
+
+    def search_labels(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`search` for one query, answering with the owner's labels (`set_labels`) instead of ids.
+
+        Returns (labels int64, scores float32), best first, at most k of each (fewer on a
+        tiny index). The serving hot path uses it: a label is a row number in the caller's
+        metadata arrays, so no id string is created or looked up per candidate.
+        """
+        queries = self._check_queries(query)
+        if len(queries) != 1 or k < 1:
+            raise ValueError("search_labels takes one query and k >= 1")
+        with _Reading(self._lock):
+            if self._size == 0:
+                return np.zeros(0, np.int64), np.zeros(0, np.float32)
+            positions, scores = self._search_positions(queries, k, self.search_params)
+            positions, scores = positions[0], scores[0]
+            valid = ~np.isnan(scores)
+            if not valid.all():
+                positions, scores = positions[valid], scores[valid]
+            return self._labels[positions], scores
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        """Queries as normalised float32 rows of the index's width."""
+        queries = np.asarray(queries, dtype=np.float32)
+        queries = queries[None, :] if queries.ndim == 1 else queries
+        if queries.ndim != 2 or queries.shape[1] != self.dims:
+            raise ValueError(f"queries of shape {queries.shape}, the index has {self.dims} dims")
+        return normalize(queries)
+
+    def _search_positions(self, queries: np.ndarray, k: int,
+                          params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+        """ScaNN positions and scores, (n, <= k) each; the caller holds the read lock.
+
+        Calls the pybind searcher directly: ScaNN's Python wrapper maps every position to
+        its docid in a nested list comprehension, which costs more than the search itself.
+        The tuned re-order depth was chosen for `params["k"] + 1` results; a larger k scales
+        it proportionally so deeper lists keep about the same recall.
+        """
+        reorder = params.pre_reorder_num_neighbors
+        tuned_for = int(self.params["k"]) + 1  # tuning searches k neighbours plus the query item itself
+        if reorder is not None:
+            reorder = max(reorder if k <= tuned_for else math.ceil(reorder * k / tuned_for), k)
+        leaves = params.leaves_to_search
+        positions, scores = self._searcher.searcher.search_batched(
+            queries, k, -1 if reorder is None else reorder, -1 if leaves is None else leaves,
+            len(queries) >= _PARALLEL_BATCH, 256)
+        scores = np.asarray(scores, dtype=np.float32).reshape(len(queries), -1)[:, :k]
+        return np.asarray(positions, dtype=np.int64).reshape(len(queries), -1)[:, :k], scores
 
     def vector(self, item_id: str) -> np.ndarray | None:
         """The stored (normalised) vector of `item_id`, or None if it is not indexed."""
@@ -359,6 +398,23 @@ class SimilarityIndex:
         with _Reading(self._lock):
             return self._vectors[: self._size]
 
+    def set_labels(self, ids: Sequence[str], labels: Sequence[int] | np.ndarray) -> None:
+        """Attach the owner's integer label to each indexed id (for `search_labels`).
+
+        Labels follow their items through upserts and deletes; a new item starts at -1.
+        `KeyError` if an id is not indexed.
+        """
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(labels) != len(ids):
+            raise ValueError(f"{len(ids)} ids for {len(labels)} labels")
+        with _Writing(self._lock):
+            to_position = self._searcher.docid_to_id
+            try:
+                positions = np.fromiter((to_position[str(i)] for i in ids), dtype=np.int64, count=len(ids))
+            except KeyError as exc:
+                raise KeyError(f"not in the index: {exc.args[0]}") from None
+            self._labels[positions] = labels
+
     # ---- mutations ----------------------------------------------------------------------
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
@@ -377,8 +433,11 @@ class SimilarityIndex:
             new = sum(r is None for r in rows)
             self._reserve(self._size + new)
             self._searcher.upsert(ids, data, batch_size=max(1, min(len(ids), 256)))
-            for item_id, vec in zip(ids, data):
-                self._vectors[self._searcher.docid_to_id[item_id]] = vec
+            for item_id, vec, row in zip(ids, data, rows):
+                position = self._searcher.docid_to_id[item_id]
+                self._vectors[position] = vec
+                if row is None:
+                    self._labels[position] = -1
             self._size = len(self._searcher.docids)
 
     def delete(self, ids: Sequence[str]) -> None:
@@ -391,21 +450,25 @@ class SimilarityIndex:
             if missing:
                 raise KeyError(f"not in the index: {missing[:5]}")
             # ScaNN fills each hole with the current last item, so only the last len(ids)
-            # rows can move; remember them and copy each to wherever it ends up.
+            # rows can move; remember them (vector and label) and copy each to wherever it ends up.
             tail_start = self._size - len(ids)
-            tail = {self._searcher.docids[r]: self._vectors[r].copy() for r in range(tail_start, self._size)}
+            tail = {self._searcher.docids[r]: (self._vectors[r].copy(), self._labels[r])
+                    for r in range(tail_start, self._size)}
             self._searcher.delete(ids)
-            for item_id, vec in tail.items():
+            for item_id, (vec, label) in tail.items():
                 row = self._searcher.docid_to_id.get(item_id)
                 if row is not None:
                     self._vectors[row] = vec
+                    self._labels[row] = label
             self._size = len(self._searcher.docids)
 
     def _reserve(self, size: int) -> None:
         if size > len(self._vectors):
             grown = np.empty((max(size, int(len(self._vectors) * 1.5) + 16), self.dims), dtype=np.float32)
             grown[: self._size] = self._vectors[: self._size]
-            self._vectors = grown
+            labels = np.full(len(grown), -1, dtype=np.int64)
+            labels[: self._size] = self._labels[: self._size]
+            self._vectors, self._labels = grown, labels
 
     # ---- persistence --------------------------------------------------------------------
 

@@ -65,9 +65,12 @@ class RankingConfig:
 
 
 class VectorIndex(Protocol):
-    """What ranking needs from `visrec.index.SimilarityIndex`."""
+    """What ranking needs from `visrec.index.SimilarityIndex`: its labels are catalog rows
+    (`label_index_with_catalog`)."""
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]: ...
+    def search_labels(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def set_labels(self, ids: Sequence[str], labels: np.ndarray) -> None: ...
 
     def vector(self, item_id: str) -> np.ndarray | None: ...
 
@@ -103,6 +106,7 @@ class ItemCatalog:
     statuses: list[str] = field(default_factory=list)
     _category_code: dict[str, int] = field(default_factory=dict)
     _status_code: dict[str, int] = field(default_factory=dict)
+    _similarity_rows: dict[int, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def from_columns(cls, item_ids: Sequence[str], prices: Sequence[float],
@@ -181,6 +185,20 @@ class ItemCatalog:
                    grown(self.category_codes), grown(self.status_codes))
         self.prices, self.on_sale, self.present, self.category_codes, self.status_codes = columns
 
+    def category_similarities(self, code: int) -> np.ndarray:
+        """`category_similarity` of category `code` to every category code, as one array.
+
+        Cached per code: a catalog has few distinct categories, so re-ranking a candidate
+        list is one gather instead of a call per candidate. A new category (upsert) makes
+        the cached arrays too short, which rebuilds them.
+        """
+        sims = self._similarity_rows.get(code)
+        if sims is None or len(sims) != len(self.categories):
+            query = self.categories[code]
+            sims = np.array([category_similarity(query, other) for other in self.categories], dtype=np.float64)
+            self._similarity_rows[code] = sims
+        return sims
+
     def rows(self, item_ids: Sequence[str]) -> np.ndarray:
         """Row numbers of `item_ids`; -1 for ids the catalog does not know."""
         return np.fromiter(map(self.row_of.get, item_ids, itertools.repeat(-1)), dtype=np.int64,
@@ -254,24 +272,36 @@ def rerank(ann_scores: np.ndarray, category_similarities: np.ndarray,
     return order, blended
 
 
-def _rank_candidates(query_row: int, ids: list[str], scores: np.ndarray,
-                     catalog: ItemCatalog, config: RankingConfig) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Filter one fetched candidate list; returns (ids, rows, scores) of the survivors."""
-    rows = catalog.rows(ids)
-    known = rows >= 0
-    safe_rows = np.where(known, rows, 0)
-    keep = known & (rows != query_row) & catalog.on_sale[safe_rows] & catalog.present[safe_rows]
+def label_index_with_catalog(index: VectorIndex, catalog: ItemCatalog, item_ids: Sequence[str]) -> None:
+    """Label the index's `item_ids` with their catalog rows (-1: not in the catalog).
+
+    `recommend` reads candidates' prices, statuses and categories by these rows. Call it
+    for every indexed item once after loading and again for items whose catalog entry is
+    new (a catalog row never changes once given: the catalog is append-only).
+    """
+    ids = list(item_ids)
+    if ids:
+        index.set_labels(ids, catalog.rows(ids))
+
+
+def _filter_candidates(query_row: int, rows: np.ndarray, scores: np.ndarray, catalog: ItemCatalog,
+                       config: RankingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, scores) of the candidates that are on sale, not the query, within the price band."""
+    safe_rows = np.where(rows >= 0, rows, 0)
+    # `on_sale` is False for deleted items too, so it also covers `present`.
+    keep = (rows >= 0) & (rows != query_row) & catalog.on_sale[safe_rows]
     keep &= price_band_filter(catalog.prices[query_row], catalog.prices[safe_rows],
                               config.price_low, config.price_high)
     idx = np.flatnonzero(keep)
-    return [ids[i] for i in idx], rows[idx], np.asarray(scores, dtype=np.float64)[idx]
+    return rows[idx], np.asarray(scores, dtype=np.float64)[idx]
 
 
 def recommend(item_id: str, k: int, index: VectorIndex, catalog: ItemCatalog,
               config: RankingConfig = RankingConfig()) -> RankedList:
     """The k most similar on-sale items to `item_id` (see the module docstring for the steps).
 
-    Raises `KeyError` when the item is unknown to the catalog or has no stored embedding.
+    The index's labels must be catalog rows (`label_index_with_catalog`). Raises
+    `KeyError` when the item is unknown to the catalog or has no stored embedding.
     """
     query_row = catalog.row_of.get(item_id, -1)
     if query_row < 0 or not catalog.present[query_row]:
@@ -281,25 +311,19 @@ def recommend(item_id: str, k: int, index: VectorIndex, catalog: ItemCatalog,
         raise KeyError(item_id)
     if not 1 <= k <= config.max_k:
         raise ValueError(f"k must be in 1..{config.max_k}, got {k}")
-    queries = np.asarray(query, dtype=np.float32).reshape(1, -1)
     size = len(index)
     fetch = min(max(config.fetch, k + 1), size)
     widened = False
     while True:
-        ids, scores = index.search(queries, fetch)
-        ids, rows, ann = _rank_candidates(query_row, ids[0], scores[0], catalog, config)
-        if len(ids) >= k or widened or fetch >= size:
+        rows, ann = _filter_candidates(query_row, *index.search_labels(query, fetch), catalog, config)
+        if len(rows) >= k or widened or fetch >= size:
             break
         fetch = min(fetch * config.widen_factor, size)
         widened = True
-    query_category = catalog.categories[catalog.category_codes[query_row]]
     codes = catalog.category_codes[rows]
-    # One similarity per distinct candidate category (few), broadcast back by code.
-    unique_codes, inverse = np.unique(codes, return_inverse=True)
-    sims = np.array([category_similarity(query_category, catalog.categories[c]) for c in unique_codes],
-                    dtype=np.float64)[inverse] if len(codes) else np.zeros(0)
+    sims = catalog.category_similarities(int(catalog.category_codes[query_row]))[codes]
     order, blended = rerank(ann, sims, config.category_weight)
-    items = [Recommendation(item_id=ids[i], score=float(blended[i]), price=int(catalog.prices[rows[i]]),
-                            category=catalog.categories[codes[i]])
-             for i in order[:k]]
-    return RankedList(items=items, fetched=fetch, survivors=len(ids), widened=widened)
+    items = [Recommendation(item_id=catalog.item_ids[rows[i]], score=float(blended[i]),
+                            price=int(catalog.prices[rows[i]]), category=catalog.categories[codes[i]])
+             for i in order[:k].tolist()]
+    return RankedList(items=items, fetched=fetch, survivors=len(rows), widened=widened)

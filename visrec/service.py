@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ import numpy as np
 
 from visrec import io
 from visrec.errors import UserError
-from visrec.ranking import ON_SALE, ItemCatalog, RankedList, RankingConfig, recommend
+from visrec.ranking import ON_SALE, ItemCatalog, RankedList, RankingConfig, label_index_with_catalog, recommend
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,10 @@ class ServingConfig:
     image_root: local directory that `image_uri` values may point into; `gs://` URIs
         are always allowed, local paths only under this root (None: local paths refused).
     cache_dir: where a `gs://` release is downloaded (None: a temporary directory).
+    reload_signal: a local file through which several worker processes follow each other's
+        reloads (`visrec serve --workers N` sets it): the worker that took
+        `POST /admin/reload` writes a new generation into it, the others see it while
+        tailing the journal and reload too. None: a single process.
     """
 
     ranking: RankingConfig = field(default_factory=RankingConfig)
@@ -73,6 +78,7 @@ class ServingConfig:
     journal_poll_seconds: float = 0.5
     image_root: str | None = None
     cache_dir: str | None = None
+    reload_signal: str | None = None
 
 
 @dataclass
@@ -125,6 +131,7 @@ def load_state(release_uri: str, config: ServingConfig) -> ServingState:
     release = load_release(release_uri, config.cache_dir)
     index = SimilarityIndex.load(str(release.index_dir))
     catalog = read_catalog(str(release.items_path))
+    label_index_with_catalog(index, catalog, index.ids())
     encoder_future: Future = Future()
     if release.model_dir.is_dir():
         kind = release.manifest.get("encoder_kind", "siglip")
@@ -178,6 +185,7 @@ def sync_journal(state: ServingState) -> int:
         return 0
     upserts: dict[str, np.ndarray] = {}
     deletes: set[str] = set()
+    catalog_upserts: set[str] = set()
     applied = 0
     with state.lock:
         for line in data[:end].splitlines():
@@ -192,6 +200,7 @@ def sync_journal(state: ServingState) -> int:
                     deletes.add(item_id)
                 else:
                     state.catalog.upsert(item_id, float(entry["price"]), entry["category"], entry["status"])
+                    catalog_upserts.add(item_id)
                     if entry.get("vector") is not None:
                         upserts[item_id] = np.asarray(entry["vector"], dtype=np.float32)
                         deletes.discard(item_id)
@@ -204,6 +213,10 @@ def sync_journal(state: ServingState) -> int:
             state.index.delete(gone)
         if upserts:
             state.index.upsert(list(upserts), np.stack(list(upserts.values())))
+        # New index entries start unlabelled, and a new catalog entry may belong to an
+        # already indexed item: both need their catalog row as label.
+        label_index_with_catalog(state.index, state.catalog,
+                                 [i for i in catalog_upserts | set(upserts) if i in state.index])
         state.journal_offset += end
     return applied
 
@@ -245,6 +258,8 @@ class RecommenderService:
         self._state: ServingState | None = None
         # Serialises writers and reloads: a write never lands in a state being replaced.
         self._write_lock = threading.Lock()
+        # The reload generation (see `ServingConfig.reload_signal`) this process has acted on.
+        self._reload_generation = self._announced_reload()[0]
 
     @property
     def ready(self) -> bool:
@@ -262,10 +277,11 @@ class RecommenderService:
         with self._write_lock:
             self._state = state
 
-    def reload(self) -> str:
+    def reload(self, announce: bool = True) -> str:
         """Load the release the URI names now (a registry's CURRENT), then swap; returns its version.
 
-        Any error leaves the old state serving and propagates to the caller.
+        Any error leaves the old state serving and propagates to the caller. With
+        `announce`, other worker processes are told to follow (`follow_reloads`).
         """
         new = load_state(self.release_uri, self.config)
         new.encoder()  # a release whose encoder does not load is refused too
@@ -273,7 +289,43 @@ class RecommenderService:
             sync_journal(new)  # writes that landed while the new release was loading
             self._state = new
         log.info("now serving release %s", new.version)
+        if announce and self.config.reload_signal:
+            self._reload_generation = uuid.uuid4().hex
+            io.write_json(self.config.reload_signal, {"generation": self._reload_generation,
+                                                      "version": new.version, "pid": os.getpid()})
         return new.version
+
+    def _announced_reload(self) -> tuple[str | None, str | None]:
+        """(generation, version) last written to the reload signal, (None, None) if none."""
+        path = self.config.reload_signal
+        if not path:
+            return None, None
+        try:
+            announced = json.loads(Path(path).read_text())
+            return announced["generation"], announced["version"]
+        except FileNotFoundError:
+            return None, None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("unreadable reload signal %s: %s", path, exc)
+            return None, None
+
+    def follow_reloads(self) -> str | None:
+        """Reload if another worker announced a reload since the last look; returns the new version.
+
+        A failure is logged and this worker keeps serving what it has (the worker that took
+        the request already answered for the release).
+        """
+        generation, version = self._announced_reload()
+        if generation is None or generation == self._reload_generation:
+            return None
+        self._reload_generation = generation
+        if self._state is not None and self._state.version == version:
+            return None
+        try:
+            return self.reload(announce=False)
+        except Exception as exc:  # noqa: BLE001 - keep serving the old release
+            log.error("cannot follow the reload to %s: %s", version, exc)
+            return None
 
     def similar(self, item_id: str, k: int) -> tuple[str, RankedList]:
         """(release version, ranked list) for the item; `UnknownItem` if it has no embedding."""

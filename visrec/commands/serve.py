@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
+    import tempfile
+    from pathlib import Path
 
     import uvicorn
 
@@ -72,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     verified = load_release(args.release, args.cache_dir)
     release = str(verified.path) if io.is_gcs(args.release) else args.release
+    # Lets a reload taken by one worker reach all of them (`ServingConfig.reload_signal`).
+    config.reload_signal = str(Path(tempfile.mkdtemp(prefix="visrec-serve-")) / "reload.json")
     os.environ["VISREC_SERVE_CONFIG"] = json.dumps({"release": release, "config": dataclasses.asdict(config)})
     uvicorn.run("serving.app:app_from_env", factory=True, workers=args.workers, **options)
     return 0
