@@ -159,8 +159,8 @@ def test_slice_policy_with_a_missing_slice(world, tmp_path):
     assert any(r["slice"] == "Women" and r["passed"] for r in result["reasons"])
 
 
-def test_skipped_lists_ties_and_missing_items(tmp_path):
-    """Hand-checked: lists without taps and with unembedded queries are skipped; ties; missing items last."""
+def test_skipped_lists_and_missing_items(tmp_path):
+    """Hand-checked: lists without taps and with unembedded queries are skipped; missing items last."""
     def row(q, s, item, pos, tap):
         return {"query_item_id": q, "item_id": item, "position": pos, "tapped": tap, "session_id": s, "ts": "t"}
 
@@ -171,24 +171,28 @@ def test_skipped_lists_ties_and_missing_items(tmp_path):
         row("q1", "s2", "a", 0, 0), row("q1", "s2", "b", 1, 0),
         # C: query not embedded by the baseline -> skipped for every model.
         row("q9", "s1", "a", 0, 1), row("q9", "s1", "b", 1, 0),
-        # D: all candidates look alike -> tie -> logged position decides (file order is shuffled).
+        # D: file order shuffled; only the scores and the logged positions say who is first.
         row("q2", "s1", "y", 1, 0), row("q2", "s1", "x", 0, 1), row("q2", "s1", "z", 2, 0),
     ]
     e = np.eye(4)
     cand = write_embeddings(tmp_path / "cand", ["q1", "b", "c", "q2", "x", "y", "z", "q9"],
-                            np.stack([e[0], e[0], e[1], e[2], e[2], e[2], e[2], e[3]]))
-    base = write_embeddings(tmp_path / "base", ["q1", "a", "b", "c", "q2", "x", "y", "z"], np.ones((8, 4)))
+                            np.stack([e[0], e[0], e[1], e[2], e[2], e[1], e[1], e[3]]))
+    # The baseline puts both taps last: a and x are orthogonal to their queries.
+    base = write_embeddings(tmp_path / "base", ["q1", "a", "b", "c", "q2", "x", "y", "z"],
+                            np.stack([e[0], e[1], e[0], e[0] + e[2], e[2], e[3], e[2], e[2] + e[0]]))
     result = run_evaluation(EvaluateConfig(
         interactions_uri=write_jsonl(tmp_path / "logs.jsonl", rows), candidate_uri=cand, baseline_uri=base,
         out_dir=str(tmp_path / "out"), bootstrap_resamples=0))
     assert result["lists_used"] == 2 and result["lists_skipped"] == 2
-    # Candidate: A ranks b, c, a -> tap at rank 2; D tie -> x first.
+    # Candidate: A ranks b, c, a -> tap at rank 3; D ranks x first.
     assert result["candidate"]["precision@1"] == pytest.approx(0.5)
     assert result["candidate"]["ndcg@5"] == pytest.approx((1 / np.log2(4) + 1.0) / 2)
     assert result["candidate"]["hit_rate@3"] == pytest.approx(1.0)
-    # Baseline: every item alike -> logged order everywhere -> taps first.
-    assert result["baseline"]["precision@1"] == pytest.approx(1.0)
-    assert result["uplift"]["logged_order_vs_baseline"]["ndcg@5"]["value"] == pytest.approx(1.0)
+    # Baseline: the tap last in both lists; the logged order had it first in both.
+    assert result["baseline"]["precision@1"] == 0.0
+    assert result["baseline"]["ndcg@5"] == pytest.approx(1 / np.log2(4))
+    logged = result["uplift"]["logged_order_vs_baseline"]["ndcg@5"]
+    assert logged["value"] == 1.0 and logged["absolute"] == pytest.approx(1 - 1 / np.log2(4))
     # No bootstrap -> no interval -> the default gate cannot show an improvement.
     assert result["uplift"]["candidate_vs_baseline"]["ndcg@5"]["ci95"] is None
     assert result["decision"] == "reject"

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import ndcg_score
 
-from visrec.evaluate import group_lists, ranked_top, score_lists
+from visrec.evaluate import LOGGED, RANDOM, group_lists, reference_rankings, score_lists
 from visrec.metrics import hit_rate_at_k, ndcg_at_k, precision_at_k
 
 
@@ -61,13 +61,21 @@ def test_ndcg_matches_sklearn_on_lists_without_ties():
     assert per_list["ndcg@5"].mean() == pytest.approx(ndcg_score(y_true, y_score, k=5))
 
 
-def test_ties_are_broken_by_logged_position():
-    # One list; equal scores for all -> the logged order decides, whatever the row order in the file.
-    table = pa.table({"query_item_id": ["q"] * 4, "item_id": ["a", "b", "c", "d"], "position": [3, 1, 0, 2],
-                      "tapped": [0, 0, 1, 0], "session_id": ["s"] * 4})
+def test_ties_are_broken_at_random_not_by_logged_position():
+    # 400 lists where the tapped item was always shown first: the logged order is perfect.
+    n, m = 400, 8
+    table = pa.table({
+        "query_item_id": [f"q{i}" for i in range(n) for _ in range(m)],
+        "item_id": [f"c{j}" for _ in range(n) for j in range(m)],
+        "position": [j for _ in range(n) for j in range(m)],
+        "tapped": [int(j == 0) for _ in range(n) for j in range(m)], "session_id": ["s"] * (n * m)})
     grouped = group_lists(table)
-    top = ranked_top(grouped, np.zeros(4))
-    # Logged order c(0) b(1) d(2) a(3): the tapped c comes first.
-    assert top[0].tolist() == [1, 0, 0, 0, 0]
-    # A higher score still beats an earlier position: a (logged last) first, then c, b, d.
-    assert ranked_top(grouped, np.array([1.0, 0.0, 0.0, 0.0]))[0].tolist() == [0, 1, 0, 0, 0]
+    references = reference_rankings(grouped, np.random.SeedSequence(0))
+    assert references[LOGGED]["ndcg@5"].mean() == 1.0
+    # A model that cannot tell the items apart must score like chance, not inherit the logged order.
+    collapsed = score_lists(grouped, np.zeros(n * m))["ndcg@5"].mean()
+    chance = references[RANDOM]["ndcg@5"].mean()
+    assert collapsed == pytest.approx(chance, abs=0.06) and collapsed < 0.6
+    # Scores still decide wherever they differ.
+    scores = np.where(np.arange(n * m) % m == 0, 1.0, 0.0)
+    assert score_lists(grouped, scores)["precision@1"].mean() == 1.0

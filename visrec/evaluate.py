@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 DEPTH = max(k for _, k in METRICS.values())
 RANDOM = "random"
 LOGGED = "logged_order"
+TIE_BREAK_SEED = 20240607  # fixed: the same logs always break ties the same way
 # Keeps one bootstrap chunk (resamples x lists index matrix) around 32 MB.
 _BOOTSTRAP_CELLS = 4_000_000
 
@@ -194,6 +195,7 @@ class ImpressionLists:
     position: np.ndarray  # (rows,) int64
     relevance: np.ndarray  # (rows,) float64 0/1 (tapped)
     query_code: np.ndarray  # (n_lists,) int64 into vocab
+    tie_break: np.ndarray  # (rows,) float64, a fixed random key that orders equal scores
 
     @property
     def n_lists(self) -> int:
@@ -210,7 +212,8 @@ class ImpressionLists:
         new_id = np.cumsum(keep_list) - 1
         rows = keep_list[self.list_of_row]
         return ImpressionLists(self.vocab, new_id[self.list_of_row[rows]], self.item_code[rows],
-                               self.position[rows], self.relevance[rows], self.query_code[keep_list])
+                               self.position[rows], self.relevance[rows], self.query_code[keep_list],
+                               self.tie_break[rows])
 
     def query_ids(self) -> np.ndarray:
         return np.asarray(self.vocab.take(pa.array(self.query_code)).to_pylist(), dtype=object)
@@ -235,6 +238,7 @@ def group_lists(table: pa.Table) -> ImpressionLists:
         position=table["position"].to_numpy()[order].astype(np.int64),
         relevance=(table["tapped"].to_numpy()[order] > 0).astype(np.float64),
         query_code=keys // max(len(session.dictionary), 1),
+        tie_break=np.random.default_rng(TIE_BREAK_SEED).random(n),
     )
 
 
@@ -266,10 +270,12 @@ def cosine_scores(lists: ImpressionLists, rows_of_vocab: np.ndarray, vectors: np
 def ranked_top(lists: ImpressionLists, scores: np.ndarray, depth: int = DEPTH) -> np.ndarray:
     """(n_lists, depth) relevance of each list's top `depth` by descending score.
 
-    Ties are broken by the logged `position` (earlier first), so equal scores (and
-    missing items, all at -inf) keep the order the user saw.
+    Ties (and missing items, all at -inf) are broken by a fixed random key per row,
+    never by the logged `position`: the logged order carries the production ranker's
+    signal, so a model that cannot tell items apart (a collapsed encoder, all scores
+    equal) would inherit it and score like production instead of like chance.
     """
-    order = np.lexsort((lists.position, -scores, lists.list_of_row))
+    order = np.lexsort((lists.tie_break, -scores, lists.list_of_row))
     sorted_list = lists.list_of_row[order]
     lengths = lists.lengths()
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -283,6 +289,12 @@ def ranked_top(lists: ImpressionLists, scores: np.ndarray, depth: int = DEPTH) -
 def score_lists(lists: ImpressionLists, scores: np.ndarray) -> dict[str, np.ndarray]:
     """Every metric per list for a ranking given by per-row `scores`."""
     return all_metrics(ranked_top(lists, scores), lists.n_relevant(), lists.lengths())
+
+
+def reference_rankings(lists: ImpressionLists, seed: np.random.SeedSequence) -> dict[str, dict[str, np.ndarray]]:
+    """Per-list metrics of the two reference rankings: a random order and the order users saw."""
+    return {RANDOM: score_lists(lists, np.random.default_rng(seed).random(len(lists.list_of_row))),
+            LOGGED: score_lists(lists, -lists.position.astype(np.float64))}
 
 
 # ---------------------------------------------------------------- bootstrap and summaries
@@ -487,8 +499,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         dt = time.perf_counter() - t
         log.info("scored %s: %d rows in %.2fs (%.0f rows/s)", m.name, len(used.list_of_row), dt,
                  len(used.list_of_row) / max(dt, 1e-9))
-    per_list[RANDOM] = score_lists(used, np.random.default_rng(seeds[0]).random(len(used.list_of_row)))
-    per_list[LOGGED] = score_lists(used, np.zeros(len(used.list_of_row)))  # all tied -> logged position
+    per_list.update(reference_rankings(used, seeds[0]))
 
     has_champion = config.champion_uri is not None
     comparisons = [("candidate", "baseline")]

@@ -194,8 +194,7 @@ def score_rankings(interactions_uri: str, models: dict[str, tuple[list[str], np.
     seeds = np.random.SeedSequence(seed).spawn(2)
     per_list = {name: ev.score_lists(used, ev.cosine_scores(used, rows_of_vocab[name], ev._normalise(vectors)))
                 for name, (_, vectors) in models.items()}
-    per_list[ev.RANDOM] = ev.score_lists(used, np.random.default_rng(seeds[0]).random(len(used.list_of_row)))
-    per_list[ev.LOGGED] = ev.score_lists(used, np.zeros(len(used.list_of_row)))
+    per_list.update(ev.reference_rankings(used, seeds[0]))
     values, uplift = ev.summarise(per_list, comparisons, resamples, np.random.default_rng(seeds[1]))
     return {"values": values, "uplift": uplift, "lists_used": int(used.n_lists),
             "lists_skipped": int(lists.n_lists - used.n_lists)}
