@@ -17,7 +17,6 @@ call, all threads), and memory (index bytes; RSS growth while building).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -33,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from visrec.embeddings import read_embeddings  # noqa: E402
 from visrec.index import IndexConfig, SimilarityIndex, build_index, exact_top_k, normalize  # noqa: E402
+from benchkit import RESULTS_DIR, machine_info, print_table, write_results  # noqa: E402
 
 log = logging.getLogger("bench.ann")
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def clustered(n: int, dims: int, seed: int) -> np.ndarray:
@@ -223,15 +222,13 @@ def bench_faiss_ivfpq(data, queries, truth, k, args) -> dict[str, Any]:
             "params": {"nlist": nlist, "m": m, "nprobe": nprobe, "k_factor": factor}}
 
 
-def print_table(rows: list[dict[str, Any]], exact_qps: float) -> None:
-    header = (f"{'method':<42} {'build s':>8} {'recall':>7} {'p50 ms':>8} {'p99 ms':>8} {'QPS 1q':>9} "
-              f"{'QPS batch':>10} {'x exact':>8} {'index MB':>9} {'RSS+ MB':>8}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['method']:<42} {r['build_s']:>8.1f} {r['recall']:>7.4f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
-              f"{r['qps_single']:>9.0f} {r['qps_batched']:>10.0f} {r['qps_single'] / exact_qps:>8.1f} "
-              f"{r['index_bytes'] / 2**20:>9.1f} {r['rss_growth_bytes'] / 2**20:>8.1f}")
+def print_ann_table(rows: list[dict[str, Any]], exact_qps: float) -> None:
+    print_table(rows, [("method", "method", "<42"), ("build s", "build_s", ">8.1f"), ("recall", "recall", ">7.4f"),
+                       ("p50 ms", "p50_ms", ">8.3f"), ("p99 ms", "p99_ms", ">8.3f"), ("QPS 1q", "qps_single", ">9.0f"),
+                       ("QPS batch", "qps_batched", ">10.0f"),
+                       ("x exact", lambda r: r["qps_single"] / exact_qps, ">8.1f"),
+                       ("index MB", lambda r: r["index_bytes"] / 2**20, ">9.1f"),
+                       ("RSS+ MB", lambda r: r["rss_growth_bytes"] / 2**20, ">8.1f")])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hnsw-ef-construction", type=int, default=40)
     parser.add_argument("--skip", action="append", default=[], choices=("hnsw", "ivfpq"), help="skip a baseline")
     parser.add_argument("--workdir", help="where Parquet shards and the index go (default: a temp dir)")
-    parser.add_argument("--out", default=str(RESULTS / "ann.json"))
+    parser.add_argument("--out", default=str(RESULTS_DIR / "ann.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -285,17 +282,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{dataset}, k={args.k}, recall target {args.target}; machine: {platform.machine()}, "
           f"{os.cpu_count()} cores\n")
-    print_table(rows_out, rows_out[0]["qps_single"])
+    print_ann_table(rows_out, rows_out[0]["qps_single"])
     from importlib.metadata import version
 
     result = {"dataset": dataset, "n": len(data), "dims": data.shape[1], "queries": len(queries), "k": args.k,
-              "target": args.target, "machine": {"cpus": os.cpu_count(), "arch": platform.machine(),
-                                                  "python": platform.python_version()},
+              "target": args.target, "machine": machine_info(),
               "versions": {name: version(name) for name in ("scann", "faiss-cpu", "numpy")},
               "total_seconds": time.perf_counter() - started, "results": rows_out}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_results(args.out, result)
     return 0
 
 

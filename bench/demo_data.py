@@ -10,9 +10,7 @@ generated logs allow (oracle / visual-only oracle / logged order / random).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import shutil
 import tempfile
@@ -20,8 +18,9 @@ import time
 from pathlib import Path
 
 from visrec.demo_data import DemoDataConfig, generate_marketplace
+from benchkit import RESULTS_DIR, machine_info, write_results
 
-RESULTS = Path(__file__).parent / "results" / "demo_data.json"
+RESULTS = RESULTS_DIR / "demo_data.json"
 
 
 def cpu_seconds() -> float:
@@ -56,12 +55,7 @@ def main() -> None:
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c)) for c in cols))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": f"{platform.machine()} {os.cpu_count()} cores "
-                                              f"(load-dependent: shared VM)", "python": platform.python_version(),
-                                   "results": rows}, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
-
+    write_results(RESULTS, {"machine": machine_info(note="load-dependent: shared VM"), "results": rows})
 
 if __name__ == "__main__":
     main()

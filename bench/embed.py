@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from visrec.embed import EmbedConfig, run_embed  # noqa: E402
 from visrec.embeddings import read_embeddings  # noqa: E402
 from visrec.pca import PcaProjection, l2_normalise  # noqa: E402
+from benchkit import RESULTS_DIR, machine_info, write_results  # noqa: E402
 
 log = logging.getLogger("bench.embed")
-RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("siglip", "mobilenet_v2")
 # Extra `visrec embed` runs, once each on the SigLIP: (name, min batch size (None = the batch size), PCA dims).
 VARIANTS: list[tuple[str, int | None, int]] = [("beam_adaptive_batch_min1", 1, 0), ("beam_pca128", None, 128)]
@@ -213,7 +211,7 @@ def main() -> None:
                         help="SigLIP ViT-B/16 at 256 px (the production architecture, random weights)")
     parser.add_argument("--pca-sizes", type=int, nargs="*", default=[100_000, 1_000_000],
                         help="numbers of 768-d vectors to time the PCA fit on (default: 100000 1000000)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "embed.json", help="results JSON")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "embed.json", help="results JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         force=True)  # Beam configures the root logger on import
@@ -225,9 +223,8 @@ def main() -> None:
     size = "full" if args.full_size else "small"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device,
-                    "torch_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
+        "machine": machine_info(device=device, torch_threads=torch.get_num_threads(),
+                                gpu=torch.cuda.get_device_name(0) if device == "cuda" else None),
         "models": {"siglip": {"size": size, **SIZES[size]}, "mobilenet_v2": MOBILENET},
         "images": args.images, "batch_size": args.batch_size, "repeats": args.repeats, "ratio_goal": 0.8,
     }
@@ -256,9 +253,7 @@ def main() -> None:
         results["pca"].append(pca_fit_seconds(n))
 
     print_report(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_results(args.out, results)
 
 
 def print_report(results: dict[str, Any]) -> None:

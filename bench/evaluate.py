@@ -14,8 +14,6 @@ in a fresh process so peak memory is per case. Prints a table and writes
 import argparse
 import json
 import multiprocessing as mp
-import os
-import platform
 import resource
 import tempfile
 import time
@@ -24,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from benchkit import RESULTS_DIR, machine_info, print_table, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results" / "evaluate.json"
+RESULTS = RESULTS_DIR / "evaluate.json"
 LIST_LEN = 10
 
 
@@ -141,21 +140,11 @@ def main() -> None:
             results.append(out)
             print(f"  {name}: {out['seconds']:.1f}s")
 
-    header = (f"{'case':<28} {'rows':>10} {'lists used':>10} {'seconds':>8} {'rows/s':>10} {'peak MB':>8} "
-              f"{'decision':>8}")
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(f"{r['case']:<28} {r['rows']:>10,} {r['lists_used']:>10,} {r['seconds']:>8.1f} "
-              f"{r['rows_per_second']:>10,.0f} {r['peak_rss_mb']:>8.0f} {r['decision']:>8}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count()},
-        "rows": args.rows, "items": args.items, "bootstrap_resamples": args.bootstrap, "cases": results,
-    }, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
-
+    print_table(results, [("case", "case", "<28"), ("rows", "rows", ">10,"), ("lists used", "lists_used", ">10,"),
+                          ("seconds", "seconds", ">8.1f"), ("rows/s", "rows_per_second", ">10,.0f"),
+                          ("peak MB", "peak_rss_mb", ">8.0f"), ("decision", "decision", ">8")])
+    write_results(RESULTS, {"machine": machine_info(), "rows": args.rows, "items": args.items,
+                            "bootstrap_resamples": args.bootstrap, "cases": results})
 
 if __name__ == "__main__":
     main()

@@ -13,14 +13,14 @@ Prints a table and writes `bench/results/prepare.json`.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from benchkit import RESULTS_DIR, machine_info, print_table, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results" / "prepare.json"
+RESULTS = RESULTS_DIR / "prepare.json"
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -96,22 +96,15 @@ def main() -> None:
                              "stats": stats})
                 print(f"{size} items, {mode}: {seconds:.1f} s", flush=True)
 
-    header = f"{'items':>7} {'mode':<18} {'seconds':>8} {'rows/s':>8} {'peak RSS MiB':>13} {'pairs':>7}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['items']:>7} {r['mode']:<18} {r['seconds']:>8.1f} {r['rows_per_second']:>8.1f} "
-              f"{r['peak_rss_mib']:>13} {r['pairs']:>7}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count()},
+    print_table(rows, [("items", "items", ">7"), ("mode", "mode", "<18"), ("seconds", "seconds", ">8.1f"),
+                       ("rows/s", "rows_per_second", ">8.1f"), ("peak RSS MiB", "peak_rss_mib", ">13"),
+                       ("pairs", "pairs", ">7")])
+    write_results(RESULTS, {
+        "machine": machine_info(),
         "settings": {"image_size": 256, "jpeg_quality": 90, "shards": 8, "corrupt_fraction": args.corrupt_fraction,
                      "runner": "DirectRunner"},
         "results": rows,
-    }, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
-
+    })
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,6 @@ import importlib.util
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import shutil
 import socket
@@ -35,9 +34,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchkit import RESULTS_DIR, machine_info, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "serve.json"
+RESULTS = RESULTS_DIR / "serve.json"
 DIMS = 128
 CATEGORY_TREE = [f"{a}/{b}/{c}" for a in ("fashion", "home", "kids", "sports", "hobby")
                  for b in ("women", "men", "unisex", "misc") for c in ("bags", "shoes", "tops")]
@@ -304,8 +304,7 @@ def main() -> None:
         level["overhead_over_bare_p50"] = round((level["p50_ms"] - bare_p50) / bare_p50, 2)
         level["p99_over_bare_p99"] = round(level["p99_ms"] / bare_p99, 2)
     result = {
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "note": "server and load generator share these cores"},
+        "machine": machine_info(note="server and load generator share these cores"),
         # uvicorn picks uvloop + httptools when installed, else asyncio + h11.
         "http_stack": {name: importlib.util.find_spec(name) is not None for name in ("uvloop", "httptools")},
         "items": args.items, "dims": DIMS, "k": args.k, "fetch": args.fetch,
@@ -319,8 +318,6 @@ def main() -> None:
                                                        "visrec_search_widened_total", "visrec_index_items"))],
         "goals": {"p99_ms_at_concurrency_8": 25.0, "overhead_over_bare_p50_at_concurrency_1": 2.0},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\n{args.items:,} items x {DIMS}-d, k={args.k}, fetch={args.fetch}, {os.cpu_count()} CPUs")
     print(f"bare search (fetch {args.fetch}): p50 {bare_p50} ms, p99 {bare_p99} ms; "
@@ -334,7 +331,8 @@ def main() -> None:
               f"{lv['server_cpu_ms_per_request']:>10} "
               f"{lv['client_cpu_ms_per_request']:>10} {'%.1f->%.1f' % tuple(lv['loadavg_1min']):>11} {lv['errors']:>6}")
     print(f"server RSS {rss_after:.0f} MB = {result['rss_mb']['per_million_items']} MB per million items; "
-          f"startup {load_seconds:.1f} s; wrote {args.out}")
+          f"startup {load_seconds:.1f} s")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io as bytes_io
-import json
 import logging
-import os
-import platform
 import random
 import statistics
 import tempfile
@@ -36,8 +33,9 @@ from PIL import Image
 from visrec.models import TEXT_MAX_LENGTH, image_features, init_models, load_siglip, train_title_tokenizer
 from visrec.train import TrainConfig, train
 from visrec.train_data import read_prepared
+from benchkit import RESULTS_DIR, machine_info, write_results
 
-RESULTS = Path(__file__).parent / "results" / "train.json"
+RESULTS = RESULTS_DIR / "train.json"
 # Dense bf16 peak TFLOP/s by GPU name, for model FLOP utilisation.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
 
@@ -230,7 +228,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if gpu and k in gpu), None)
     results = {
-        "machine": gpu or f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (shared)",
+        "machine": machine_info(gpu=gpu),
         "torch": torch.__version__, "model": "SiglipModel ViT-B/16-256 (random)" if args.full_size
         else "tiny SiglipModel (init-models)", "parameters": params, "precision": precision, "batch_size": batch,
         "timed_steps": steps, "num_workers": workers, "items": args.items, "setup_seconds": round(setup_s, 1),
@@ -250,7 +248,8 @@ def main() -> None:
     runs = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
     rows = [("bare PyTorch loop", runs(bare)), ("visrec train", runs(ours)),
             ("visrec train + augmentation", runs(ours_aug))]
-    print(f"\n{results['model']} ({params / 1e6:.1f}M params), batch {batch}, {precision}, {results['machine']}")
+    where = gpu or f"{results['machine']['processor']} CPU, {results['machine']['cpus']} cores"
+    print(f"\n{results['model']} ({params / 1e6:.1f}M params), batch {batch}, {precision}, {where}")
     print(f"{'loop':<30}{'samples/s per run':>30}")
     for name, value in rows:
         print(f"{name:<30}{value:>30}")
@@ -262,10 +261,7 @@ def main() -> None:
         print(f"must-show {name:<16} val i2t recall@5 {r['before']['image_to_text_recall@5']:.3f} -> "
               f"{r['after']['image_to_text_recall@5']:.3f} (t2i {r['before']['text_to_image_recall@5']:.3f} -> "
               f"{r['after']['text_to_image_recall@5']:.3f}), {r['steps']} steps, {r['seconds']:.0f}s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

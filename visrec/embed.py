@@ -31,7 +31,6 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
