@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from visrec.errors import UserError
 
@@ -167,19 +167,28 @@ def makedirs(uri: str) -> None:
         Path(uri).mkdir(parents=True, exist_ok=True)
 
 
-def download_dir(uri: str, local: str | Path) -> Path:
-    """Copy every file under `uri` into `local`, keeping relative paths."""
+def download_dir(uri: str, local: str | Path, exclude: Sequence[str] = ()) -> Path:
+    """Copy every file under `uri` into `local`, keeping relative paths, except those whose
+    relative path starts with one of `exclude`."""
     local = Path(local)
     local.mkdir(parents=True, exist_ok=True)
     if not is_gcs(uri):
-        shutil.copytree(uri, local, dirs_exist_ok=True)
+        shutil.copytree(uri, local, dirs_exist_ok=True,
+                        ignore=lambda d, names: [n for n in names if _excluded(Path(d), uri, n, exclude)])
         return local
     base = uri.rstrip("/") + "/"
     for f in list_files(base):
+        if f[len(base):].startswith(tuple(exclude)):
+            continue
         dest = local / f[len(base):]
         dest.parent.mkdir(parents=True, exist_ok=True)
         _blob(f).download_to_filename(str(dest))
     return local
+
+
+def _excluded(directory: Path, root: str, name: str, exclude: Sequence[str]) -> bool:
+    relative = (directory / name).relative_to(root).as_posix()
+    return any(relative.startswith(e) or f"{relative}/" == e for e in exclude)
 
 
 def upload_dir(local: str | Path, uri: str) -> None:

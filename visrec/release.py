@@ -108,11 +108,15 @@ class DeployConfig:
 
 @dataclass(frozen=True)
 class Release:
-    """A verified release on local disk (a `gs://` one is downloaded first)."""
+    """A verified release on local disk (a `gs://` one is downloaded first).
+
+    source: where it was loaded from (the `gs://` URI of a downloaded one, else `path`).
+    """
 
     version: str
     path: Path
     manifest: dict[str, Any]
+    source: str = ""
 
     @property
     def model_dir(self) -> Path:
@@ -142,6 +146,12 @@ class Release:
     @property
     def state_dir(self) -> Path:
         return self.path / STATE
+
+    @property
+    def state_uri(self) -> str:
+        """Where the service keeps this release's write journal: next to the release itself,
+        on GCS for a `gs://` release, so writes outlive the container that downloaded it."""
+        return io.join(self.source, STATE) if io.is_gcs(self.source) else str(self.state_dir)
 
     @property
     def status(self) -> str:
@@ -364,8 +374,8 @@ def _verify_checksums(root: Path, manifest: dict[str, Any]) -> None:
             raise ReleaseInvalid(f"release {manifest.get('version')} is corrupt: {rel} does not match its sha256")
 
 
-def _open_local(path: Path) -> Release:
-    """A release directory with its checksums verified."""
+def _open_local(path: Path, source: str | None = None) -> Release:
+    """A release directory with its checksums verified (`source`: where it was downloaded from)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise ReleaseInvalid(f"{path} is not a release (no {MANIFEST})")
@@ -374,7 +384,7 @@ def _open_local(path: Path) -> Release:
     except json.JSONDecodeError as exc:
         raise ReleaseInvalid(f"{manifest_path} is not valid JSON: {exc}") from exc
     _verify_checksums(path, manifest)
-    return Release(version=manifest["version"], path=path, manifest=manifest)
+    return Release(version=manifest["version"], path=path, manifest=manifest, source=source or str(path))
 
 
 def verify_release(release: Release, encoder_kind: str = "siglip", smoke_k: int = 5) -> dict[str, Any]:
@@ -443,7 +453,8 @@ def load_release(dir_or_registry: str, cache_dir: str | None = None) -> Release:
     """A verified release: a release directory, or a registry's CURRENT one.
 
     `gs://` releases are downloaded (into `cache_dir`, default a new temp directory)
-    first, then every checksum listed in `release.json` is verified.
+    first, then every checksum listed in `release.json` is verified. A copy already in
+    `cache_dir` that verifies is used as it is (worker processes, restarts, reloads).
     """
     uri = str(dir_or_registry)
     if io.exists(io.join(uri, CURRENT)):
@@ -451,16 +462,35 @@ def load_release(dir_or_registry: str, cache_dir: str | None = None) -> Release:
     elif io.exists(io.join(uri, RELEASES)) and not io.exists(io.join(uri, MANIFEST)):
         raise UserError(f"registry {uri} has no release in production yet ({CURRENT} is missing)")
     if io.is_gcs(uri):
-        version = uri.rstrip("/").rsplit("/", 1)[-1]
-        local = Path(cache_dir or tempfile.mkdtemp(prefix="visrec-release-")) / version
-        if not io.exists(io.join(uri, MANIFEST)):
-            raise ReleaseInvalid(f"{uri} is not a release (no {MANIFEST})")
-        io.download_dir(uri, local)
-        (local / STATE).mkdir(exist_ok=True)  # GCS keeps no empty directories
-        return _open_local(local)
+        return _download_release(uri, Path(cache_dir or tempfile.mkdtemp(prefix="visrec-release-")))
     if not Path(uri).is_dir():
         raise UserError(f"release not found: {uri}")
     return _open_local(Path(uri))
+
+
+def _download_release(uri: str, cache: Path) -> Release:
+    """A `gs://` release as a verified local copy `cache/<version>` (its `state/` stays on GCS)."""
+    version = uri.rstrip("/").rsplit("/", 1)[-1]
+    local = cache / version
+    if not io.exists(io.join(uri, MANIFEST)):
+        raise ReleaseInvalid(f"{uri} is not a release (no {MANIFEST})")
+    if local.is_dir():
+        try:
+            return _open_local(local, source=uri)
+        except ReleaseInvalid as exc:
+            log.warning("cached copy of %s is unusable (%s); downloading it again", uri, exc)
+            shutil.rmtree(local, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    # Download beside the final name, then rename: a reader never sees half a copy, and of
+    # several processes downloading the same release the first rename wins.
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=cache))
+    io.download_dir(uri, staging, exclude=(f"{STATE}/",))
+    (staging / STATE).mkdir(exist_ok=True)
+    try:
+        staging.rename(local)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _open_local(local, source=uri)
 
 
 # ---- registry state -----------------------------------------------------------------------------

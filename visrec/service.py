@@ -8,19 +8,19 @@ state and a broken release never replaces a working one. At start-up the encoder
 (torch, seconds to import) loads in the background after the index: the service
 answers reads as soon as the index is in memory, and image upserts wait for it.
 
-Writes (upsert, delete) go through the journal `state/journal.jsonl`: the request
-handler embeds the image, appends one JSON line (with the vector, so replay never
-needs the image again) and then applies every journal line it has not applied yet,
-in file order. Start-up replay and the background tail (which keeps several
-`--workers` processes in step) use that very same `sync_journal`, so there is one
-write path and the journal order is the truth everywhere.
+Writes (upsert, delete) go through the release's journal (`visrec.journal`: a local
+file, or objects on GCS for a `gs://` release): the request handler embeds the image,
+appends one entry (with the vector, so replay never needs the image again) and then
+applies every entry it has not applied yet. Start-up replay and the background tail
+(which keeps several `--workers` processes, or replicas, in step) use that very same
+`sync_journal`, so there is one write path; per item the newest write wins, so every
+process converges on the same state whatever order it read the entries in.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import fcntl
 import json
 import logging
 import os
@@ -36,11 +36,11 @@ import numpy as np
 
 from visrec import io
 from visrec.errors import UserError
+from visrec.journal import Journal, open_journal
 from visrec.ranking import ON_SALE, ItemCatalog, RankedList, RankingConfig, label_index_with_catalog, recommend
 
 log = logging.getLogger(__name__)
 
-JOURNAL_NAME = "journal.jsonl"
 ENCODER_WAIT_SECONDS = 120.0  # an image upsert right after start waits this long for torch to load
 
 
@@ -91,9 +91,11 @@ class ServingState:
     catalog: ItemCatalog
     encoder_future: Future
     pca: Any | None
-    journal_path: Path
-    journal_offset: int = 0
+    journal: Journal
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Write time of the newest applied entry per item, for its metadata and for its vector.
+    metadata_at: dict[str, float] = field(default_factory=dict)
+    vector_at: dict[str, float] = field(default_factory=dict)
 
     def encoder_status(self) -> str:
         """`loading`, `ready`, `none` (the release has no encoder) or `failed`."""
@@ -144,10 +146,8 @@ def load_state(release_uri: str, config: ServingConfig) -> ServingState:
         from visrec.pca import PcaProjection
 
         pca = PcaProjection.load(str(release.pca_path))
-    state_dir = Path(release.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
     state = ServingState(version=release.version, release=release, index=index, catalog=catalog,
-                         encoder_future=encoder_future, pca=pca, journal_path=state_dir / JOURNAL_NAME)
+                         encoder_future=encoder_future, pca=pca, journal=open_journal(release.state_uri))
     replayed = sync_journal(state)
     log.info("loaded release %s: %d indexed items, %d catalog items, %d journal entries replayed, %.1fs",
              state.version, len(index), len(catalog), replayed, time.monotonic() - started)
@@ -166,48 +166,50 @@ def _load_encoder(model_dir: str, kind: str, future: Future) -> None:
 
 
 def sync_journal(state: ServingState) -> int:
-    """Apply every complete journal line after `state.journal_offset`, in order; returns how many.
+    """Apply the journal entries `state` has not seen yet; returns how many changed something.
 
+    An entry older (by write time) than what was already applied for its item is
+    skipped, separately for metadata and vector: entries from several replicas may
+    arrive out of order, and "newest wins" makes every reader end in the same state.
     Index writes are batched (the last vector operation per item wins), so replaying a
-    long journal costs one index upsert and one delete rather than one per line.
+    long journal costs one index upsert and one delete rather than one per entry.
     """
-    path = state.journal_path
-    try:
-        if path.stat().st_size <= state.journal_offset:
-            return 0
-    except FileNotFoundError:
-        return 0
-    with open(path, "rb") as fh:
-        fh.seek(state.journal_offset)
-        data = fh.read()
-    end = data.rfind(b"\n") + 1  # a line still being written is left for the next sync
-    if end == 0:
+    entries = state.journal.read_new()
+    if not entries:
         return 0
     upserts: dict[str, np.ndarray] = {}
     deletes: set[str] = set()
     catalog_upserts: set[str] = set()
     applied = 0
     with state.lock:
-        for line in data[:end].splitlines():
-            if not line.strip():
-                continue
+        for entry in entries:
             try:
-                entry = json.loads(line)
-                item_id = entry["item_id"]
+                item_id, at = entry["item_id"], float(entry.get("at", 0.0))
+                newer_metadata = at >= state.metadata_at.get(item_id, -np.inf)
+                newer_vector = at >= state.vector_at.get(item_id, -np.inf)
                 if entry["op"] == "delete":
-                    state.catalog.delete(item_id)
-                    upserts.pop(item_id, None)
-                    deletes.add(item_id)
+                    if newer_metadata:
+                        state.catalog.delete(item_id)
+                        state.metadata_at[item_id] = at
+                    if newer_vector:
+                        upserts.pop(item_id, None)
+                        deletes.add(item_id)
+                        state.vector_at[item_id] = at
                 else:
-                    state.catalog.upsert(item_id, float(entry["price"]), entry["category"], entry["status"])
-                    catalog_upserts.add(item_id)
-                    if entry.get("vector") is not None:
+                    has_vector = entry.get("vector") is not None
+                    if newer_metadata:
+                        state.catalog.upsert(item_id, float(entry["price"]), entry["category"], entry["status"])
+                        catalog_upserts.add(item_id)
+                        state.metadata_at[item_id] = at
+                    if has_vector and newer_vector:
                         upserts[item_id] = np.asarray(entry["vector"], dtype=np.float32)
                         deletes.discard(item_id)
+                        state.vector_at[item_id] = at
+                    newer_vector = newer_vector and has_vector
             except (ValueError, KeyError, TypeError) as exc:
-                log.error("skipping unreadable journal line in %s: %s", path, exc)
+                log.error("skipping unusable journal entry %r: %s", entry, exc)
                 continue
-            applied += 1
+            applied += newer_metadata or newer_vector
         gone = [i for i in deletes if i in state.index]
         if gone:
             state.index.delete(gone)
@@ -217,21 +219,7 @@ def sync_journal(state: ServingState) -> int:
         # already indexed item: both need their catalog row as label.
         label_index_with_catalog(state.index, state.catalog,
                                  [i for i in catalog_upserts | set(upserts) if i in state.index])
-        state.journal_offset += end
     return applied
-
-
-def append_journal(path: Path, entry: dict) -> None:
-    """Append one line under an exclusive file lock (other worker processes append too)."""
-    line = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8")
-    with open(path, "ab") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def embed_image(encoder: Any, pca: Any | None, image: Any) -> np.ndarray:
@@ -375,7 +363,7 @@ class RecommenderService:
                 raise BadItem("a new item needs `category` and `price`")
             entry = {"op": "upsert", "item_id": item_id, "title": fields.get("title"), **merged,
                      "vector": None if vector is None else vector.tolist(), "at": time.time()}
-            append_journal(state.journal_path, entry)
+            state.journal.append(entry)
             sync_journal(state)
         return {"item_id": item_id, "release": state.version, "status": merged["status"],
                 "embedded": vector is not None}
@@ -388,7 +376,7 @@ class RecommenderService:
                 known = item_id in state.catalog or item_id in state.index
             if not known:
                 raise UnknownItem(item_id)
-            append_journal(state.journal_path, {"op": "delete", "item_id": item_id, "at": time.time()})
+            state.journal.append({"op": "delete", "item_id": item_id, "at": time.time()})
             sync_journal(state)
 
     def _read_image(self, fields: dict) -> Any | None:

@@ -68,14 +68,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     # Several processes: verify the release once here (a broken one fails once instead of in a
-    # worker restart loop); a gs:// release is downloaded once and the workers load that copy.
-    from visrec import io
+    # worker restart loop). A gs:// release is downloaded once into a shared cache, which the
+    # workers then find already verified; they keep the gs:// URI, so reloads follow its CURRENT.
     from visrec.release import load_release
 
-    verified = load_release(args.release, args.cache_dir)
-    release = str(verified.path) if io.is_gcs(args.release) else args.release
+    control = Path(tempfile.mkdtemp(prefix="visrec-serve-"))
+    config.cache_dir = config.cache_dir or str(control / "releases")
+    load_release(args.release, config.cache_dir)
     # Lets a reload taken by one worker reach all of them (`ServingConfig.reload_signal`).
-    config.reload_signal = str(Path(tempfile.mkdtemp(prefix="visrec-serve-")) / "reload.json")
-    os.environ["VISREC_SERVE_CONFIG"] = json.dumps({"release": release, "config": dataclasses.asdict(config)})
+    config.reload_signal = str(control / "reload.json")
+    os.environ["VISREC_SERVE_CONFIG"] = json.dumps({"release": args.release, "config": dataclasses.asdict(config)})
     uvicorn.run("serving.app:app_from_env", factory=True, workers=args.workers, **options)
     return 0

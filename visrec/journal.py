@@ -1,0 +1,137 @@
+"""The serving write journal: every upsert and delete, in a place that outlives the process.
+
+A release's `state/` directory holds it. Writers append entries (one JSON object each,
+carrying the embedded vector, so replaying never needs the image again); readers ask
+for the entries they have not seen yet. Two stores:
+
+- `FileJournal`: `state/journal.jsonl` on local disk. Appends take an exclusive file
+  lock, so the worker processes of one `visrec serve` share it; readers keep a byte offset.
+- `GcsJournal`: one object per entry under `gs://.../state/journal/`, named by the
+  write time. A release served from `gs://` (Vertex AI) keeps its writes across
+  container restarts, and every replica behind an endpoint sees every replica's writes.
+  Object listings are only eventually in write order (clocks differ between replicas,
+  an upload can finish after a later one), so readers re-list a trailing window and
+  return late entries too; `visrec.service.sync_journal` lets the newest write of an
+  item win, so replicas converge whatever order they saw.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+from visrec import io
+
+log = logging.getLogger(__name__)
+
+JOURNAL_FILE = "journal.jsonl"
+JOURNAL_PREFIX = "journal/"
+# How far back (seconds of write time) a GCS reader re-lists for entries that arrived late.
+LATE_ENTRY_WINDOW_SECONDS = 60.0
+
+
+class Journal(Protocol):
+    def append(self, entry: dict) -> None:
+        """Make `entry` durable; returns once any reader can see it."""
+
+    def read_new(self) -> list[dict]:
+        """Entries this reader has not returned before, oldest first (unreadable ones skipped, logged)."""
+
+
+def open_journal(state_uri: str) -> Journal:
+    """The journal of a release's state directory: on GCS for `gs://`, else a local file."""
+    if io.is_gcs(state_uri):
+        return GcsJournal(io.join(state_uri, JOURNAL_PREFIX))
+    path = Path(state_uri)
+    path.mkdir(parents=True, exist_ok=True)
+    return FileJournal(path / JOURNAL_FILE)
+
+
+def _parse(line: bytes, where: str) -> dict | None:
+    try:
+        entry = json.loads(line)
+        if not isinstance(entry, dict):
+            raise ValueError("not a JSON object")
+        return entry
+    except ValueError as exc:
+        log.error("skipping unreadable journal entry in %s: %s", where, exc)
+        return None
+
+
+class FileJournal:
+    """A JSON Lines file shared by the processes of one machine."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+
+    def append(self, entry: dict) -> None:
+        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8")
+        with open(self.path, "ab") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def read_new(self) -> list[dict]:
+        try:
+            if self.path.stat().st_size <= self.offset:
+                return []
+        except FileNotFoundError:
+            return []
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1  # a line still being written is left for the next read
+        self.offset += end
+        entries = (_parse(line, str(self.path)) for line in data[:end].splitlines() if line.strip())
+        return [e for e in entries if e is not None]
+
+
+class GcsJournal:
+    """One object per entry under a `gs://` prefix, named `<write time ns>-<random>.json`."""
+
+    def __init__(self, prefix_uri: str):
+        self.prefix_uri = prefix_uri.rstrip("/") + "/"
+        self.bucket_name, self.prefix = io.split_gcs(self.prefix_uri)
+        self._seen: set[str] = set()
+        self._horizon = ""  # names before this are never listed again
+
+    def append(self, entry: dict) -> None:
+        name = f"{self.prefix}{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json"
+        blob = io.gcs_client().bucket(self.bucket_name).blob(name)
+        # Create-only: a retried upload can never overwrite another writer's entry.
+        blob.upload_from_string(json.dumps(entry, separators=(",", ":")), content_type="application/json",
+                                if_generation_match=0)
+
+    def _write_ns(self, name: str) -> int | None:
+        stamp = name[len(self.prefix):].split("-", 1)[0]
+        return int(stamp) if stamp.isdigit() else None
+
+    def read_new(self) -> list[dict]:
+        bucket = io.gcs_client().bucket(self.bucket_name)
+        names = sorted(b.name for b in bucket.list_blobs(prefix=self.prefix, start_offset=self._horizon or None))
+        new = [n for n in names if n not in self._seen]
+        if not new:
+            return []
+        # Many entries at start-up (a replay): fetch them concurrently, apply in name order.
+        with ThreadPoolExecutor(max_workers=min(16, len(new))) as pool:
+            payloads = list(pool.map(lambda n: bucket.blob(n).download_as_bytes(), new))
+        self._seen.update(new)
+        written_ns = [ns for ns in map(self._write_ns, names) if ns is not None]
+        if written_ns:
+            horizon_ns = max(0, max(written_ns) - int(LATE_ENTRY_WINDOW_SECONDS * 1e9))
+            self._horizon = f"{self.prefix}{horizon_ns:020d}"
+            self._seen = {n for n in self._seen if n >= self._horizon}
+        entries = (_parse(data, f"gs://{self.bucket_name}/{name}") for name, data in zip(new, payloads))
+        return [e for e in entries if e is not None]
