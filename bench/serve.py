@@ -12,9 +12,16 @@
 3. Starts `visrec serve` and drives it from a second process (`c` keep-alive connections,
    each with one request in flight: a closed loop, so the load is bounded by `c`) at each
    concurrency: QPS and p50/p95/p99 end-to-end, CPU per request of server and client.
-4. Reports the ratio of end-to-end latency to bare search, the overhead (end-to-end minus
-   bare search) in units of the bare search, and the server's RSS per million items;
-   prints a table and writes `bench/results/serve.json`.
+4. Writes (`--upserts`, default 100): new listings PUT one after another (a generated
+   photo, base64, embedded by the release's encoder), each followed at once by a read of
+   its similar items, which must answer 200 (recommendable as soon as the PUT returned);
+   then concurrency 8 again while a writer upserts 5 listings a second.
+5. Reports the ratio of end-to-end latency to bare search, the overhead (end-to-end minus
+   bare search) in units of the bare search, write latencies, and the server's RSS per
+   million items; prints a table and writes `bench/results/serve.json`.
+
+The release is reused between runs (`--workdir`); its write journal is cleared before
+each run, so every run starts from the release as built.
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ import json
 import multiprocessing as mp
 import os
 import random
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -231,6 +240,66 @@ def load_generator(port: int, ids: list[str], levels: list[int], requests: int, 
     out.put([uvloop.run(_drive("127.0.0.1", port, ids, c, requests, k, server_pid)) for c in levels])
 
 
+def run_levels(port: int, ids: list[str], levels: list[int], requests: int, k: int, server_pid: int) -> list[dict]:
+    """The load generator in a fresh process, one result per concurrency level."""
+    queue: mp.Queue = mp.get_context("spawn").Queue()
+    gen = mp.get_context("spawn").Process(target=load_generator,
+                                          args=(port, ids, levels, requests, k, server_pid, queue))
+    gen.start()
+    results = queue.get()
+    gen.join()
+    return results
+
+
+def listing_photo(n: int) -> str:
+    """A small generated product photo (JPEG, base64), different for every n."""
+    import base64
+    import io as bytes_io
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(n)
+    image = Image.new("RGB", (96, 96), tuple(rng.randrange(256) for _ in range(3)))
+    ImageDraw.Draw(image).ellipse([rng.randrange(40), rng.randrange(40), 56 + rng.randrange(40), 56 + rng.randrange(40)],
+                                  fill=tuple(rng.randrange(256) for _ in range(3)))
+    buffer = bytes_io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def upsert_listing(client, n: int) -> tuple[float, bool]:
+    """PUT listing `w<n>`, then read its similar items: (PUT seconds, whether the read answered 200)."""
+    body = {"title": f"bench listing {n}", "category": CATEGORY_TREE[n % len(CATEGORY_TREE)],
+            "price": 1000 + n, "image": listing_photo(n)}
+    started = time.perf_counter()
+    put = client.put(f"/v1/items/w{n:07d}", json=body)
+    seconds = time.perf_counter() - started
+    put.raise_for_status()
+    return seconds, client.get(f"/v1/items/w{n:07d}/similar", params={"k": 10}).status_code == 200
+
+
+def write_phase(url: str, token: str, upserts: int) -> dict:
+    """Sequential upserts, each read back at once."""
+    import httpx
+
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
+        upsert_listing(client, 0)  # warm-up: the encoder's first forward pass
+        timings = [upsert_listing(client, n) for n in range(1, upserts + 1)]
+    return {"upserts": upserts, "put": percentiles_ms([t for t, _ in timings]),
+            "recommendable_at_once": sum(ok for _, ok in timings)}
+
+
+def background_writer(url: str, token: str, per_second: float, stop: threading.Event, out: list) -> None:
+    """Upserts `per_second` listings a second until `stop` (ids after the write phase's)."""
+    import httpx
+
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
+        n = 1_000_000
+        while not stop.wait(1 / per_second):
+            out.append(upsert_listing(client, n))
+            n += 1
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -251,6 +320,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--fetch", type=int, default=200)
+    parser.add_argument("--upserts", type=int, default=100, help="listings PUT in the write phase (0: none)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/visrec-bench-serve"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -262,14 +332,19 @@ def main() -> None:
     ids = [f"i{rng.randrange(args.items):07d}" for _ in range(2000)]
     in_process = time_in_process(registry, ids, args.fetch)
 
+    release_dir = registry / "releases" / "bench"
+    for journal in (release_dir / "state").glob("journal*"):
+        journal.unlink()  # earlier runs' upserts: every run starts from the release as built
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    token = secrets.token_hex(16)
     log = args.workdir / "server.log"
     started = time.monotonic()
     server = subprocess.Popen([sys.executable, "-m", "visrec", "serve", "--release", str(registry),
                                "--port", str(port), "--fetch", str(args.fetch)],
                               stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "VISREC_ADMIN_TOKEN": token})
+    writes: dict = {}
     try:
         while True:
             if server.poll() is not None:
@@ -284,12 +359,21 @@ def main() -> None:
             time.sleep(0.5)
         load_seconds = time.monotonic() - started
         rss_loaded = rss_mb(server.pid)
-        queue: mp.Queue = mp.get_context("spawn").Queue()
-        gen = mp.get_context("spawn").Process(target=load_generator,
-                                              args=(port, ids, args.concurrency, args.requests, args.k, server.pid, queue))
-        gen.start()
-        levels = queue.get()
-        gen.join()
+        levels = run_levels(port, ids, args.concurrency, args.requests, args.k, server.pid)
+        if args.upserts:
+            writes = write_phase(url, token, args.upserts)
+            stop, background = threading.Event(), []
+            writer = threading.Thread(target=background_writer, args=(url, token, 5.0, stop, background))
+            writer.start()
+            try:
+                # Three times the requests: long enough for a few dozen writes to land meanwhile.
+                writes["reads_at_concurrency_8_while_writing"] = run_levels(port, ids, [8], 3 * args.requests,
+                                                                            args.k, server.pid)[0]
+            finally:
+                stop.set()
+                writer.join()
+            writes["background_upserts"] = len(background)
+            writes["background_put"] = percentiles_ms([t for t, _ in background]) if background else None
         rss_after = rss_mb(server.pid)
         metrics = httpx.get(url + "/metrics").text
     finally:
@@ -309,7 +393,7 @@ def main() -> None:
         "http_stack": {name: importlib.util.find_spec(name) is not None for name in ("uvloop", "httptools")},
         "items": args.items, "dims": DIMS, "k": args.k, "fetch": args.fetch,
         "requests_per_level": args.requests, "startup_seconds": round(load_seconds, 1),
-        "in_process": in_process, "levels": levels,
+        "in_process": in_process, "levels": levels, "writes": writes,
         "rss_mb": {"after_load": round(rss_loaded, 1), "after_bench": round(rss_after, 1),
                    "per_million_items": round(rss_after / (args.items / 1e6), 1)},
         "server_metrics_excerpt": [line for line in metrics.splitlines()
@@ -330,6 +414,12 @@ def main() -> None:
               f"{lv['p50_over_bare_p50']:>9} {lv['overhead_over_bare_p50']:>9} {lv['p99_over_bare_p99']:>9} "
               f"{lv['server_cpu_ms_per_request']:>10} "
               f"{lv['client_cpu_ms_per_request']:>10} {'%.1f->%.1f' % tuple(lv['loadavg_1min']):>11} {lv['errors']:>6}")
+    if writes:
+        during = writes["reads_at_concurrency_8_while_writing"]
+        print(f"writes: {writes['upserts']} PUTs p50 {writes['put']['p50_ms']} ms, p99 {writes['put']['p99_ms']} ms; "
+              f"{writes['recommendable_at_once']}/{writes['upserts']} recommendable on the next request; "
+              f"concurrency 8 while upserting 5/s ({writes['background_upserts']} PUTs): {during['qps']} QPS, "
+              f"p99 {during['p99_ms']} ms")
     print(f"server RSS {rss_after:.0f} MB = {result['rss_mb']['per_million_items']} MB per million items; "
           f"startup {load_seconds:.1f} s")
     write_results(args.out, result)
