@@ -401,8 +401,9 @@ def test_vertex_environment_with_a_gcs_release(registry, gcs_emulator):
 
 
 def test_gcs_release_writes_reach_other_replicas_and_survive_restarts(registry, gcs_emulator, tmp_path):
-    """Two replicas of a gs:// release (as behind a Vertex AI endpoint): a write taken by one is
-    served by the other within a second or two, and a replica started later replays it."""
+    """Two replicas of a gs:// release (as behind a Vertex AI endpoint; the second with two worker
+    processes sharing one downloaded copy): a write taken by one is served by every process of
+    the other within a second or two, and a replica started later replays it."""
     from visrec import io
 
     bucket = gcs_emulator()
@@ -410,13 +411,17 @@ def test_gcs_release_writes_reach_other_replicas_and_survive_restarts(registry, 
     io.write_text(f"gs://{bucket}/registry/CURRENT", "v2\n")
     gs_registry = f"gs://{bucket}/registry"
 
-    def replica(name: str) -> Server:
+    def replica(name: str, *args: str) -> Server:
         port = free_port()
         return Server(None, port, registry.parent / "images", TOKEN,
                       env={"AIP_STORAGE_URI": gs_registry, "AIP_HTTP_PORT": str(port)},
-                      args=("--cache-dir", str(tmp_path / name))).start()
+                      args=("--cache-dir", str(tmp_path / name), *args)).start()
 
-    first, second = replica("a"), replica("b")
+    def caught_up(srv: Server) -> bool:  # fresh connections: with --workers every worker answers some
+        return all(similar(srv, "gcs-new").status_code == 200 and similar(srv, "item-0007").status_code == 404
+                   for _ in range(6))
+
+    first, second = replica("a"), replica("b", "--workers", "2")
     later = None
     try:
         image = base64.b64encode(jpeg(COLOURS[2], 3)).decode()
@@ -425,12 +430,12 @@ def test_gcs_release_writes_reach_other_replicas_and_survive_restarts(registry, 
         assert r.status_code == 200, r.text
         assert httpx.delete(first.url + "/v1/items/item-0007", headers=AUTH).status_code == 200
         deadline = time.monotonic() + 10
-        while similar(second, "gcs-new").status_code != 200 or similar(second, "item-0007").status_code != 404:
+        while not caught_up(second):
             assert time.monotonic() < deadline, "the other replica never saw the writes"
             time.sleep(0.2)
         first.stop()
         later = replica("c")  # an empty cache: downloads the release, replays the journal from GCS
-        assert similar(later, "gcs-new").status_code == 200 and similar(later, "item-0007").status_code == 404
+        assert caught_up(later)
     finally:
         for srv in (first, second, later):
             if srv is not None:
