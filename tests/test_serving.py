@@ -442,6 +442,26 @@ def test_gcs_release_writes_reach_other_replicas_and_survive_restarts(registry, 
                 srv.stop()
 
 
+def test_reloading_a_gcs_release_deletes_the_replaced_download(registry, gcs_emulator):
+    from visrec import io
+    from visrec.service import RecommenderService
+
+    bucket = gcs_emulator()
+    for version in ("v1", "v2"):
+        io.upload_dir(registry / "releases" / version, f"gs://{bucket}/registry/releases/{version}")
+    io.write_text(f"gs://{bucket}/registry/CURRENT", "v1\n")
+    service = RecommenderService(f"gs://{bucket}/registry")
+    service.start()
+    first = service.state.release.path
+    assert first.is_dir()
+    io.write_text(f"gs://{bucket}/registry/CURRENT", "v2\n")
+    assert service.reload() == "v2"
+    assert not first.exists() and service.state.release.path.is_dir()
+    assert service.similar("item-0003", 3)[0] == "v2"
+    assert service.reload() == "v2"  # reloading the same release keeps (and reuses) its copy
+    assert service.state.release.path.is_dir()
+
+
 def test_two_workers_see_each_others_writes_and_reloads(registry):
     (registry / "CURRENT").write_text("v1\n")
     srv = Server(registry, free_port(), registry.parent / "images", TOKEN, args=("--workers", "2")).start()

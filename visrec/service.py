@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -248,6 +251,13 @@ class RecommenderService:
         self._write_lock = threading.Lock()
         # The reload generation (see `ServingConfig.reload_signal`) this process has acted on.
         self._reload_generation = self._announced_reload()[0]
+        # A gs:// release is downloaded. Without a configured cache the service keeps its copies
+        # in a directory of its own and deletes each once a reload has replaced it, so weekly
+        # reloads do not fill the disk.
+        self._own_cache: Path | None = None
+        if self.config.cache_dir is None and io.is_gcs(release_uri):
+            self._own_cache = Path(tempfile.mkdtemp(prefix="visrec-releases-"))
+            self.config = dataclasses.replace(self.config, cache_dir=str(self._own_cache))
 
     @property
     def ready(self) -> bool:
@@ -275,8 +285,12 @@ class RecommenderService:
         new.encoder()  # a release whose encoder does not load is refused too
         with self._write_lock:
             sync_journal(new)  # writes that landed while the new release was loading
-            self._state = new
+            old, self._state = self._state, new
         log.info("now serving release %s", new.version)
+        # Requests still on the old state only use what is in memory: its files can go.
+        if (old is not None and self._own_cache is not None and old.release.path.parent == self._own_cache
+                and old.release.path != new.release.path):
+            shutil.rmtree(old.release.path, ignore_errors=True)
         if announce and self.config.reload_signal:
             self._reload_generation = uuid.uuid4().hex
             io.write_json(self.config.reload_signal, {"generation": self._reload_generation,
