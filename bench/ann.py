@@ -161,6 +161,18 @@ def _tune(search: Callable[[np.ndarray, Any], np.ndarray], grid: list[Any], quer
     return (best, best_recall) if best is not None else fallback
 
 
+def faiss_timings(index: Any, queries: np.ndarray, k: int, single: int) -> dict[str, Any]:
+    """Single-query latency on one thread (as a serving process runs it), batched QPS on all
+    cores, and the serialized size of a tuned faiss index."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    one = latency(lambda q: index.search(q[None, :], k), queries, single)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    return {**one, "qps_batched": batched_qps(lambda qs: index.search(qs, k), queries),
+            "index_bytes": len(faiss.serialize_index(index))}
+
+
 def bench_faiss_hnsw(data, queries, truth, k, args) -> dict[str, Any]:
     import faiss
 
@@ -178,12 +190,8 @@ def bench_faiss_hnsw(data, queries, truth, k, args) -> dict[str, Any]:
 
     ef, r = _tune(search, [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512], queries, truth, args.target)
     index.hnsw.efSearch = ef
-    faiss.omp_set_num_threads(1)
-    single = latency(lambda q: index.search(q[None, :], k), queries, args.single)
-    faiss.omp_set_num_threads(os.cpu_count() or 1)
-    return {"method": f"faiss HNSW (M={args.hnsw_m})", "build_s": build_s, "recall": r, **single,
-            "qps_batched": batched_qps(lambda qs: index.search(qs, k), queries),
-            "index_bytes": len(faiss.serialize_index(index)), "rss_growth_bytes": rss_growth,
+    return {"method": f"faiss HNSW (M={args.hnsw_m})", "build_s": build_s, "recall": r,
+            **faiss_timings(index, queries, k, args.single), "rss_growth_bytes": rss_growth,
             "params": {"M": args.hnsw_m, "efConstruction": args.hnsw_ef_construction, "efSearch": ef}}
 
 
@@ -213,12 +221,8 @@ def bench_faiss_ivfpq(data, queries, truth, k, args) -> dict[str, Any]:
     grid = [(p, f) for p in (1, 2, 4, 8, 16, 32, 64, 128) if p <= nlist for f in (1, 2, 4, 8)]
     (nprobe, factor), r = _tune(search, grid, queries, truth, args.target)
     ivfpq.nprobe, index.k_factor = nprobe, factor
-    faiss.omp_set_num_threads(1)
-    single = latency(lambda q: index.search(q[None, :], k), queries, args.single)
-    faiss.omp_set_num_threads(os.cpu_count() or 1)
-    return {"method": f"faiss IVF-PQ (nlist={nlist}, m={m}) + refine", "build_s": build_s, "recall": r, **single,
-            "qps_batched": batched_qps(lambda qs: index.search(qs, k), queries),
-            "index_bytes": len(faiss.serialize_index(index)), "rss_growth_bytes": rss_growth,
+    return {"method": f"faiss IVF-PQ (nlist={nlist}, m={m}) + refine", "build_s": build_s, "recall": r,
+            **faiss_timings(index, queries, k, args.single), "rss_growth_bytes": rss_growth,
             "params": {"nlist": nlist, "m": m, "nprobe": nprobe, "k_factor": factor}}
 
 
