@@ -54,6 +54,10 @@ def test_upload_download_and_context_managers(gcs_emulator, tmp_path):
 
     dest = io.download_dir(uri, tmp_path / "dest")
     assert (dest / "nested" / "b.bin").read_bytes() == b"\xff" * 1000
+    # `exclude` skips a subtree the same way from gs:// and from a local directory.
+    for source, name in ((uri, "from-gcs"), (str(src), "from-local")):
+        partial = io.download_dir(source, tmp_path / name, exclude=("nested/",))
+        assert sorted(p.relative_to(partial).as_posix() for p in partial.rglob("*")) == ["a.txt"]
     with io.local_dir(uri) as local:
         assert (local / "a.txt").read_text() == "a"
     assert not local.exists()  # the temporary download is cleaned up

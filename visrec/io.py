@@ -169,16 +169,16 @@ def makedirs(uri: str) -> None:
 
 def download_dir(uri: str, local: str | Path, exclude: Sequence[str] = ()) -> Path:
     """Copy every file under `uri` into `local`, keeping relative paths, except those whose
-    relative path starts with one of `exclude`."""
+    relative path starts with one of `exclude` (e.g. `"state/"`)."""
     local = Path(local)
     local.mkdir(parents=True, exist_ok=True)
     if not is_gcs(uri):
-        shutil.copytree(uri, local, dirs_exist_ok=True,
-                        ignore=lambda d, names: [n for n in names if _excluded(Path(d), uri, n, exclude)])
+        shutil.copytree(uri, local, dirs_exist_ok=True, ignore=lambda d, names: [
+            n for n in names if _excluded((Path(d) / n).relative_to(uri).as_posix(), exclude)])
         return local
     base = uri.rstrip("/") + "/"
     for f in list_files(base):
-        if f[len(base):].startswith(tuple(exclude)):
+        if _excluded(f[len(base):], exclude):
             continue
         dest = local / f[len(base):]
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -186,9 +186,10 @@ def download_dir(uri: str, local: str | Path, exclude: Sequence[str] = ()) -> Pa
     return local
 
 
-def _excluded(directory: Path, root: str, name: str, exclude: Sequence[str]) -> bool:
-    relative = (directory / name).relative_to(root).as_posix()
-    return any(relative.startswith(e) or f"{relative}/" == e for e in exclude)
+def _excluded(relative: str, exclude: Sequence[str]) -> bool:
+    # The trailing "/" lets a directory match its own prefix ("state" vs "state/"), so
+    # copytree skips it without descending.
+    return f"{relative}/".startswith(tuple(exclude))
 
 
 def upload_dir(local: str | Path, uri: str) -> None:
