@@ -6,6 +6,7 @@ fitted PCA, a ScaNN index built by `SimilarityIndex`, listings and metrics.json 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from visrec.cli import main
 from visrec.errors import UserError
 from visrec.release import (CURRENT, DEPLOYED, PENDING, REFUSED, UNCHANGED, DeployConfig, ReleaseInvalid,
                             approve_release, champion_embeddings_uri, current_version, deploy_release,
-                            list_releases, load_release, rollback)
+                            list_releases, load_release, predecessor, rollback)
 
 ITEMS = 40
 EMBED_DIMS = 32  # the tiny SigLIP's vision hidden size
@@ -219,6 +220,29 @@ def test_rollback_walks_back_through_production_history(inputs, tmp_path):
     assert audit_b[-1] == {**audit_b[-1], "action": "rolled_back", "to": a, "who": "oncall"}
     assert [r["current"] for r in list_releases(registry)] == [True, False, False]
     assert [r["version"] for r in list_releases(registry)] == [a, b, c]
+
+
+def test_catalog_snapshot_time_and_predecessors_for_the_serving_hand_over(inputs, tmp_path):
+    """Serving carries writes made after a release's catalog snapshot from the release it replaced."""
+    registry = str(tmp_path / "registry")
+    a = deploy_release(config(inputs, registry, "good"))["version"]
+    first = load_release(registry)
+    # Default: the listings file's modification time, i.e. when the export was written.
+    assert first.catalog_snapshot_at == pytest.approx(os.path.getmtime(inputs["listings"]), abs=1e-3)
+    assert predecessor(first) is None and predecessor(load_release(str(first.path))) is None
+    b = deploy_release(config(inputs, registry, "better", catalog_snapshot_at="2026-11-20T03:00:00+09:00"))["version"]
+    second = load_release(registry)
+    assert second.manifest["catalog_snapshot_at"] == "2026-11-20T03:00:00+09:00"
+    assert second.catalog_snapshot_at == dt.datetime(2026, 11, 19, 18, tzinfo=dt.timezone.utc).timestamp()
+    before = predecessor(second)
+    assert (before.version, before.state_uri) == (a, str(first.path / "state"))
+    assert before.manifest["files"] == first.manifest["files"]
+    assert second.registry == registry and load_release(str(second.path)).registry is None
+    rollback(registry)
+    assert predecessor(load_release(registry)).version == b  # a rolled-back release hands its writes back
+    for bad in ("yesterday", "2026-11-20T03:00:00"):
+        with pytest.raises(UserError, match="catalog snapshot time"):
+            deploy_release(config(inputs, registry, "best", catalog_snapshot_at=bad))
 
 
 def test_rollback_survives_a_lost_history_entry(inputs, tmp_path):

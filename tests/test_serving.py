@@ -40,9 +40,11 @@ def jpeg(colour: tuple[int, int, int], pattern: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def build_release(models_dir: Path, registry: Path, version: str, n_items: int = 120) -> Path:
+def build_release(models_dir: Path, registry: Path | str, version: str, n_items: int = 120,
+                  catalog_snapshot_at: str | None = None, work_root: Path | None = None) -> Path | str:
     """A small release through `deploy_release` (docs/artifacts.md section 6), from a tiny SigLIP
-    and generated images: embeddings + PCA as stage 3 writes them, an index as stage 4 does."""
+    and generated images: embeddings + PCA as stage 3 writes them, an index as stage 4 does.
+    Its inputs are written under `work_root` (default: beside a local registry)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -59,7 +61,7 @@ def build_release(models_dir: Path, registry: Path, version: str, n_items: int =
     images = [decode_image(jpeg(COLOURS[i % len(COLOURS)], i % 5)) for i in range(n_items)]
     raw = np.stack([embed_image(encoder, None, img) for img in images])
     pca = PcaProjection.fit(raw, dims=16)
-    work = registry.parent / f"work-{version}"
+    work = (work_root or Path(registry).parent) / f"work-{version}"
     write_embeddings(str(work / "embeddings" / "embeddings-00000-of-00001.parquet"), ids, raw)
     pca.save(str(work / "embeddings" / "pca" / "pca.npz"))
     SimilarityIndex.build(ids, pca.transform(raw), IndexConfig()).save(str(work / "index"))
@@ -77,8 +79,8 @@ def build_release(models_dir: Path, registry: Path, version: str, n_items: int =
     outcome = deploy_release(DeployConfig(
         registry=str(registry), model_dir=str(models_dir / "siglip"), embeddings_dir=str(work / "embeddings"),
         index_dir=str(work / "index"), listings_uri=str(work / "listings.parquet"),
-        metrics_uri=str(work / "metrics.json"), version=version))
-    return Path(outcome["path"])
+        metrics_uri=str(work / "metrics.json"), version=version, catalog_snapshot_at=catalog_snapshot_at))
+    return outcome["path"] if str(registry).startswith("gs://") else Path(outcome["path"])
 
 
 class Server:

@@ -10,6 +10,8 @@ import io as bytes_io
 import json
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -306,3 +308,22 @@ def test_init_models_cli_writes_loadable_stand_ins(tmp_path, capsys):
     assert model.logit_bias.item() == -10.0  # the SigLIP paper's initialisation
     assert len(processor.tokenizer("red", padding="max_length", max_length=64)["input_ids"]) == 64
     assert load_image_encoder(str(tmp_path / "m" / "mobilenet_v2"), "mobilenet_v2").kind == "mobilenet_v2"
+
+
+def test_title_tokenizer_is_the_same_in_every_process(tmp_path):
+    """Same titles, same vocabulary ids: the trainer's thread sums and hash order must not leak in.
+
+    Each process hashes with its own random seed, which used to shuffle the ids of
+    the characters the trainer appends (and so change every training run).
+    """
+    from visrec.demo_data import DemoDataConfig, generate_marketplace
+
+    generate_marketplace(tmp_path, DemoDataConfig(items=300, seed=5))
+    script = ("import sys, hashlib\n"
+              "from visrec.models import _catalog_titles, train_title_tokenizer\n"
+              "tok = train_title_tokenizer(_catalog_titles(sys.argv[1]))\n"
+              "print(hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest())\n")
+    digests = {subprocess.run([sys.executable, "-c", script, str(tmp_path / "listings.jsonl")], check=True,
+                              capture_output=True, text=True, cwd=Path(__file__).parent.parent).stdout.strip()
+               for _ in range(3)}
+    assert len(digests) == 1 and len(next(iter(digests))) == 64

@@ -161,6 +161,25 @@ def list_files(prefix: str, pattern: str = "*", limit: int | None = None) -> lis
     return out[:limit] if limit else out
 
 
+def modified_at(uri: str) -> float:
+    """When a file was last written (epoch seconds); for a directory/prefix, its newest file's."""
+    if is_gcs(uri):
+        blob = _blob(uri)
+        if blob.exists():
+            blob.reload()
+            return blob.updated.timestamp()
+        bucket, name = split_gcs(uri)
+        stamps = [b.updated.timestamp() for b in gcs_client().list_blobs(bucket, prefix=name.rstrip("/") + "/")]
+    else:
+        path = Path(uri)
+        if path.is_file():
+            return path.stat().st_mtime
+        stamps = [p.stat().st_mtime for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+    if not stamps:
+        raise FileNotFoundError(uri)
+    return max(stamps)
+
+
 def makedirs(uri: str) -> None:
     """Create a local directory (GCS has no directories: a no-op there)."""
     if not is_gcs(uri):

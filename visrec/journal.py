@@ -1,8 +1,12 @@
 """The serving write journal: every upsert and delete, in a place that outlives the process.
 
 A release's `state/` directory holds it. Writers append entries (one JSON object each,
-carrying the embedded vector, so replaying never needs the image again); readers ask
-for the entries they have not seen yet. Two stores:
+with a unique `id`, the write time `at` and the embedded vector, so replaying never
+needs the image again); readers ask for the entries they have not seen yet. The image
+an upsert was embedded from is kept beside it, content-addressed under
+`state/images/<sha256>`, for the one reader that does need it: the next release, which
+re-embeds listings made after its catalog snapshot with its own encoder
+(`visrec.handover`). Two stores:
 
 - `FileJournal`: `state/journal.jsonl` on local disk. Appends take an exclusive file
   lock, so the worker processes of one `visrec serve` share it; readers keep a byte offset.
@@ -18,6 +22,7 @@ for the entries they have not seen yet. Two stores:
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 
 JOURNAL_FILE = "journal.jsonl"
 JOURNAL_PREFIX = "journal/"
+IMAGES_PREFIX = "images/"
 # How far back (seconds of write time) a GCS reader re-lists for entries that arrived late.
 LATE_ENTRY_WINDOW_SECONDS = 60.0
 
@@ -43,6 +49,35 @@ class Journal(Protocol):
 
     def read_new(self) -> list[dict]:
         """Entries this reader has not returned before, oldest first (unreadable ones skipped, logged)."""
+
+    def entry_ids(self) -> set[str]:
+        """The `id` of every entry written so far (whoever wrote it)."""
+
+
+def new_entry_id() -> str:
+    return uuid.uuid4().hex
+
+
+def entry_id(entry: dict) -> str:
+    """An entry's `id`; entries written before ids existed are named by their content."""
+    if entry.get("id"):
+        return str(entry["id"])
+    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def store_image(state_uri: str, data: bytes) -> str:
+    """Keep an upserted image's bytes in the state directory; returns their sha256 (its name)."""
+    digest = hashlib.sha256(data).hexdigest()
+    uri = io.join(state_uri, IMAGES_PREFIX + digest)
+    if not io.is_gcs(uri) and Path(uri).exists():
+        return digest
+    io.write_bytes(uri, data)
+    return digest
+
+
+def load_image(state_uri: str, digest: str) -> bytes:
+    """The bytes `store_image` kept under `digest`; `FileNotFoundError` if they are gone."""
+    return io.read_bytes(io.join(state_uri, IMAGES_PREFIX + digest))
 
 
 def open_journal(state_uri: str) -> Journal:
@@ -97,9 +132,16 @@ class FileJournal:
         entries = (_parse(line, str(self.path)) for line in data[:end].splitlines() if line.strip())
         return [e for e in entries if e is not None]
 
+    def entry_ids(self) -> set[str]:
+        return {entry_id(e) for e in FileJournal(self.path).read_new()}
+
 
 class GcsJournal:
-    """One object per entry under a `gs://` prefix, named `<write time ns>-<random>.json`."""
+    """One object per entry under a `gs://` prefix, named `<write time ns>-<entry id>.json`.
+
+    The name carries the time of the append (not the entry's `at`, which is older for
+    an entry carried over from the previous release): readers tail by name.
+    """
 
     def __init__(self, prefix_uri: str):
         self.prefix_uri = prefix_uri.rstrip("/") + "/"
@@ -108,7 +150,7 @@ class GcsJournal:
         self._horizon = ""  # names before this are never listed again
 
     def append(self, entry: dict) -> None:
-        name = f"{self.prefix}{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json"
+        name = f"{self.prefix}{time.time_ns():020d}-{entry_id(entry)}.json"
         blob = io.gcs_client().bucket(self.bucket_name).blob(name)
         # Create-only: a retried upload can never overwrite another writer's entry.
         blob.upload_from_string(json.dumps(entry, separators=(",", ":")), content_type="application/json",
@@ -135,3 +177,8 @@ class GcsJournal:
             self._seen = {n for n in self._seen if n >= self._horizon}
         entries = (_parse(data, f"gs://{self.bucket_name}/{name}") for name, data in zip(new, payloads))
         return [e for e in entries if e is not None]
+
+    def entry_ids(self) -> set[str]:
+        bucket = io.gcs_client().bucket(self.bucket_name)
+        names = (b.name[len(self.prefix):] for b in bucket.list_blobs(prefix=self.prefix))
+        return {n.split("-", 1)[1].removesuffix(".json") for n in names if "-" in n}

@@ -157,13 +157,48 @@ def train_title_tokenizer(titles: Iterable[str], vocab_size: int = 2000) -> Any:
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+    special_tokens = ["<pad>", "</s>", "<unk>"]
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                       unk_token="<unk>", shrinking_factor=0.75)
     tok.train_from_iterator(list(titles) + _FALLBACK_TITLES, trainer=trainer)
+    tok.model = _canonical_unigram(json.loads(tok.to_str())["model"], len(special_tokens))
     eos = tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                    unk_token="<unk>", model_max_length=TEXT_MAX_LENGTH)
+
+
+# The Unigram trainer appends the corpus characters that EM pruned, with scores
+# min, min + 1e-4, min + 2e-4, ... handed out in (per-process random) hash-set order.
+_APPENDED_CHAR_SCORE_STEP = 1e-4
+
+
+def _canonical_unigram(model_state: dict, specials: int) -> Any:
+    """The trained Unigram model made a function of the titles alone.
+
+    Two things vary from run to run with the same titles: the last bits of the EM
+    scores (the trainer sums over threads), and which appended character gets which
+    of the appended scores. Both change the ids of pieces, so the same catalog gave
+    a differently numbered vocabulary and a different training run each time.
+    Scores are rounded to 1e-9, the appended characters (single characters on the
+    min + k * 1e-4 grid) are re-dealt those scores in code-point order, and pieces
+    are sorted by (score, piece).
+    """
+    from tokenizers import models
+
+    vocab = model_state["vocab"]
+    pieces = [(piece, round(score, 9)) for piece, score in vocab[specials:]]
+    lowest = min(score for _, score in pieces)
+
+    def grid_step(score: float) -> float:
+        return (score - lowest) / _APPENDED_CHAR_SCORE_STEP
+
+    appended = {piece: score for piece, score in pieces
+                if len(piece) == 1 and abs(grid_step(score) - round(grid_step(score))) < 1e-3}
+    rescored = dict(zip(sorted(appended), sorted(appended.values(), reverse=True)))
+    pieces = sorted(((p, rescored.get(p, s)) for p, s in pieces), key=lambda p: (-p[1], p[0]))
+    return models.Unigram([tuple(v) for v in vocab[:specials]] + pieces, unk_id=model_state["unk_id"],
+                          byte_fallback=model_state.get("byte_fallback", False))
 
 
 def _calibrate_random_cnn(model: Any, image_size: int, batches: int = 4, batch_size: int = 32) -> None:

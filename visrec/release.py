@@ -90,6 +90,9 @@ class DeployConfig:
     target: `local` (registry pointer only) or `vertex` (also upload and deploy on Vertex AI).
     encoder_kind: model kind of `model_dir` (`visrec.models.KINDS`), to load it when verifying.
     smoke_k: neighbours asked for by the verification query.
+    catalog_snapshot_at: when the listings were exported (ISO 8601); None = the listings
+        file's modification time. Serving carries writes made after it, against the
+        release this one replaces, into this release (`visrec.handover`).
     """
 
     registry: str
@@ -104,6 +107,7 @@ class DeployConfig:
     vertex: VertexDeployConfig | None = None
     encoder_kind: str = "siglip"
     smoke_k: int = 5
+    catalog_snapshot_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,12 +115,14 @@ class Release:
     """A verified release on local disk (a `gs://` one is downloaded first).
 
     source: where it was loaded from (the `gs://` URI of a downloaded one, else `path`).
+    registry: the registry it was resolved from (its CURRENT), None for a release directory.
     """
 
     version: str
     path: Path
     manifest: dict[str, Any]
     source: str = ""
+    registry: str | None = None
 
     @property
     def model_dir(self) -> Path:
@@ -156,6 +162,12 @@ class Release:
     @property
     def status(self) -> str:
         return self.manifest["approval"]["status"]
+
+    @property
+    def catalog_snapshot_at(self) -> float | None:
+        """The catalog snapshot time as epoch seconds (None for releases made before it was recorded)."""
+        stamp = self.manifest.get("catalog_snapshot_at")
+        return dt.datetime.fromisoformat(stamp).timestamp() if stamp else None
 
 
 # ---- small helpers --------------------------------------------------------------------------
@@ -338,12 +350,25 @@ def _assemble(config: DeployConfig, metrics: dict[str, Any], dest: Path) -> None
     (dest / STATE).mkdir()
 
 
+def _catalog_snapshot_at(config: DeployConfig) -> str:
+    if config.catalog_snapshot_at is None:
+        return dt.datetime.fromtimestamp(io.modified_at(config.listings_uri), dt.timezone.utc).isoformat()
+    try:
+        stamp = dt.datetime.fromisoformat(config.catalog_snapshot_at)
+    except ValueError:
+        raise UserError(f"catalog snapshot time {config.catalog_snapshot_at!r} is not ISO 8601") from None
+    if stamp.tzinfo is None:
+        raise UserError(f"catalog snapshot time {config.catalog_snapshot_at!r} needs a time zone (e.g. +00:00)")
+    return stamp.isoformat()
+
+
 def _manifest(config: DeployConfig, version: str, files: dict[str, str], metrics: dict[str, Any],
-              created_at: str) -> dict[str, Any]:
+              created_at: str, catalog_snapshot_at: str) -> dict[str, Any]:
     vertex = dataclasses.asdict(config.vertex) if config.target == "vertex" and config.vertex else None
     return {
         "version": version,
         "created_at": created_at,
+        "catalog_snapshot_at": catalog_snapshot_at,
         "sources": {"model": config.model_dir, "embeddings": config.embeddings_dir, "index": config.index_dir,
                     "listings": config.listings_uri, "metrics": config.metrics_uri},
         "library_versions": _library_versions(),
@@ -456,16 +481,48 @@ def load_release(dir_or_registry: str, cache_dir: str | None = None) -> Release:
     first, then every checksum listed in `release.json` is verified. A copy already in
     `cache_dir` that verifies is used as it is (worker processes, restarts, reloads).
     """
-    uri = str(dir_or_registry)
+    uri = registry = str(dir_or_registry)
     if io.exists(io.join(uri, CURRENT)):
         uri = release_uri(uri, current_version(uri))
     elif io.exists(io.join(uri, RELEASES)) and not io.exists(io.join(uri, MANIFEST)):
         raise UserError(f"registry {uri} has no release in production yet ({CURRENT} is missing)")
     if io.is_gcs(uri):
-        return _download_release(uri, Path(cache_dir or tempfile.mkdtemp(prefix="visrec-release-")))
-    if not Path(uri).is_dir():
+        release = _download_release(uri, Path(cache_dir or tempfile.mkdtemp(prefix="visrec-release-")))
+    elif not Path(uri).is_dir():
         raise UserError(f"release not found: {uri}")
-    return _open_local(Path(uri))
+    else:
+        release = _open_local(Path(uri))
+    return dataclasses.replace(release, registry=registry) if uri != registry else release
+
+
+@dataclass(frozen=True)
+class ReleaseRef:
+    """A published release known by its manifest only (nothing downloaded or verified)."""
+
+    version: str
+    uri: str
+    manifest: dict[str, Any]
+
+    @property
+    def state_uri(self) -> str:
+        return io.join(self.uri, STATE)
+
+
+def predecessor(release: Release) -> ReleaseRef | None:
+    """The release that was current before `release` became current (by deploy, approval
+    or rollback, per history.jsonl); None if there is none or `release` is not a registry's."""
+    if release.registry is None:
+        return None
+    became_current = [e for e in _read_jsonl(io.join(release.registry, HISTORY)) if e["version"] == release.version]
+    previous = became_current[-1].get("previous") if became_current else None
+    if not previous or previous == release.version:
+        return None
+    uri = release_uri(release.registry, previous)
+    try:
+        return ReleaseRef(previous, uri, io.read_json(io.join(uri, MANIFEST)))
+    except FileNotFoundError:
+        log.warning("release %s names %s as its predecessor, which is gone", release.version, previous)
+        return None
 
 
 def _download_release(uri: str, cache: Path) -> Release:
@@ -615,6 +672,7 @@ def deploy_release(config: DeployConfig) -> dict[str, Any]:
                             f"got {config.registry}")
     if config.version is not None and not _VERSION.match(config.version):
         raise UserError(f"invalid version {config.version!r}: letters, digits, '.', '_' and '-' only")
+    catalog_snapshot_at = _catalog_snapshot_at(config)
     metrics = _read_metrics(config.metrics_uri)
     refusal = gate_refusal(metrics)
     if refusal:
@@ -635,7 +693,7 @@ def deploy_release(config: DeployConfig) -> dict[str, Any]:
         existing = _existing_outcome(config, version)
         if existing is not None:
             return existing
-        manifest = _manifest(config, version, files, metrics, started)
+        manifest = _manifest(config, version, files, metrics, started, catalog_snapshot_at)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         (staging / AUDIT).write_text(json.dumps({"at": started, "action": "created", "who": _user(),
                                                  "why": f"gate decision {metrics['decision']}"}) + "\n")

@@ -10,8 +10,10 @@ answers reads as soon as the index is in memory, and image upserts wait for it.
 
 Writes (upsert, delete) go through the release's journal (`visrec.journal`: a local
 file, or objects on GCS for a `gs://` release): the request handler embeds the image,
-appends one entry (with the vector, so replay never needs the image again) and then
-applies every entry it has not applied yet. Start-up replay and the background tail
+keeps it in the state directory, appends one entry (with the vector, so replay never
+needs the image again) and then applies every entry it has not applied yet. A release
+loaded from a registry first takes over the writes its predecessor took after its
+catalog snapshot (`visrec.handover`). Start-up replay and the background tail
 (which keeps several `--workers` processes, or replicas, in step) use that very same
 `sync_journal`, so there is one write path; per item the newest write wins, so every
 process converges on the same state whatever order it read the entries in.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -33,13 +36,14 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from visrec import io
 from visrec.errors import UserError
-from visrec.journal import Journal, open_journal
+from visrec.handover import HandoverStatus, carry_writes, encoder_fingerprint, reembed_writes
+from visrec.journal import Journal, new_entry_id, open_journal, store_image
 from visrec.ranking import ON_SALE, ItemCatalog, RankedList, RankingConfig, label_index_with_catalog, recommend
 
 log = logging.getLogger(__name__)
@@ -99,6 +103,7 @@ class ServingState:
     # Write time of the newest applied entry per item, for its metadata and for its vector.
     metadata_at: dict[str, float] = field(default_factory=dict)
     vector_at: dict[str, float] = field(default_factory=dict)
+    handover: HandoverStatus | None = None
 
     def encoder_status(self) -> str:
         """`loading`, `ready`, `none` (the release has no encoder) or `failed`."""
@@ -152,9 +157,76 @@ def load_state(release_uri: str, config: ServingConfig) -> ServingState:
     state = ServingState(version=release.version, release=release, index=index, catalog=catalog,
                          encoder_future=encoder_future, pca=pca, journal=open_journal(release.state_uri))
     replayed = sync_journal(state)
+    state.handover = start_handover(state)
     log.info("loaded release %s: %d indexed items, %d catalog items, %d journal entries replayed, %.1fs",
              state.version, len(index), len(catalog), replayed, time.monotonic() - started)
     return state
+
+
+def start_handover(state: ServingState) -> HandoverStatus | None:
+    """Carry the writes the predecessor took after this release's catalog snapshot (`visrec.handover`).
+
+    Copies and applies what needs no encoder now; upserts to re-embed continue in a
+    background thread once the encoder is loaded (the journal tail applies them). On
+    one machine a file lock lets one worker process do it; the others apply its writes.
+    """
+    from visrec.release import predecessor
+
+    since = state.release.catalog_snapshot_at
+    previous = predecessor(state.release)
+    if previous is None or since is None:
+        return None
+    status = HandoverStatus(previous.version, since)
+    acquired, lock = _try_handover_lock(state.release.state_uri)
+    if not acquired:
+        status.by_other_process = True
+        return status
+    try:
+        same_encoder = encoder_fingerprint(previous.manifest) == encoder_fingerprint(state.release.manifest)
+        to_embed = carry_writes(open_journal(previous.state_uri), state.journal, since, same_encoder, status)
+        sync_journal(state)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    if not to_embed:
+        if lock is not None:
+            lock.close()
+        return status
+    threading.Thread(target=_reembed_in_background, args=(state, previous.state_uri, to_embed, status, lock),
+                     name="visrec-handover", daemon=True).start()
+    return status
+
+
+def _try_handover_lock(state_uri: str) -> tuple[bool, IO | None]:
+    """(acquired, handle to close when done); a `gs://` state needs no lock (ids dedupe replicas)."""
+    if io.is_gcs(state_uri):
+        return True, None
+    handle = open(Path(state_uri) / "handover.lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return False, None
+    return True, handle
+
+
+def _reembed_in_background(state: ServingState, source_state_uri: str, entries: list[dict],
+                           status: HandoverStatus, lock: IO | None) -> None:
+    from visrec.images import decode_image
+
+    try:
+        encoder = state.encoder()
+        if encoder is None:
+            raise NoEncoder(f"release {state.version} has no image encoder")
+        reembed_writes(entries, lambda data: embed_image(encoder, state.pca, decode_image(data)),
+                       source_state_uri, state.release.state_uri, state.journal, status)
+    except Exception as exc:  # noqa: BLE001 - the service keeps serving; the status says what is missing
+        status.failed = status.to_embed - status.embedded
+        log.error("hand-over from %s: cannot re-embed: %r", status.source, exc)
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def _load_encoder(model_dir: str, kind: str, future: Future) -> None:
@@ -353,18 +425,17 @@ class RecommenderService:
         one may change only some (e.g. just `status`).
         """
         state = self.state
-        image = self._read_image(fields)
-        vector = None
+        data, image = self._read_image(fields)
+        vector = image_sha256 = None
         if image is not None:
-            try:
-                encoder = state.encoder(timeout=ENCODER_WAIT_SECONDS)
-            except Exception as exc:  # noqa: BLE001 - still loading past the wait, or failed to load
-                raise NoEncoder(f"the image encoder of release {state.version} is unavailable: {exc!r}") from None
-            if encoder is None:
-                raise NoEncoder(f"release {state.version} has no image encoder")
-            vector = embed_image(encoder, state.pca, image)
+            vector = self._embed(state, image)
+            image_sha256 = store_image(state.release.state_uri, data)
         with self._write_lock:
-            state = self.state
+            if self.state is not state:  # a reload swapped releases meanwhile: use the new encoder
+                state = self.state
+                if image is not None:
+                    vector = self._embed(state, image)
+                    image_sha256 = store_image(state.release.state_uri, data)
             with state.lock:
                 current = state.catalog.get(item_id)
                 indexed = item_id in state.index
@@ -375,8 +446,9 @@ class RecommenderService:
                       "status": fields.get("status") or (current["status"] if current else ON_SALE)}
             if merged["category"] is None or merged["price"] is None:
                 raise BadItem("a new item needs `category` and `price`")
-            entry = {"op": "upsert", "item_id": item_id, "title": fields.get("title"), **merged,
-                     "vector": None if vector is None else vector.tolist(), "at": time.time()}
+            entry = {"op": "upsert", "id": new_entry_id(), "item_id": item_id, "title": fields.get("title"),
+                     **merged, "vector": None if vector is None else vector.tolist(),
+                     "image_sha256": image_sha256, "at": time.time()}
             state.journal.append(entry)
             sync_journal(state)
         return {"item_id": item_id, "release": state.version, "status": merged["status"],
@@ -390,11 +462,21 @@ class RecommenderService:
                 known = item_id in state.catalog or item_id in state.index
             if not known:
                 raise UnknownItem(item_id)
-            state.journal.append({"op": "delete", "item_id": item_id, "at": time.time()})
+            state.journal.append({"op": "delete", "id": new_entry_id(), "item_id": item_id, "at": time.time()})
             sync_journal(state)
 
-    def _read_image(self, fields: dict) -> Any | None:
-        """The request's image as a PIL image, or None if it carries none."""
+    @staticmethod
+    def _embed(state: ServingState, image: Any) -> np.ndarray:
+        try:
+            encoder = state.encoder(timeout=ENCODER_WAIT_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - still loading past the wait, or failed to load
+            raise NoEncoder(f"the image encoder of release {state.version} is unavailable: {exc!r}") from None
+        if encoder is None:
+            raise NoEncoder(f"release {state.version} has no image encoder")
+        return embed_image(encoder, state.pca, image)
+
+    def _read_image(self, fields: dict) -> tuple[bytes | None, Any | None]:
+        """(bytes, PIL image) of the request's image, (None, None) if it carries none."""
         from visrec.images import ImageDecodeError, decode_image, load_image_bytes
 
         if fields.get("image") is not None:
@@ -405,9 +487,9 @@ class RecommenderService:
         elif fields.get("image_uri"):
             data = self._read_image_uri(fields["image_uri"], load_image_bytes)
         else:
-            return None
+            return None, None
         try:
-            return decode_image(data)
+            return data, decode_image(data)
         except ImageDecodeError as exc:
             raise BadItem(f"image does not decode: {exc}") from None
 

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=("local", "vertex"), default="local",
                         help="local: registry pointer only; vertex: also upload and deploy on Vertex AI")
     parser.add_argument("--encoder-kind", default="siglip", help="model kind of --model (siglip | mobilenet_v2)")
+    parser.add_argument("--catalog-snapshot-at", metavar="ISO8601",
+                        help="when the listings were exported (default: the listings file's modification time); "
+                             "serving carries writes made after it into this release")
     vertex = parser.add_argument_group("Vertex AI (--target vertex)")
     vertex.add_argument("--project", help="Google Cloud project")
     vertex.add_argument("--region", help="Vertex AI region, e.g. us-central1")
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         registry=args.registry, model_dir=args.model, embeddings_dir=args.embeddings, index_dir=args.index,
         listings_uri=args.listings, metrics_uri=args.metrics, version=args.version,
         require_approval=args.require_approval, target=args.target, vertex=vertex_config_from_args(args),
-        encoder_kind=args.encoder_kind))
+        encoder_kind=args.encoder_kind, catalog_snapshot_at=args.catalog_snapshot_at))
     print(f"{result['status']}: {result['message']}")
     if result["path"]:
         print(f"release {result['version']} at {result['path']}")

@@ -1,0 +1,179 @@
+"""Writes taken by the release in production after the next release's catalog snapshot are
+carried into the next release (and back, on rollback), re-embedded when the encoder changed."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_serving import COLOURS, build_release, jpeg
+from visrec.handover import encoder_fingerprint, plan_handover
+from visrec.journal import entry_id
+
+
+def upsert(item: str, at: float, vector: bool = True, image: bool = True, **meta) -> dict:
+    return {"op": "upsert", "id": f"id-{item}-{at}", "item_id": item, "at": at, "price": 100, "category": "a/b",
+            "status": "on_sale", "vector": [1.0, 0.0] if vector else None,
+            "image_sha256": "ab" * 32 if image else None, **meta}
+
+
+def test_plan_carries_only_writes_after_the_snapshot_and_not_twice():
+    before = upsert("old", 5.0)
+    sold = upsert("x", 12.0, vector=False, status="sold")
+    gone = {"op": "delete", "item_id": "y", "at": 11.0}  # written before entries had ids
+    new = upsert("new", 13.0)
+    done = upsert("done", 14.0)
+    copy, embed = plan_handover([new, sold, before, done, gone], since=10.0, already={done["id"]},
+                                same_encoder=False)
+    assert [e["item_id"] for e in copy] == ["y", "x"]  # in write order, the vector-less update kept whole
+    assert copy[0]["id"] == entry_id(gone) and copy[1] == sold
+    assert embed == [new]
+    copy, embed = plan_handover([new, sold], since=10.0, already=set(), same_encoder=True)
+    assert [e["item_id"] for e in copy] == ["x", "new"] and copy[1]["vector"] == [1.0, 0.0] and not embed
+
+
+def test_plan_keeps_the_metadata_of_an_upsert_without_a_kept_image():
+    copy, embed = plan_handover([upsert("legacy", 20.0, image=False)], since=10.0, already=set(), same_encoder=False)
+    assert not embed and copy[0]["vector"] is None and copy[0]["price"] == 100
+
+
+def test_encoder_fingerprint_follows_encoder_and_pca_files_only():
+    manifest = {"encoder_kind": "siglip", "files": {"model/model.safetensors": "a", "pca/pca.npz": "b",
+                                                     "index/data.npy": "c", "items.parquet": "d"}}
+    other_catalog = {**manifest, "files": {**manifest["files"], "index/data.npy": "x", "items.parquet": "y"}}
+    assert encoder_fingerprint(manifest) == encoder_fingerprint(other_catalog)
+    for changed in ({"model/model.safetensors": "z"}, {"pca/pca.npz": "z"}):
+        assert encoder_fingerprint(manifest) != encoder_fingerprint({**manifest, "files": {**manifest["files"],
+                                                                                           **changed}})
+    assert encoder_fingerprint(manifest) != encoder_fingerprint({**manifest, "encoder_kind": "mobilenet_v2"})
+
+
+@pytest.fixture(scope="module")
+def retrained_models(tmp_path_factory, tiny_models) -> Path:
+    """The tiny SigLIP with slightly moved image-tower weights: a new encoder, as retraining gives."""
+    import torch
+
+    from visrec.models import load_siglip
+
+    model, processor = load_siglip(str(tiny_models / "siglip"))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.vision_model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    out = tmp_path_factory.mktemp("retrained")
+    model.save_pretrained(out / "siglip")
+    processor.save_pretrained(out / "siglip")
+    return out
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat()
+
+
+def _wait_for_handover(service, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while not service.state.handover.done:
+        assert time.monotonic() < deadline, service.state.handover
+        time.sleep(0.05)
+    service.sync_journal()  # what the journal tail does every 0.5 s
+    return service.state.handover.as_dict()
+
+
+def _recommended(service, item_id: str) -> set[str]:
+    return {r.item_id for r in service.similar(item_id, 50)[1].items}
+
+
+def _journal_ids(release: Path) -> list[str]:
+    lines = (release / "state" / "journal.jsonl").read_text().splitlines()
+    return [entry_id(json.loads(line)) for line in lines]
+
+
+def test_writes_after_the_snapshot_reach_the_next_release_and_come_back_on_rollback(
+        tmp_path, tiny_models, retrained_models):
+    from visrec.images import decode_image
+    from visrec.release import rollback
+    from visrec.service import RecommenderService, embed_image
+
+    registry = tmp_path / "registry"
+    build_release(tiny_models, registry, "v1")
+    service = RecommenderService(str(registry))
+    service.start()
+    assert service.state.handover is None  # the first release has no predecessor
+    new_image = jpeg(COLOURS[1], 2)
+    service.upsert("item-0003", {"status": "sold"})  # before the next snapshot: the snapshot has it
+    snapshot = time.time()
+    time.sleep(0.01)
+    service.upsert("item-0000", {"status": "sold"})
+    service.upsert("item-0001", {"price": 1999})
+    service.delete("item-0002")
+    service.upsert("new-1", {"title": "new", "category": "fashion/women/shoes", "price": 1010,
+                             "image": base64.b64encode(new_image).decode()})
+    assert "item-0000" not in _recommended(service, "item-0004")
+
+    # The pipeline read the catalog at `snapshot`; its release (a retrained encoder) goes live now.
+    v2 = build_release(retrained_models, registry, "v2", catalog_snapshot_at=_iso(snapshot))
+    assert service.reload() == "v2"
+    status = _wait_for_handover(service)
+    assert status == {"source": "v1", "since": pytest.approx(snapshot, abs=1e-3), "carried": 3, "to_embed": 1,
+                      "embedded": 1, "failed": 0, "by_other_process": False, "done": True}
+    state = service.state
+    assert state.catalog.get("item-0000")["status"] == "sold" and state.catalog.get("item-0001")["price"] == 1999
+    assert "item-0002" not in state.index and "item-0002" not in state.catalog
+    assert state.catalog.get("item-0003")["status"] == "on_sale"  # before the snapshot: not carried
+    got = _recommended(service, "item-0004")
+    assert "item-0000" not in got and "item-0002" not in got
+    assert service.similar("new-1", 5)[1].items  # indexed: a query, and a candidate for its neighbours
+    # Re-embedded with v2's encoder, not copied from v1's space.
+    expected = embed_image(state.encoder(), state.pca, decode_image(new_image))
+    assert np.allclose(state.index.vector("new-1"), expected, atol=1e-5)
+    v1_entry = next(json.loads(line) for line in (registry / "releases/v1/state/journal.jsonl").read_text().splitlines()
+                    if json.loads(line)["item_id"] == "new-1")
+    assert not np.allclose(v1_entry["vector"], expected, atol=1e-3)
+
+    # A restart carries nothing twice.
+    again = RecommenderService(str(registry))
+    again.start()
+    assert _wait_for_handover(again)["carried"] == 0 and again.state.handover.to_embed == 0
+    ids = _journal_ids(v2)
+    assert len(ids) == len(set(ids)) == 4
+
+    # A listing made on v2, then a rollback: v1 gets it (re-embedded back into v1's space), once.
+    service.upsert("new-2", {"title": "newer", "category": "home/kitchen/mugs", "price": 1020,
+                             "image": base64.b64encode(jpeg(COLOURS[3], 1)).decode()})
+    assert rollback(str(registry), who="test") == "v1"
+    assert service.reload() == "v1"
+    status = _wait_for_handover(service)
+    assert status["source"] == "v2" and status["embedded"] == 1 and status["failed"] == 0
+    assert service.similar("new-2", 5)[1].items
+    ids = _journal_ids(registry / "releases" / "v1")
+    assert len(ids) == len(set(ids))  # new-1 etc. came from v1 in the first place: not carried back
+
+
+def test_hand_over_between_gcs_releases(tmp_path, tiny_models, retrained_models, gcs_emulator):
+    """Vertex AI: the journal, the kept images and the predecessor all live on GCS."""
+    from visrec.service import RecommenderService
+
+    registry = f"gs://{gcs_emulator()}/registry"
+    build_release(tiny_models, registry, "v1", work_root=tmp_path)
+    service = RecommenderService(registry)
+    service.start()
+    snapshot = time.time()
+    time.sleep(0.01)
+    service.upsert("item-0000", {"status": "sold"})
+    service.upsert("new-1", {"title": "new", "category": "fashion/women/shoes", "price": 1010,
+                             "image": base64.b64encode(jpeg(COLOURS[1], 2)).decode()})
+    build_release(retrained_models, registry, "v2", catalog_snapshot_at=_iso(snapshot), work_root=tmp_path)
+    assert service.reload() == "v2"
+    status = _wait_for_handover(service)
+    assert (status["carried"], status["embedded"], status["failed"]) == (1, 1, 0)
+    assert service.state.catalog.get("item-0000")["status"] == "sold" and service.similar("new-1", 5)[1].items
+    replica = RecommenderService(registry)  # another replica starting on v2 carries nothing again
+    replica.start()
+    assert (replica.state.handover.carried, replica.state.handover.to_embed) == (0, 0)
+    assert replica.state.catalog.get("item-0000")["status"] == "sold" and "new-1" in replica.state.index
