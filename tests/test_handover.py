@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -136,6 +137,12 @@ def test_writes_after_the_snapshot_reach_the_next_release_and_come_back_on_rollb
                     if json.loads(line)["item_id"] == "new-1")
     assert not np.allclose(v1_entry["vector"], expected, atol=1e-3)
 
+    # Another worker process of this machine holding the hand-over: this one leaves it to that one.
+    with open(v2 / "state" / "handover.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        other = RecommenderService(str(registry))
+        other.start()
+        assert other.state.handover.by_other_process and other.state.handover.carried == 0
     # A restart carries nothing twice.
     again = RecommenderService(str(registry))
     again.start()

@@ -153,6 +153,7 @@ def test_health_ready_and_vertex_routes(server):
         assert r.status_code == 200
         assert r.json()["status"] == "ok" and r.json()["release"] == "v1"
         assert r.json()["encoder"] in ("loading", "ready")
+        assert r.json()["handover"] is None  # CURRENT was set by hand: no deploy history, no predecessor
     r = httpx.post(server.url + "/vertex/predict", json={"instances": [{"item_id": "item-0000", "k": 3},
                                                                       {"item_id": "nope"}]})
     assert r.status_code == 200
