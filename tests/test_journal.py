@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -52,6 +53,12 @@ def test_gcs_journal_sees_every_writer_once_including_late_arrivals(gcs_emulator
     # A new reader (a restarted replica) replays everything readable, oldest first.
     replay = open_journal(state).read_new()
     assert len(replay) == 11 and replay[0]["item_id"] == "late"
+    # A hand-over reader lists only what was appended after (a minute before) its snapshot time.
+    assert open_journal(state, since=time.time() + 3600).read_new() == []
+    assert len(open_journal(state, since=time.time() - 3600).read_new()) == 11
+    batch = [{"op": "delete", "id": f"batch-{i}", "item_id": f"c-{i}", "at": 9.0} for i in range(20)]
+    writer.append_many(batch)
+    assert sorted(e["id"] for e in reader.read_new()) == sorted(e["id"] for e in batch)
 
 
 @pytest.mark.parametrize("where", ["local", "gcs"])

@@ -113,8 +113,7 @@ def carry_writes(source: Journal, target: Journal, since: float, same_encoder: b
                  status: HandoverStatus) -> list[dict]:
     """Copy what can be copied from `source` to `target` now; returns the upserts to re-embed."""
     copy, embed = plan_handover(source.read_new(), since, target.entry_ids(), same_encoder)
-    for entry in copy:
-        target.append(entry)
+    target.append_many(copy)
     status.carried, status.to_embed = len(copy), len(embed)
     log.info("hand-over from %s: %d write(s) carried, %d upsert(s) to re-embed", status.source, len(copy), len(embed))
     return embed

@@ -183,7 +183,8 @@ def start_handover(state: ServingState) -> HandoverStatus | None:
         return status
     try:
         same_encoder = encoder_fingerprint(previous.manifest) == encoder_fingerprint(state.release.manifest)
-        to_embed = carry_writes(open_journal(previous.state_uri), state.journal, since, same_encoder, status)
+        to_embed = carry_writes(open_journal(previous.state_uri, since=since), state.journal, since,
+                                same_encoder, status)
         sync_journal(state)
     except BaseException:
         if lock is not None:
