@@ -220,7 +220,7 @@ def _reembed_in_background(state: ServingState, source_state_uri: str, entries: 
         encoder = state.encoder()
         if encoder is None:
             raise NoEncoder(f"release {state.version} has no image encoder")
-        reembed_writes(entries, lambda data: embed_image(encoder, state.pca, decode_image(data)),
+        reembed_writes(entries, lambda batch: embed_images(encoder, state.pca, [decode_image(d) for d in batch]),
                        source_state_uri, state.release.state_uri, state.journal, status)
     except Exception as exc:  # noqa: BLE001 - the service keeps serving; the status says what is missing
         status.failed = status.to_embed - status.embedded
@@ -298,8 +298,8 @@ def sync_journal(state: ServingState) -> int:
     return applied
 
 
-def embed_image(encoder: Any, pca: Any | None, image: Any) -> np.ndarray:
-    """One PIL image -> the vector the index holds: encoder features, L2-normalised, then PCA."""
+def embed_images(encoder: Any, pca: Any | None, images: list[Any]) -> np.ndarray:
+    """PIL images -> the vectors the index holds (n, d): encoder features, L2-normalised, then PCA."""
     import torch
 
     from visrec.models import preprocess_images
@@ -307,10 +307,15 @@ def embed_image(encoder: Any, pca: Any | None, image: Any) -> np.ndarray:
 
     # The same steps as stage 3 (`visrec.embed`), so upserted and batch vectors are comparable.
     with torch.inference_mode():
-        features = l2_normalise(encoder(preprocess_images(encoder, [image])).float().cpu().numpy())
+        features = l2_normalise(encoder(preprocess_images(encoder, images)).float().cpu().numpy())
     if pca is not None:
         features = pca.transform(features)
-    return np.asarray(features[0], dtype=np.float32)
+    return np.asarray(features, dtype=np.float32)
+
+
+def embed_image(encoder: Any, pca: Any | None, image: Any) -> np.ndarray:
+    """One PIL image -> the vector the index holds (`embed_images` of one)."""
+    return embed_images(encoder, pca, [image])[0]
 
 
 class RecommenderService:
