@@ -184,3 +184,28 @@ def test_hand_over_between_gcs_releases(tmp_path, tiny_models, retrained_models,
     replica.start()
     assert (replica.state.handover.carried, replica.state.handover.to_embed) == (0, 0)
     assert replica.state.catalog.get("item-0000")["status"] == "sold" and "new-1" in replica.state.index
+
+
+def test_reembedding_sets_bad_images_apart_and_keeps_going(tmp_path):
+    from visrec.handover import HandoverStatus, reembed_writes
+    from visrec.journal import open_journal, store_image
+
+    source, target = str(tmp_path / "v1-state"), str(tmp_path / "v2-state")
+    good = [store_image(source, f"image {i}".encode()) for i in range(5)]
+    corrupt = store_image(source, b"not an image")
+    entries = [upsert(f"n{i}", 20.0 + i, image_sha256=digest) for i, digest in enumerate(good[:3] + [corrupt] + good[3:])]
+    entries.append(upsert("gone", 30.0, image_sha256="0" * 64))  # its image was never kept
+
+    def embed(batch: list[bytes]) -> np.ndarray:
+        if b"not an image" in batch:
+            raise ValueError("cannot identify image file")
+        return np.array([[float(len(data)), 1.0] for data in batch], dtype=np.float32)
+
+    status = HandoverStatus("v1", since=10.0, to_embed=len(entries))
+    journal = open_journal(target)
+    reembed_writes(entries, embed, source, target, journal, status, batch_size=4)
+    assert (status.embedded, status.failed, status.done) == (5, 2, True)
+    written = open_journal(target).read_new()
+    assert [e["item_id"] for e in written] == ["n0", "n1", "n2", "n4", "n5"]
+    assert written[0]["vector"] == [7.0, 1.0] and written[0]["id"] == entries[0]["id"]
+    assert (Path(target) / "images" / good[0]).read_bytes() == b"image 0"  # kept for the next hand-over
