@@ -180,10 +180,21 @@ def test_hand_over_between_gcs_releases(tmp_path, tiny_models, retrained_models,
     status = _wait_for_handover(service)
     assert (status["carried"], status["embedded"], status["failed"]) == (1, 1, 0)
     assert service.state.catalog.get("item-0000")["status"] == "sold" and service.similar("new-1", 5)[1].items
-    replica = RecommenderService(registry)  # another replica starting on v2 carries nothing again
+    # A Vertex AI replica serves the copy Vertex made of the release (AIP_STORAGE_URI), not the
+    # registry: its manifest leads it to the registry's history and to the shared state there.
+    from visrec import io
+
+    vertex_copy = f"{registry.rsplit('/', 1)[0]}/vertex-managed/model-123/artifacts"
+    io.upload_dir(io.download_dir(f"{registry}/releases/v2", tmp_path / "v2-copy", exclude=("state/",)), vertex_copy)
+    replica = RecommenderService(vertex_copy)
     replica.start()
-    assert (replica.state.handover.carried, replica.state.handover.to_embed) == (0, 0)
+    assert replica.state.release.state_uri == f"{registry}/releases/v2/state"
+    assert (replica.state.handover.source, replica.state.handover.carried, replica.state.handover.to_embed) == \
+        ("v1", 0, 0)  # all carried already, by the first replica
     assert replica.state.catalog.get("item-0000")["status"] == "sold" and "new-1" in replica.state.index
+    replica.upsert("item-0001", {"status": "reserved"})  # written to the registry, seen by the other replica
+    service.sync_journal()
+    assert service.state.catalog.get("item-0001")["status"] == "reserved"
 
 
 def test_reembedding_sets_bad_images_apart_and_keeps_going(tmp_path):

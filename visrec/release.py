@@ -115,7 +115,9 @@ class Release:
     """A verified release on local disk (a `gs://` one is downloaded first).
 
     source: where it was loaded from (the `gs://` URI of a downloaded one, else `path`).
-    registry: the registry it was resolved from (its CURRENT), None for a release directory.
+    registry: the registry it belongs to: the one it was resolved from (its CURRENT), or
+        for a `gs://` release directory (e.g. Vertex AI's copy) the `gs://` registry its
+        manifest names; None for a local release directory.
     """
 
     version: str
@@ -155,8 +157,12 @@ class Release:
 
     @property
     def state_uri(self) -> str:
-        """Where the service keeps this release's write journal: next to the release itself,
-        on GCS for a `gs://` release, so writes outlive the container that downloaded it."""
+        """Where the service keeps this release's write journal and images: in its `gs://`
+        registry (every copy of the release, e.g. each Vertex AI deployment's, shares it),
+        else next to the release itself, on GCS for a `gs://` release, so writes outlive
+        the container that downloaded it."""
+        if self.registry is not None and io.is_gcs(self.registry):
+            return io.join(release_uri(self.registry, self.version), STATE)
         return io.join(self.source, STATE) if io.is_gcs(self.source) else str(self.state_dir)
 
     @property
@@ -369,6 +375,9 @@ def _manifest(config: DeployConfig, version: str, files: dict[str, str], metrics
         "version": version,
         "created_at": created_at,
         "catalog_snapshot_at": catalog_snapshot_at,
+        # Where the release is published: a copy (Vertex AI copies a model's artifacts) finds its
+        # registry's history, and keeps its serving state in the registry, through this.
+        "registry": config.registry,
         "sources": {"model": config.model_dir, "embeddings": config.embeddings_dir, "index": config.index_dir,
                     "listings": config.listings_uri, "metrics": config.metrics_uri},
         "library_versions": _library_versions(),
@@ -492,7 +501,10 @@ def load_release(dir_or_registry: str, cache_dir: str | None = None) -> Release:
         raise UserError(f"release not found: {uri}")
     else:
         release = _open_local(Path(uri))
-    return dataclasses.replace(release, registry=registry) if uri != registry else release
+    if uri != registry:
+        return dataclasses.replace(release, registry=registry)
+    home = release.manifest.get("registry")
+    return dataclasses.replace(release, registry=home) if io.is_gcs(uri) and home and io.is_gcs(home) else release
 
 
 @dataclass(frozen=True)
