@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     started = time.perf_counter()
     service.reload()
     reload_seconds = time.perf_counter() - started
-    status = service.state.handover
+    status = service.state.handover.status
     embed_started = time.perf_counter()
     while not status.done:
         time.sleep(0.01)
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     restarted = RecommenderService(str(registry))
     restarted.start()
     restart_seconds = time.perf_counter() - started
-    assert restarted.state.handover.carried == 0 and restarted.state.handover.to_embed == 0
+    assert restarted.state.handover.status.carried == 0 and restarted.state.handover.status.to_embed == 0
 
     return {"items": args.items, "metadata_writes": args.metadata_writes, "new_listings": args.new_listings,
             "carried": status.carried, "re_embedded": status.embedded,

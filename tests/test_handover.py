@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import fcntl
 import json
 import time
 from pathlib import Path
@@ -15,7 +14,6 @@ import pytest
 
 from test_serving import COLOURS, build_release, jpeg
 from visrec.handover import encoder_fingerprint, plan_handover
-from visrec.journal import entry_id
 
 
 def upsert(item: str, at: float, vector: bool = True, image: bool = True, **meta) -> dict:
@@ -27,20 +25,20 @@ def upsert(item: str, at: float, vector: bool = True, image: bool = True, **meta
 def test_plan_carries_only_writes_after_the_snapshot_and_not_twice():
     before = upsert("old", 5.0)
     sold = upsert("x", 12.0, vector=False, status="sold")
-    gone = {"op": "delete", "item_id": "y", "at": 11.0}  # written before entries had ids
+    gone = {"op": "delete", "id": "d", "item_id": "y", "at": 11.0}
     new = upsert("new", 13.0)
     done = upsert("done", 14.0)
-    copy, embed = plan_handover([new, sold, before, done, gone], since=10.0, already={done["id"]},
+    copy, embed = plan_handover([new, sold, before, done, gone], since=10.0, applied=lambda e: e is done,
                                 same_encoder=False)
-    assert [e["item_id"] for e in copy] == ["y", "x"]  # in write order, the vector-less update kept whole
-    assert copy[0]["id"] == entry_id(gone) and copy[1] == sold
+    assert copy == [gone, sold]  # in write order, the vector-less update kept whole
     assert embed == [new]
-    copy, embed = plan_handover([new, sold], since=10.0, already=set(), same_encoder=True)
+    copy, embed = plan_handover([new, sold], since=10.0, applied=lambda e: False, same_encoder=True)
     assert [e["item_id"] for e in copy] == ["x", "new"] and copy[1]["vector"] == [1.0, 0.0] and not embed
 
 
 def test_plan_keeps_the_metadata_of_an_upsert_without_a_kept_image():
-    copy, embed = plan_handover([upsert("legacy", 20.0, image=False)], since=10.0, already=set(), same_encoder=False)
+    copy, embed = plan_handover([upsert("legacy", 20.0, image=False)], since=10.0, applied=lambda e: False,
+                                same_encoder=False)
     assert not embed and copy[0]["vector"] is None and copy[0]["price"] == 100
 
 
@@ -79,11 +77,11 @@ def _iso(t: float) -> str:
 
 def _wait_for_handover(service, timeout: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout
-    while not service.state.handover.done:
-        assert time.monotonic() < deadline, service.state.handover
+    while not service.state.handover.status.done:
+        assert time.monotonic() < deadline, service.state.handover.status
         time.sleep(0.05)
     service.sync_journal()  # what the journal tail does every 0.5 s
-    return service.state.handover.as_dict()
+    return service.state.handover.status.as_dict()
 
 
 def _recommended(service, item_id: str) -> set[str]:
@@ -91,8 +89,7 @@ def _recommended(service, item_id: str) -> set[str]:
 
 
 def _journal_ids(release: Path) -> list[str]:
-    lines = (release / "state" / "journal.jsonl").read_text().splitlines()
-    return [entry_id(json.loads(line)) for line in lines]
+    return [json.loads(line)["id"] for line in (release / "state" / "journal.jsonl").read_text().splitlines()]
 
 
 def test_writes_after_the_snapshot_reach_the_next_release_and_come_back_on_rollback(
@@ -137,18 +134,26 @@ def test_writes_after_the_snapshot_reach_the_next_release_and_come_back_on_rollb
                     if json.loads(line)["item_id"] == "new-1")
     assert not np.allclose(v1_entry["vector"], expected, atol=1e-3)
 
-    # Another worker process of this machine holding the hand-over: this one leaves it to that one.
-    with open(v2 / "state" / "handover.lock", "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        other = RecommenderService(str(registry))
-        other.start()
-        assert other.state.handover.by_other_process and other.state.handover.carried == 0
-    # A restart carries nothing twice.
-    again = RecommenderService(str(registry))
-    again.start()
-    assert _wait_for_handover(again)["carried"] == 0 and again.state.handover.to_embed == 0
+    # The old release still takes writes (a replica not yet switched, a canary's share): followed.
+    still_on_v1 = RecommenderService(str(registry / "releases" / "v1"))
+    still_on_v1.start()
+    still_on_v1.upsert("item-0005", {"status": "sold"})
+    service.sync_journal()  # what the journal tail does every 0.5 s: carry, then apply
+    assert service.state.catalog.get("item-0005")["status"] == "sold"
+    assert service.state.handover.status.carried == 4
+
+    # A second worker process of this machine (here a second service in this process) finds the
+    # hand-over's lock held by `service`, and only applies what `service` carries.
+    other = RecommenderService(str(registry))
+    other.start()
+    assert other.state.handover.status.by_other_process and other.state.handover.status.carried == 0
+    assert other.state.catalog.get("item-0005")["status"] == "sold" and "new-1" in other.state.index
+    # When `service` stops, `other` takes over, and carries nothing twice.
+    service.state.handover_lock.release()
+    other.sync_journal()
+    assert not other.state.handover.status.by_other_process and other.state.handover.status.carried == 0
     ids = _journal_ids(v2)
-    assert len(ids) == len(set(ids)) == 4
+    assert len(ids) == len(set(ids)) == 5
 
     # A listing made on v2, then a rollback: v1 gets it (re-embedded back into v1's space), once.
     service.upsert("new-2", {"title": "newer", "category": "home/kitchen/mugs", "price": 1020,
@@ -189,8 +194,8 @@ def test_hand_over_between_gcs_releases(tmp_path, tiny_models, retrained_models,
     replica = RecommenderService(vertex_copy)
     replica.start()
     assert replica.state.release.state_uri == f"{registry}/releases/v2/state"
-    assert (replica.state.handover.source, replica.state.handover.carried, replica.state.handover.to_embed) == \
-        ("v1", 0, 0)  # all carried already, by the first replica
+    status = replica.state.handover.status
+    assert (status.source, status.carried, status.to_embed) == ("v1", 0, 0)  # all carried by the first replica
     assert replica.state.catalog.get("item-0000")["status"] == "sold" and "new-1" in replica.state.index
     replica.upsert("item-0001", {"status": "reserved"})  # written to the registry, seen by the other replica
     service.sync_journal()

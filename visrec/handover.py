@@ -7,9 +7,10 @@ changed, new listings. Without a hand-over the new release would serve the snaps
 for its whole life: a listing sold during the run shown as on sale, one created
 during it missing.
 
-So when a release is loaded from a registry, the writes its predecessor (the release
-that was current before it, per `history.jsonl`) took after the snapshot are carried
-into its own journal, keeping their ids and write times:
+So a release loaded from a registry follows the journal of its predecessor (the
+release that was current before it, per `history.jsonl`) for as long as it serves,
+and carries every write made there after its snapshot into its own journal, keeping
+its id and write time:
 
 - deletes and metadata changes are copied as they are;
 - an upsert's vector is copied when both releases share the encoder and PCA (same
@@ -17,10 +18,13 @@ into its own journal, keeping their ids and write times:
   (`visrec.journal.store_image`) with the new release's encoder, in the background,
   so the service answers while new listings become recommendable one by one.
 
-Carried entries keep their `id`, so a restart, another worker or another replica
-never carries one twice (at worst a racing replica appends a duplicate, which
-"newest write wins" makes harmless). The same rule serves a rollback: the release
-rolled back to receives the writes the rolled-back one took.
+Following, not copying once, covers the writes the old release still takes after the
+new one has loaded: replicas not yet switched during a rollout, and the old release's
+share of the traffic during a canary. A write already applied (or superseded by a
+newer one for the same item) is never carried again, so restarts, other workers and
+other replicas do not repeat the work (at worst two replicas racing append the same
+entry twice, which "newest write wins" makes harmless). The same rule serves a
+rollback: the release rolled back to receives the writes the rolled-back one took.
 """
 
 from __future__ import annotations
@@ -29,13 +33,15 @@ import dataclasses
 import hashlib
 import json
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 
-from visrec.journal import Journal, entry_id, load_image, store_image
+from visrec.journal import Journal, load_image, store_image
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +64,12 @@ def encoder_fingerprint(manifest: dict) -> str:
 
 @dataclass
 class HandoverStatus:
-    """What one hand-over did (reported by `/healthz`).
+    """What the hand-over has done so far (reported by `/healthz`).
 
-    carried: entries copied as they were; to_embed: upserts whose images are being
-    re-embedded with this release's encoder, of which `embedded` are done and `failed`
-    could not be (no kept image, an image that no longer decodes); `by_other_process`:
-    another worker of this machine holds the hand-over, this one applies what it writes.
+    carried: entries copied as they were; to_embed: upserts queued for re-embedding with
+    this release's encoder, of which `embedded` are done and `failed` could not be (no
+    kept image, an image that no longer decodes); `by_other_process`: another worker of
+    this machine follows the predecessor, this one applies what it writes.
     """
 
     source: str
@@ -82,42 +88,87 @@ class HandoverStatus:
         return {**dataclasses.asdict(self), "done": self.done}
 
 
-def plan_handover(entries: Iterable[dict], since: float, already: set[str],
+def plan_handover(entries: Iterable[dict], since: float, applied: Callable[[dict], bool],
                   same_encoder: bool) -> tuple[list[dict], list[dict]]:
     """(entries to copy as they are, upserts to re-embed) from the predecessor's journal.
 
     Only writes after `since` (the new release's catalog snapshot) are carried; the
-    snapshot already holds the earlier ones. Entries whose id is in `already` (the
-    new release's journal) were carried before. An upsert whose vector cannot be
-    reused and that kept no image is copied without its vector: its metadata still
-    counts (a price, a status), it just cannot be recommended until written again.
+    snapshot already holds the earlier ones. `applied(entry)` says whether the new
+    release already has the write or a newer one for the item. An upsert whose vector
+    cannot be reused and that kept no image is copied without its vector: its metadata
+    still counts (a price, a status), it just cannot be recommended until written again.
     """
     copy: list[dict] = []
     embed: list[dict] = []
     for entry in sorted((e for e in entries if float(e.get("at", 0.0)) > since), key=lambda e: float(e["at"])):
-        eid = entry_id(entry)
-        if eid in already:
+        if applied(entry):
             continue
-        entry = {**entry, "id": eid}
         if entry.get("op") == "upsert" and entry.get("vector") is not None and not same_encoder:
             if entry.get("image_sha256"):
                 embed.append(entry)
                 continue
             log.warning("hand-over: item %s was upserted without a kept image; carrying its metadata only",
                         entry.get("item_id"))
-            entry["vector"] = None
+            entry = {**entry, "vector": None}
         copy.append(entry)
     return copy, embed
 
 
-def carry_writes(source: Journal, target: Journal, since: float, same_encoder: bool,
-                 status: HandoverStatus) -> list[dict]:
-    """Copy what can be copied from `source` to `target` now; returns the upserts to re-embed."""
-    copy, embed = plan_handover(source.read_new(), since, target.entry_ids(), same_encoder)
-    target.append_many(copy)
-    status.carried, status.to_embed = len(copy), len(embed)
-    log.info("hand-over from %s: %d write(s) carried, %d upsert(s) to re-embed", status.source, len(copy), len(embed))
-    return embed
+class Handover:
+    """Follows one predecessor's journal into this release's journal (see the module docstring).
+
+    `poll` carries what was written since the last poll (the service calls it with every
+    journal tail); upserts to re-embed go to a background thread, which waits for
+    `embedder()` (the encoder may still be loading) and appends them in batches.
+    """
+
+    def __init__(self, status: HandoverStatus, source: Journal, target: Journal, source_state_uri: str,
+                 target_state_uri: str, same_encoder: bool, applied: Callable[[dict], bool],
+                 embedder: Callable[[], Callable[[list[bytes]], np.ndarray]]):
+        self.status, self.source, self.target = status, source, target
+        self.source_state_uri, self.target_state_uri = source_state_uri, target_state_uri
+        self.same_encoder, self.applied, self.embedder = same_encoder, applied, embedder
+        self._queue: queue.Queue[dict | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    def poll(self) -> int:
+        """Carry the predecessor's writes not seen before; returns how many were carried or queued."""
+        copy, embed = plan_handover(self.source.read_new(), self.status.since, self.applied, self.same_encoder)
+        self.target.append_many(copy)
+        self.status.carried += len(copy)
+        self.status.to_embed += len(embed)
+        for entry in embed:
+            self._queue.put(entry)
+        if embed and self._worker is None:
+            self._worker = threading.Thread(target=self._reembed_forever, name="visrec-handover", daemon=True)
+            self._worker.start()
+        if copy or embed:
+            log.info("hand-over from %s: %d write(s) carried, %d upsert(s) to re-embed", self.status.source,
+                     len(copy), len(embed))
+        return len(copy) + len(embed)
+
+    def close(self) -> None:
+        """Stop the re-embedding thread (the release is no longer served)."""
+        self._queue.put(None)
+
+    def _reembed_forever(self) -> None:
+        try:
+            embed = self.embedder()
+        except Exception as exc:  # noqa: BLE001 - the service keeps serving; the status says what is missing
+            log.error("hand-over from %s: no encoder to re-embed with: %r", self.status.source, exc)
+            embed = None
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < REEMBED_BATCH_SIZE and not self._queue.empty():
+                batch.append(self._queue.get())
+            stop = None in batch
+            batch = [e for e in batch if e is not None]
+            if embed is None:
+                self.status.failed += len(batch)
+            elif batch:
+                reembed_writes(batch, embed, self.source_state_uri, self.target_state_uri, self.target, self.status)
+            if stop:
+                return
 
 
 def reembed_writes(entries: list[dict], embed: Callable[[list[bytes]], np.ndarray], source_state_uri: str,
@@ -131,6 +182,7 @@ def reembed_writes(entries: list[dict], embed: Callable[[list[bytes]], np.ndarra
     target's state too, for the hand-over after this one.
     """
     started = last_log = time.monotonic()
+    embedded_before = status.embedded
     for start in range(0, len(entries), batch_size):
         loaded: list[tuple[dict, bytes]] = []
         for entry in entries[start:start + batch_size]:
@@ -148,9 +200,10 @@ def reembed_writes(entries: list[dict], embed: Callable[[list[bytes]], np.ndarra
         if now - last_log >= PROGRESS_LOG_SECONDS:
             last_log = now
             log.info("hand-over from %s: re-embedded %d/%d (%.1f/s)", status.source, status.embedded,
-                     status.to_embed, status.embedded / (now - started))
-    log.info("hand-over from %s done: %d carried, %d re-embedded, %d failed in %.1fs", status.source,
-             status.carried, status.embedded, status.failed, time.monotonic() - started)
+                     status.to_embed, (status.embedded - embedded_before) / (now - started))
+    if status.done:
+        log.info("hand-over from %s: all caught up: %d carried, %d re-embedded, %d failed", status.source,
+                 status.carried, status.embedded, status.failed)
 
 
 def _embed_batch(loaded: list[tuple[dict, bytes]], embed: Callable[[list[bytes]], np.ndarray],

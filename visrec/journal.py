@@ -53,19 +53,9 @@ class Journal(Protocol):
     def read_new(self) -> list[dict]:
         """Entries this reader has not returned before, oldest first (unreadable ones skipped, logged)."""
 
-    def entry_ids(self) -> set[str]:
-        """The `id` of every entry written so far (whoever wrote it)."""
-
 
 def new_entry_id() -> str:
     return uuid.uuid4().hex
-
-
-def entry_id(entry: dict) -> str:
-    """An entry's `id`; entries written before ids existed are named by their content."""
-    if entry.get("id"):
-        return str(entry["id"])
-    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def store_image(state_uri: str, data: bytes) -> str:
@@ -144,9 +134,6 @@ class FileJournal:
         entries = (_parse(line, str(self.path)) for line in data[:end].splitlines() if line.strip())
         return [e for e in entries if e is not None]
 
-    def entry_ids(self) -> set[str]:
-        return {entry_id(e) for e in FileJournal(self.path).read_new()}
-
 
 class GcsJournal:
     """One object per entry under a `gs://` prefix, named `<write time ns>-<entry id>.json`.
@@ -164,7 +151,7 @@ class GcsJournal:
             self._horizon = f"{self.prefix}{max(0, int((since - LATE_ENTRY_WINDOW_SECONDS) * 1e9)):020d}"
 
     def append(self, entry: dict) -> None:
-        name = f"{self.prefix}{time.time_ns():020d}-{entry_id(entry)}.json"
+        name = f"{self.prefix}{time.time_ns():020d}-{entry.get('id') or new_entry_id()}.json"
         blob = io.gcs_client().bucket(self.bucket_name).blob(name)
         # Create-only: a retried upload can never overwrite another writer's entry.
         blob.upload_from_string(json.dumps(entry, separators=(",", ":")), content_type="application/json",
@@ -198,7 +185,3 @@ class GcsJournal:
         entries = (_parse(data, f"gs://{self.bucket_name}/{name}") for name, data in zip(new, payloads))
         return [e for e in entries if e is not None]
 
-    def entry_ids(self) -> set[str]:
-        bucket = io.gcs_client().bucket(self.bucket_name)
-        names = (b.name[len(self.prefix):] for b in bucket.list_blobs(prefix=self.prefix))
-        return {n.split("-", 1)[1].removesuffix(".json") for n in names if "-" in n}

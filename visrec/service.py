@@ -12,8 +12,9 @@ Writes (upsert, delete) go through the release's journal (`visrec.journal`: a lo
 file, or objects on GCS for a `gs://` release): the request handler embeds the image,
 keeps it in the state directory, appends one entry (with the vector, so replay never
 needs the image again) and then applies every entry it has not applied yet. A release
-loaded from a registry first takes over the writes its predecessor took after its
-catalog snapshot (`visrec.handover`). Start-up replay and the background tail
+loaded from a registry also follows its predecessor's journal and carries the writes
+made there after its catalog snapshot into its own (`visrec.handover`), on load and
+with every tail. Start-up replay and the background tail
 (which keeps several `--workers` processes, or replicas, in step) use that very same
 `sync_journal`, so there is one write path; per item the newest write wins, so every
 process converges on the same state whatever order it read the entries in.
@@ -42,7 +43,7 @@ import numpy as np
 
 from visrec import io
 from visrec.errors import UserError
-from visrec.handover import HandoverStatus, carry_writes, encoder_fingerprint, reembed_writes
+from visrec.handover import Handover, HandoverStatus, encoder_fingerprint
 from visrec.journal import Journal, new_entry_id, open_journal, store_image
 from visrec.ranking import ON_SALE, ItemCatalog, RankedList, RankingConfig, label_index_with_catalog, recommend
 
@@ -103,7 +104,16 @@ class ServingState:
     # Write time of the newest applied entry per item, for its metadata and for its vector.
     metadata_at: dict[str, float] = field(default_factory=dict)
     vector_at: dict[str, float] = field(default_factory=dict)
-    handover: HandoverStatus | None = None
+    handover: Handover | None = None
+    # Several worker processes of one machine: one follows the predecessor (a gs:// state needs
+    # no lock: every replica follows it, and a write already applied is never carried again).
+    handover_lock: ProcessLock = field(default_factory=lambda: ProcessLock(None))
+
+    def close(self) -> None:
+        """This state is no longer served: stop following the predecessor."""
+        if self.handover is not None:
+            self.handover.close()
+        self.handover_lock.release()
 
     def encoder_status(self) -> str:
         """`loading`, `ready`, `none` (the release has no encoder) or `failed`."""
@@ -155,79 +165,95 @@ def load_state(release_uri: str, config: ServingConfig) -> ServingState:
 
         pca = PcaProjection.load(str(release.pca_path))
     state = ServingState(version=release.version, release=release, index=index, catalog=catalog,
-                         encoder_future=encoder_future, pca=pca, journal=open_journal(release.state_uri))
+                         encoder_future=encoder_future, pca=pca, journal=open_journal(release.state_uri),
+                         handover_lock=ProcessLock(None if io.is_gcs(release.state_uri)
+                                                   else Path(release.state_uri) / "handover.lock"))
     replayed = sync_journal(state)
-    state.handover = start_handover(state)
+    try:
+        state.handover = start_handover(state)
+        if poll_handover(state):
+            sync_journal(state)
+    except BaseException:
+        state.close()  # no lock or re-embedding thread may outlive a state that is never served
+        raise
     log.info("loaded release %s: %d indexed items, %d catalog items, %d journal entries replayed, %.1fs",
              state.version, len(index), len(catalog), replayed, time.monotonic() - started)
     return state
 
 
-def start_handover(state: ServingState) -> HandoverStatus | None:
-    """Carry the writes the predecessor took after this release's catalog snapshot (`visrec.handover`).
-
-    Copies and applies what needs no encoder now; upserts to re-embed continue in a
-    background thread once the encoder is loaded (the journal tail applies them). On
-    one machine a file lock lets one worker process do it; the others apply its writes.
-    """
+def start_handover(state: ServingState) -> Handover | None:
+    """Follow the predecessor's journal from this release's catalog snapshot (`visrec.handover`);
+    None if the release has no predecessor (or no recorded snapshot time)."""
     from visrec.release import predecessor
 
     since = state.release.catalog_snapshot_at
     previous = predecessor(state.release)
     if previous is None or since is None:
         return None
-    status = HandoverStatus(previous.version, since)
-    acquired, lock = _try_handover_lock(state.release.state_uri)
-    if not acquired:
-        status.by_other_process = True
-        return status
-    try:
-        same_encoder = encoder_fingerprint(previous.manifest) == encoder_fingerprint(state.release.manifest)
-        to_embed = carry_writes(open_journal(previous.state_uri, since=since), state.journal, since,
-                                same_encoder, status)
-        sync_journal(state)
-    except BaseException:
-        if lock is not None:
-            lock.close()
-        raise
-    if not to_embed:
-        if lock is not None:
-            lock.close()
-        return status
-    threading.Thread(target=_reembed_in_background, args=(state, previous.state_uri, to_embed, status, lock),
-                     name="visrec-handover", daemon=True).start()
-    return status
+    same_encoder = encoder_fingerprint(previous.manifest) == encoder_fingerprint(state.release.manifest)
+    return Handover(HandoverStatus(previous.version, since), open_journal(previous.state_uri, since=since),
+                    state.journal, previous.state_uri, state.release.state_uri, same_encoder,
+                    applied=lambda entry: _applied(state, entry), embedder=lambda: _batch_embedder(state))
 
 
-def _try_handover_lock(state_uri: str) -> tuple[bool, IO | None]:
-    """(acquired, handle to close when done); a `gs://` state needs no lock (ids dedupe replicas)."""
-    if io.is_gcs(state_uri):
-        return True, None
-    handle = open(Path(state_uri) / "handover.lock", "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return False, None
-    return True, handle
+def poll_handover(state: ServingState) -> int:
+    """Carry the predecessor's new writes into `state`'s journal (applied by the next
+    `sync_journal`); returns how many. Of several worker processes on one machine only
+    the one holding the hand-over's file lock does it."""
+    handover = state.handover
+    if handover is None:
+        return 0
+    if not state.handover_lock.try_acquire():
+        handover.status.by_other_process = True
+        return 0
+    handover.status.by_other_process = False
+    return handover.poll()
 
 
-def _reembed_in_background(state: ServingState, source_state_uri: str, entries: list[dict],
-                           status: HandoverStatus, lock: IO | None) -> None:
+def _applied(state: ServingState, entry: dict) -> bool:
+    """Whether `state` has this write, or a newer one for the item (newest write wins)."""
+    item, at = entry.get("item_id"), float(entry.get("at", 0.0))
+    with state.lock:
+        if state.metadata_at.get(item, -np.inf) < at:
+            return False
+        if entry.get("op") == "upsert" and entry.get("vector") is None:
+            return True
+        return state.vector_at.get(item, -np.inf) >= at
+
+
+def _batch_embedder(state: ServingState) -> Any:
+    """Image bytes -> index vectors with `state`'s encoder and PCA (waits for the encoder)."""
     from visrec.images import decode_image
 
-    try:
-        encoder = state.encoder()
-        if encoder is None:
-            raise NoEncoder(f"release {state.version} has no image encoder")
-        reembed_writes(entries, lambda batch: embed_images(encoder, state.pca, [decode_image(d) for d in batch]),
-                       source_state_uri, state.release.state_uri, state.journal, status)
-    except Exception as exc:  # noqa: BLE001 - the service keeps serving; the status says what is missing
-        status.failed = status.to_embed - status.embedded
-        log.error("hand-over from %s: cannot re-embed: %r", status.source, exc)
-    finally:
-        if lock is not None:
-            lock.close()
+    encoder = state.encoder()
+    if encoder is None:
+        raise NoEncoder(f"release {state.version} has no image encoder")
+    return lambda batch: embed_images(encoder, state.pca, [decode_image(data) for data in batch])
+
+
+class ProcessLock:
+    """A non-blocking exclusive file lock held until `release` (None path: always granted)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._handle: IO | None = None
+
+    def try_acquire(self) -> bool:
+        if self.path is None or self._handle is not None:
+            return True
+        handle = open(self.path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
 def _load_encoder(model_dir: str, kind: str, future: Future) -> None:
@@ -360,10 +386,16 @@ class RecommenderService:
         `announce`, other worker processes are told to follow (`follow_reloads`).
         """
         new = load_state(self.release_uri, self.config)
-        new.encoder()  # a release whose encoder does not load is refused too
+        try:
+            new.encoder()  # a release whose encoder does not load is refused too
+        except BaseException:
+            new.close()
+            raise
         with self._write_lock:
             sync_journal(new)  # writes that landed while the new release was loading
             old, self._state = self._state, new
+        if old is not None:
+            old.close()
         log.info("now serving release %s", new.version)
         # Requests still on the old state only use what is in memory: its files can go.
         if (old is not None and self._own_cache is not None and old.release.path.parent == self._own_cache
@@ -417,9 +449,11 @@ class RecommenderService:
                 raise UnknownItem(item_id) from None
 
     def sync_journal(self) -> int:
-        """Pick up journal lines written by other processes."""
-        if self._state is None:
+        """Pick up journal lines written by other processes, and the predecessor's new writes."""
+        state = self._state
+        if state is None:
             return 0
+        poll_handover(state)  # outside the write lock: it may list GCS, and only appends
         with self._write_lock:
             return sync_journal(self._state)
 
