@@ -18,6 +18,7 @@ by about a sixth. Everything else goes through FastAPI.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -92,10 +93,26 @@ class ServingMetrics:
         index_items.set_function(lambda: len(service.state.index) if service.ready else 0)
         catalog_items = Gauge("visrec_catalog_items", "Items in the catalog", registry=self.registry)
         catalog_items.set_function(lambda: len(service.state.catalog) if service.ready else 0)
+        # The hand-over from the predecessor (docs/serving.md): what it carried, and what still
+        # waits for re-embedding (new listings not yet recommendable); 0 without a predecessor.
+        for name, doc in (("carried", "Writes carried from the predecessor release"),
+                          ("embedded", "Predecessor upserts re-embedded with this release's encoder"),
+                          ("failed", "Predecessor upserts that could not be re-embedded"),
+                          ("pending", "Predecessor upserts waiting to be re-embedded")):
+            gauge = Gauge(f"visrec_handover_{name}", doc, registry=self.registry)
+            gauge.set_function(functools.partial(_handover_figure, service, name))
 
     def serving(self, version: str) -> None:
         self.release.clear()
         self.release.labels(version=version).set(1)
+
+
+def _handover_figure(service: RecommenderService, name: str) -> float:
+    handover = service.state.handover if service.ready else None
+    if handover is None:
+        return 0.0
+    status = handover.status
+    return float(status.to_embed - status.embedded - status.failed if name == "pending" else getattr(status, name))
 
 
 def similar_route_item(scope: dict) -> str | None:

@@ -120,6 +120,13 @@ def test_writes_after_the_snapshot_reach_the_next_release_and_come_back_on_rollb
     status = _wait_for_handover(service)
     assert status == {"source": "v1", "since": pytest.approx(snapshot, abs=1e-3), "carried": 3, "to_embed": 1,
                       "embedded": 1, "failed": 0, "by_other_process": False, "done": True}
+    from prometheus_client import generate_latest
+
+    from serving.app import ServingMetrics
+
+    metrics = generate_latest(ServingMetrics(service).registry).decode()
+    assert "visrec_handover_carried 3.0" in metrics and "visrec_handover_embedded 1.0" in metrics
+    assert "visrec_handover_pending 0.0" in metrics
     state = service.state
     assert state.catalog.get("item-0000")["status"] == "sold" and state.catalog.get("item-0001")["price"] == 1999
     assert "item-0002" not in state.index and "item-0002" not in state.catalog
