@@ -232,3 +232,50 @@ def test_reembedding_sets_bad_images_apart_and_keeps_going(tmp_path):
     assert [e["item_id"] for e in written] == ["n0", "n1", "n2", "n4", "n5"]
     assert written[0]["vector"] == [7.0, 1.0] and written[0]["id"] == entries[0]["id"]
     assert (Path(target) / "images" / good[0]).read_bytes() == b"image 0"  # kept for the next hand-over
+
+
+def test_served_over_http_the_tail_keeps_following_the_old_release(tmp_path, tiny_models, retrained_models):
+    """A real `visrec serve`: reload, /healthz and /metrics report the hand-over, and a write that
+    reaches the old release afterwards is served by the new one within the journal tail's period."""
+    import httpx
+
+    from conftest import free_port
+    from test_serving import AUTH, TOKEN, Server
+    from visrec.service import RecommenderService
+
+    registry = tmp_path / "registry"
+    build_release(tiny_models, registry, "v1")
+    (tmp_path / "images").mkdir()
+    server = Server(registry, free_port(), tmp_path / "images", TOKEN).start()
+    try:
+        snapshot = time.time()
+        time.sleep(0.01)
+        r = httpx.put(f"{server.url}/v1/items/new-1", headers=AUTH, timeout=60, json={
+            "title": "new", "category": "fashion/women/shoes", "price": 1010,
+            "image": base64.b64encode(jpeg(COLOURS[1], 2)).decode()})
+        assert r.status_code == 200, r.text
+        build_release(retrained_models, registry, "v2", catalog_snapshot_at=_iso(snapshot))
+        assert httpx.post(f"{server.url}/admin/reload", headers=AUTH, timeout=60).json()["release"] == "v2"
+        deadline = time.monotonic() + 30
+        while not (health := httpx.get(f"{server.url}/healthz").json())["handover"]["done"]:
+            assert time.monotonic() < deadline, health
+            time.sleep(0.1)
+        assert health["handover"]["source"] == "v1" and health["handover"]["embedded"] == 1
+        while httpx.get(f"{server.url}/v1/items/new-1/similar").status_code != 200:  # the tail applies it
+            assert time.monotonic() < deadline, "the re-embedded listing is not served"
+            time.sleep(0.1)
+        assert "visrec_handover_embedded 1.0" in httpx.get(f"{server.url}/metrics").text
+
+        neighbours = {it["item_id"] for it in
+                      httpx.get(f"{server.url}/v1/items/new-1/similar", params={"k": 50}).json()["items"]}
+        sold = sorted(neighbours)[0]
+        still_on_v1 = RecommenderService(str(registry / "releases" / "v1"))  # a replica not yet switched
+        still_on_v1.start()
+        still_on_v1.upsert(sold, {"status": "sold"})
+        deadline = time.monotonic() + 5
+        while sold in {it["item_id"] for it in
+                       httpx.get(f"{server.url}/v1/items/new-1/similar", params={"k": 50}).json()["items"]}:
+            assert time.monotonic() < deadline, "the sold item is still recommended 5 s later"
+            time.sleep(0.1)
+    finally:
+        server.stop()

@@ -69,7 +69,9 @@ class HandoverStatus:
     carried: entries copied as they were; to_embed: upserts queued for re-embedding with
     this release's encoder, of which `embedded` are done and `failed` could not be (no
     kept image, an image that no longer decodes); `by_other_process`: another worker of
-    this machine follows the predecessor, this one applies what it writes.
+    this machine follows the predecessor, this one applies what it writes. Carried and
+    re-embedded entries are in this release's journal; the service's journal tail
+    applies them within its period (0.5 s).
     """
 
     source: str
