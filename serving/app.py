@@ -333,7 +333,9 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
             return _error(503, app.state.load_error or "release is still loading")
         state = service.state
         return JSONResponse({"status": "ok", "release": state.version, "encoder": state.encoder_status(),
-                             "handover": state.handover.status.as_dict() if state.handover else None})
+                             "handover": state.handover.status.as_dict() if state.handover else None,
+                             "handover_from_successor": state.successor_handover.status.as_dict()
+                             if state.successor_handover else None})
 
     for path in dict.fromkeys(["/healthz", "/readyz", health_route or "/healthz"]):
         app.add_api_route(path, health, methods=["GET"], include_in_schema=False)

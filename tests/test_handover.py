@@ -208,6 +208,29 @@ def test_hand_over_between_gcs_releases(tmp_path, tiny_models, retrained_models,
     service.sync_journal()
     assert service.state.catalog.get("item-0001")["status"] == "reserved"
 
+    # A v1 replica still serving (its share of the canary, or kept at 0% for a traffic-shift
+    # rollback) follows v2, the release that replaced it: v2's writes reach it, re-embedded.
+    still_on_v1 = RecommenderService(f"{registry}/releases/v1")
+    still_on_v1.start()
+    assert still_on_v1.state.handover is None
+    still_on_v1.sync_journal()  # the journal tail: finds that v2 replaced v1
+    follower = still_on_v1.state.successor_handover
+    assert follower is not None and follower.status.source == "v2" and follower.status.carried == 1  # "reserved"
+    service.upsert("new-2", {"title": "newer", "category": "home/kitchen/mugs", "price": 1020,
+                             "image": base64.b64encode(jpeg(COLOURS[3], 1)).decode()})
+    still_on_v1.sync_journal()
+    deadline = time.monotonic() + 30
+    while not follower.status.done:
+        assert time.monotonic() < deadline, follower.status
+        time.sleep(0.05)
+    still_on_v1.sync_journal()
+    assert still_on_v1.state.catalog.get("item-0001")["status"] == "reserved"
+    assert follower.status.embedded == 1 and still_on_v1.similar("new-2", 5)[1].items
+    # No ping-pong: v2 already has what v1 carried back from it (same items, same write times).
+    before = service.state.handover.status.as_dict()
+    service.sync_journal()
+    assert service.state.handover.status.as_dict() == before
+
 
 def test_reembedding_sets_bad_images_apart_and_keeps_going(tmp_path):
     from visrec.handover import HandoverStatus, reembed_writes

@@ -22,7 +22,7 @@ from visrec.cli import main
 from visrec.errors import UserError
 from visrec.release import (CURRENT, DEPLOYED, PENDING, REFUSED, UNCHANGED, DeployConfig, ReleaseInvalid,
                             approve_release, champion_embeddings_uri, current_version, deploy_release,
-                            list_releases, load_release, predecessor, rollback)
+                            list_releases, load_release, predecessor, rollback, successor)
 
 ITEMS = 40
 EMBED_DIMS = 32  # the tiny SigLIP's vision hidden size
@@ -238,8 +238,11 @@ def test_catalog_snapshot_time_and_predecessors_for_the_serving_hand_over(inputs
     assert (before.version, before.state_uri) == (a, str(first.path / "state"))
     assert before.manifest["files"] == first.manifest["files"]
     assert second.registry == registry and load_release(str(second.path)).registry is None
+    # The release b replaced, if still serving (canary, 0% for a rollback), follows b's writes.
+    assert successor(first).version == b and successor(second) is None
     rollback(registry)
     assert predecessor(load_release(registry)).version == b  # a rolled-back release hands its writes back
+    assert successor(second).version == a and successor(first) is None
     for bad in ("yesterday", "2026-11-20T03:00:00"):
         with pytest.raises(UserError, match="catalog snapshot time"):
             deploy_release(config(inputs, registry, "best", catalog_snapshot_at=bad))

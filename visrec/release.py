@@ -171,9 +171,7 @@ class Release:
 
     @property
     def catalog_snapshot_at(self) -> float | None:
-        """The catalog snapshot time as epoch seconds (None for releases made before it was recorded)."""
-        stamp = self.manifest.get("catalog_snapshot_at")
-        return dt.datetime.fromisoformat(stamp).timestamp() if stamp else None
+        return catalog_snapshot_time(self.manifest)
 
 
 # ---- small helpers --------------------------------------------------------------------------
@@ -356,6 +354,12 @@ def _assemble(config: DeployConfig, metrics: dict[str, Any], dest: Path) -> None
     (dest / STATE).mkdir()
 
 
+def catalog_snapshot_time(manifest: dict[str, Any]) -> float | None:
+    """A release's catalog snapshot time as epoch seconds (None for releases made before it was recorded)."""
+    stamp = manifest.get("catalog_snapshot_at")
+    return dt.datetime.fromisoformat(stamp).timestamp() if stamp else None
+
+
 def _catalog_snapshot_at(config: DeployConfig) -> str:
     if config.catalog_snapshot_at is None:
         return dt.datetime.fromtimestamp(io.modified_at(config.listings_uri), dt.timezone.utc).isoformat()
@@ -520,21 +524,42 @@ class ReleaseRef:
         return io.join(self.uri, STATE)
 
 
+def _became_current_after(registry: str, version: str) -> str | None:
+    """The release that was current when `version` last became current (history.jsonl)."""
+    became_current = [e for e in _read_jsonl(io.join(registry, HISTORY)) if e["version"] == version]
+    previous = became_current[-1].get("previous") if became_current else None
+    return previous if previous != version else None
+
+
+def _ref(registry: str, version: str) -> ReleaseRef | None:
+    uri = release_uri(registry, version)
+    try:
+        return ReleaseRef(version, uri, io.read_json(io.join(uri, MANIFEST)))
+    except FileNotFoundError:
+        log.warning("release %s is named in %s's history but is gone", version, registry)
+        return None
+
+
 def predecessor(release: Release) -> ReleaseRef | None:
     """The release that was current before `release` became current (by deploy, approval
     or rollback, per history.jsonl); None if there is none or `release` is not a registry's."""
     if release.registry is None:
         return None
-    became_current = [e for e in _read_jsonl(io.join(release.registry, HISTORY)) if e["version"] == release.version]
-    previous = became_current[-1].get("previous") if became_current else None
-    if not previous or previous == release.version:
+    previous = _became_current_after(release.registry, release.version)
+    return _ref(release.registry, previous) if previous else None
+
+
+def successor(release: Release) -> ReleaseRef | None:
+    """The current release if it replaced `release` (a release still serving during its
+    successor's canary, or kept at 0% for a traffic-shift rollback); else None."""
+    if release.registry is None:
         return None
-    uri = release_uri(release.registry, previous)
-    try:
-        return ReleaseRef(previous, uri, io.read_json(io.join(uri, MANIFEST)))
-    except FileNotFoundError:
-        log.warning("release %s names %s as its predecessor, which is gone", release.version, previous)
+    current = current_version(release.registry)
+    if not current or current == release.version:
         return None
+    if _became_current_after(release.registry, current) != release.version:
+        return None
+    return _ref(release.registry, current)
 
 
 def _download_release(uri: str, cache: Path) -> Release:

@@ -50,6 +50,7 @@ from visrec.ranking import ON_SALE, ItemCatalog, RankedList, RankingConfig, labe
 log = logging.getLogger(__name__)
 
 ENCODER_WAIT_SECONDS = 120.0  # an image upsert right after start waits this long for torch to load
+SUCCESSOR_CHECK_SECONDS = 10.0  # how often a served release looks for a release that replaced it
 
 
 class UnknownItem(KeyError):
@@ -104,15 +105,18 @@ class ServingState:
     # Write time of the newest applied entry per item, for its metadata and for its vector.
     metadata_at: dict[str, float] = field(default_factory=dict)
     vector_at: dict[str, float] = field(default_factory=dict)
-    handover: Handover | None = None
+    handover: Handover | None = None  # from the predecessor
+    successor_handover: Handover | None = None  # from the release that replaced this one, once it has
+    successor_checked_at: float = -np.inf
     # Several worker processes of one machine: one follows the predecessor (a gs:// state needs
     # no lock: every replica follows it, and a write already applied is never carried again).
     handover_lock: ProcessLock = field(default_factory=lambda: ProcessLock(None))
 
     def close(self) -> None:
-        """This state is no longer served: stop following the predecessor."""
-        if self.handover is not None:
-            self.handover.close()
+        """This state is no longer served: stop following other releases."""
+        for handover in (self.handover, self.successor_handover):
+            if handover is not None:
+                handover.close()
         self.handover_lock.release()
 
     def encoder_status(self) -> str:
@@ -190,24 +194,50 @@ def start_handover(state: ServingState) -> Handover | None:
     previous = predecessor(state.release)
     if previous is None or since is None:
         return None
-    same_encoder = encoder_fingerprint(previous.manifest) == encoder_fingerprint(state.release.manifest)
-    return Handover(HandoverStatus(previous.version, since), open_journal(previous.state_uri, since=since),
-                    state.journal, previous.state_uri, state.release.state_uri, same_encoder,
+    return _follow(state, previous, since)
+
+
+def follow_successor(state: ServingState) -> bool:
+    """Start following the release that replaced this one, if there is one now; True if it started.
+
+    A release still serving after CURRENT moved on (its share of a canary, or kept at 0%
+    on the endpoint for a traffic-shift rollback) then gets the successor's writes too, so
+    the two agree on what is sold and what is new. Checked at most every
+    `SUCCESSOR_CHECK_SECONDS` (a few registry reads).
+    """
+    from visrec.release import catalog_snapshot_time, successor
+
+    now = time.monotonic()
+    if state.successor_handover is not None or now - state.successor_checked_at < SUCCESSOR_CHECK_SECONDS:
+        return False
+    state.successor_checked_at = now
+    after = successor(state.release)
+    if after is None:
+        return False
+    state.successor_handover = _follow(state, after, catalog_snapshot_time(after.manifest) or 0.0)
+    log.info("release %s was replaced by %s; following its writes too", state.version, after.version)
+    return True
+
+
+def _follow(state: ServingState, other: Any, since: float) -> Handover:
+    """A `Handover` carrying the writes of release `other` (a `ReleaseRef`) after `since` into `state`."""
+    same_encoder = encoder_fingerprint(other.manifest) == encoder_fingerprint(state.release.manifest)
+    return Handover(HandoverStatus(other.version, since), open_journal(other.state_uri, since=since),
+                    state.journal, other.state_uri, state.release.state_uri, same_encoder,
                     applied=lambda entry: _applied(state, entry), embedder=lambda: _batch_embedder(state))
 
 
 def poll_handover(state: ServingState) -> int:
-    """Carry the predecessor's new writes into `state`'s journal (applied by the next
-    `sync_journal`); returns how many. Of several worker processes on one machine only
+    """Carry the new writes of the releases `state` follows into its journal (applied by the
+    next `sync_journal`); returns how many. Of several worker processes on one machine only
     the one holding the hand-over's file lock does it."""
-    handover = state.handover
-    if handover is None:
+    handovers = [h for h in (state.handover, state.successor_handover) if h is not None]
+    if not handovers:
         return 0
-    if not state.handover_lock.try_acquire():
-        handover.status.by_other_process = True
-        return 0
-    handover.status.by_other_process = False
-    return handover.poll()
+    held = state.handover_lock.try_acquire()
+    for handover in handovers:
+        handover.status.by_other_process = not held
+    return sum(handover.poll() for handover in handovers) if held else 0
 
 
 def _applied(state: ServingState, entry: dict) -> bool:
@@ -453,6 +483,7 @@ class RecommenderService:
         state = self._state
         if state is None:
             return 0
+        follow_successor(state)
         poll_handover(state)  # outside the write lock: it may list GCS, and only appends
         with self._write_lock:
             return sync_journal(self._state)
