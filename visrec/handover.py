@@ -92,11 +92,11 @@ class HandoverStatus:
 
 def plan_handover(entries: Iterable[dict], since: float, applied: Callable[[dict], bool],
                   same_encoder: bool) -> tuple[list[dict], list[dict]]:
-    """(entries to copy as they are, upserts to re-embed) from the predecessor's journal.
+    """(entries to copy as they are, upserts to re-embed) from the other release's journal.
 
-    Only writes after `since` (the new release's catalog snapshot) are carried; the
-    snapshot already holds the earlier ones. `applied(entry)` says whether the new
-    release already has the write or a newer one for the item. An upsert whose vector
+    Only writes after `since` are carried (following a predecessor: this release's
+    catalog snapshot, which already holds the earlier ones). `applied(entry)` says
+    whether this release already has the write or a newer one for the item. An upsert whose vector
     cannot be reused and that kept no image is copied without its vector: its metadata
     still counts (a price, a status), it just cannot be recommended until written again.
     """
@@ -117,7 +117,8 @@ def plan_handover(entries: Iterable[dict], since: float, applied: Callable[[dict
 
 
 class Handover:
-    """Follows one predecessor's journal into this release's journal (see the module docstring).
+    """Follows another release's journal (the predecessor's, or that of the successor that
+    replaced this release) into this release's journal; see the module docstring.
 
     `poll` carries what was written since the last poll (the service calls it with every
     journal tail); upserts to re-embed go to a background thread, which waits for
@@ -134,7 +135,7 @@ class Handover:
         self._worker: threading.Thread | None = None
 
     def poll(self) -> int:
-        """Carry the predecessor's writes not seen before; returns how many were carried or queued."""
+        """Carry the other release's writes not seen before; returns how many were carried or queued."""
         copy, embed = plan_handover(self.source.read_new(), self.status.since, self.applied, self.same_encoder)
         self.target.append_many(copy)
         self.status.carried += len(copy)
@@ -168,7 +169,13 @@ class Handover:
             if embed is None:
                 self.status.failed += len(batch)
             elif batch:
-                reembed_writes(batch, embed, self.source_state_uri, self.target_state_uri, self.target, self.status)
+                try:
+                    reembed_writes(batch, embed, self.source_state_uri, self.target_state_uri, self.target,
+                                   self.status)
+                except Exception as exc:  # noqa: BLE001 - e.g. the journal store is unreachable: keep going
+                    self.status.failed += len(batch)
+                    log.error("hand-over from %s: a batch of %d could not be carried: %r", self.status.source,
+                              len(batch), exc)
             if stop:
                 return
 
