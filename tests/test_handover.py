@@ -295,10 +295,10 @@ def test_served_over_http_the_tail_keeps_following_the_old_release(tmp_path, tin
         still_on_v1 = RecommenderService(str(registry / "releases" / "v1"))  # a replica not yet switched
         still_on_v1.start()
         still_on_v1.upsert(sold, {"status": "sold"})
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15
         while sold in {it["item_id"] for it in
                        httpx.get(f"{server.url}/v1/items/new-1/similar", params={"k": 50}).json()["items"]}:
-            assert time.monotonic() < deadline, "the sold item is still recommended 5 s later"
+            assert time.monotonic() < deadline, "the sold item is still recommended 15 s later"
             time.sleep(0.1)
     finally:
         server.stop()
