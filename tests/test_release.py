@@ -356,15 +356,17 @@ def test_cli_releases_approve_rollback(inputs, tmp_path, capsys):
               "--index", str(inputs["index"]), "--listings", str(inputs["listings"])]
     assert main(["deploy", *common, "--metrics", str(inputs["good"])]) == 0
     a = current_version(registry)
-    assert main(["deploy", *common, "--metrics", str(inputs["better"]), "--require-approval"]) == 0
+    assert main(["deploy", *common, "--metrics", str(inputs["better"]), "--require-approval",
+                 "--catalog-snapshot-at", "2026-11-20T03:00:00+09:00"]) == 0
     out = capsys.readouterr().out
     b = [r["version"] for r in list_releases(registry) if r["version"] != a][0]
     assert f"waiting for `visrec approve {b}`" in out
     assert main(["releases", "--registry", registry]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["version", "created", "status", "ndcg@5", "approved", "by"]
+    assert table[0].split() == ["version", "created", "catalog", "snapshot", "status", "ndcg@5", "approved", "by"]
     assert table[1].split()[0] == "*" and table[1].split()[1] == a and "0.5000" in table[1]
     assert table[2].split()[:1] == [b] and "pending" in table[2] and "0.6000" in table[2]
+    assert "2026-11-20T03:00:00+09:00" in table[2]
     assert main(["approve", b, "--registry", registry, "--who", "ana", "--why", "reviewed"]) == 0
     assert current_version(registry) == b
     assert main(["rollback", "--registry", registry]) == 0

@@ -809,13 +809,15 @@ def rollback(registry: str, who: str | None = None, why: str = "rollback") -> st
 
 
 def list_releases(registry: str) -> list[dict[str, Any]]:
-    """Every published release, oldest first: version, created_at, status, current, ndcg@5, path."""
+    """Every published release, oldest first: version, created_at, catalog_snapshot_at, status,
+    current, ndcg@5, approved_by, vertex_model, path."""
     current = current_version(registry)
     rows = []
     for version in _release_versions(registry):
         manifest = _read_manifest(registry, version)
         candidate = (manifest.get("gate") or {}).get("candidate") or {}
         rows.append({"version": version, "created_at": manifest.get("created_at"),
+                     "catalog_snapshot_at": manifest.get("catalog_snapshot_at"),
                      "status": manifest["approval"]["status"], "current": version == current,
                      "ndcg@5": candidate.get("ndcg@5"), "approved_by": manifest["approval"]["by"],
                      "vertex_model": (manifest.get("vertex") or {}).get("model"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "list the releases in a registry (version, created, status, current, ndcg@5)"
+HELP = "list the releases in a registry (version, created, catalog snapshot, status, current, ndcg@5)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,9 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """Releases as a fixed-width table; `*` marks the current one."""
-    header = ("", "version", "created", "status", "ndcg@5", "approved by")
+    header = ("", "version", "created", "catalog snapshot", "status", "ndcg@5", "approved by")
     lines = [header] + [
-        ("*" if r["current"] else "", r["version"], r["created_at"] or "-", r["status"],
+        ("*" if r["current"] else "", r["version"], r["created_at"] or "-", r["catalog_snapshot_at"] or "-",
+         r["status"],
          "-" if r["ndcg@5"] is None else f"{r['ndcg@5']:.4f}", r["approved_by"] or "-")
         for r in rows]
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
