@@ -233,7 +233,7 @@ def test_hand_over_between_gcs_releases(tmp_path, tiny_models, retrained_models,
 
 
 def test_reembedding_sets_bad_images_apart_and_keeps_going(tmp_path):
-    from visrec.handover import HandoverStatus, reembed_writes
+    from visrec.handover import HandoverStatus, reembed_batch
     from visrec.journal import open_journal, store_image
 
     source, target = str(tmp_path / "v1-state"), str(tmp_path / "v2-state")
@@ -249,7 +249,7 @@ def test_reembedding_sets_bad_images_apart_and_keeps_going(tmp_path):
 
     status = HandoverStatus("v1", since=10.0, to_embed=len(entries))
     journal = open_journal(target)
-    reembed_writes(entries, embed, source, target, journal, status, batch_size=4)
+    reembed_batch(entries, embed, source, target, journal, status)
     assert (status.embedded, status.failed, status.done) == (5, 2, True)
     written = open_journal(target).read_new()
     assert [e["item_id"] for e in written] == ["n0", "n1", "n2", "n4", "n5"]

@@ -160,6 +160,8 @@ class Handover:
         except Exception as exc:  # noqa: BLE001 - the service keeps serving; the status says what is missing
             log.error("hand-over from %s: no encoder to re-embed with: %r", self.status.source, exc)
             embed = None
+        started = last_log = time.monotonic()
+        embedded_before = self.status.embedded
         while True:
             batch = [self._queue.get()]
             while len(batch) < REEMBED_BATCH_SIZE and not self._queue.empty():
@@ -170,49 +172,45 @@ class Handover:
                 self.status.failed += len(batch)
             elif batch:
                 try:
-                    reembed_writes(batch, embed, self.source_state_uri, self.target_state_uri, self.target,
-                                   self.status)
+                    reembed_batch(batch, embed, self.source_state_uri, self.target_state_uri, self.target,
+                                  self.status)
                 except Exception as exc:  # noqa: BLE001 - e.g. the journal store is unreachable: keep going
                     self.status.failed += len(batch)
                     log.error("hand-over from %s: a batch of %d could not be carried: %r", self.status.source,
                               len(batch), exc)
+            now = time.monotonic()
+            if batch and self.status.done:
+                log.info("hand-over from %s: all caught up: %d carried, %d re-embedded, %d failed",
+                         self.status.source, self.status.carried, self.status.embedded, self.status.failed)
+            elif batch and now - last_log >= PROGRESS_LOG_SECONDS:
+                last_log = now
+                log.info("hand-over from %s: re-embedded %d/%d (%.1f/s)", self.status.source, self.status.embedded,
+                         self.status.to_embed, (self.status.embedded - embedded_before) / (now - started))
             if stop:
                 return
 
 
-def reembed_writes(entries: list[dict], embed: Callable[[list[bytes]], np.ndarray], source_state_uri: str,
-                   target_state_uri: str, target: Journal, status: HandoverStatus,
-                   batch_size: int = REEMBED_BATCH_SIZE) -> None:
-    """Re-embed the upserts' kept images in batches and append them, with their new vectors, to `target`.
+def reembed_batch(entries: list[dict], embed: Callable[[list[bytes]], np.ndarray], source_state_uri: str,
+                  target_state_uri: str, target: Journal, status: HandoverStatus) -> None:
+    """Re-embed one batch of upserts' kept images and append them, with their new vectors, to `target`.
 
     `embed` maps image bytes to vectors, one row each. One bad item (image gone, no
-    longer decodable) is logged and counted, never the end of the rest: a batch that
-    fails is retried one image at a time to find it. Each image is kept in the
+    longer decodable) is logged and counted, never the end of the rest: if the batch
+    fails it is retried one image at a time to find it. Each image is kept in the
     target's state too, for the hand-over after this one.
     """
-    started = last_log = time.monotonic()
-    embedded_before = status.embedded
-    for start in range(0, len(entries), batch_size):
-        loaded: list[tuple[dict, bytes]] = []
-        for entry in entries[start:start + batch_size]:
-            try:
-                loaded.append((entry, load_image(source_state_uri, entry["image_sha256"])))
-            except (FileNotFoundError, OSError) as exc:
-                _failed(status, entry, exc)
-        done = _embed_batch(loaded, embed, status)
-        for _, data, _ in done:
-            store_image(target_state_uri, data)
-        target.append_many([{**entry, "vector": np.asarray(vector, dtype=np.float32).tolist()}
-                            for entry, _, vector in done])
-        status.embedded += len(done)
-        now = time.monotonic()
-        if now - last_log >= PROGRESS_LOG_SECONDS:
-            last_log = now
-            log.info("hand-over from %s: re-embedded %d/%d (%.1f/s)", status.source, status.embedded,
-                     status.to_embed, (status.embedded - embedded_before) / (now - started))
-    if status.done:
-        log.info("hand-over from %s: all caught up: %d carried, %d re-embedded, %d failed", status.source,
-                 status.carried, status.embedded, status.failed)
+    loaded: list[tuple[dict, bytes]] = []
+    for entry in entries:
+        try:
+            loaded.append((entry, load_image(source_state_uri, entry["image_sha256"])))
+        except (FileNotFoundError, OSError) as exc:
+            _failed(status, entry, exc)
+    done = _embed_batch(loaded, embed, status)
+    for _, data, _ in done:
+        store_image(target_state_uri, data)
+    target.append_many([{**entry, "vector": np.asarray(vector, dtype=np.float32).tolist()}
+                        for entry, _, vector in done])
+    status.embedded += len(done)
 
 
 def _embed_batch(loaded: list[tuple[dict, bytes]], embed: Callable[[list[bytes]], np.ndarray],
