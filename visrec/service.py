@@ -131,6 +131,17 @@ class ServingState:
         """The image encoder (None if the release has none); waits while it is still loading."""
         return self.encoder_future.result(timeout)
 
+    def usable_encoder(self, timeout: float | None = None) -> Any:
+        """The image encoder, or `NoEncoder` if the release has none or it is unavailable
+        (failed to load, or still loading after `timeout` seconds)."""
+        try:
+            encoder = self.encoder(timeout)
+        except Exception as exc:  # noqa: BLE001 - still loading past the wait, or failed to load
+            raise NoEncoder(f"the image encoder of release {self.version} is unavailable: {exc!r}") from None
+        if encoder is None:
+            raise NoEncoder(f"release {self.version} has no image encoder")
+        return encoder
+
 
 def read_catalog(items_path: str) -> ItemCatalog:
     """The release's `items.parquet` (a local file: releases are loaded onto local disk) as an `ItemCatalog`."""
@@ -255,9 +266,7 @@ def _batch_embedder(state: ServingState) -> Any:
     """Image bytes -> index vectors with `state`'s encoder and PCA (waits for the encoder)."""
     from visrec.images import decode_image
 
-    encoder = state.encoder()
-    if encoder is None:
-        raise NoEncoder(f"release {state.version} has no image encoder")
+    encoder = state.usable_encoder()
     return lambda batch: embed_images(encoder, state.pca, [decode_image(data) for data in batch])
 
 
@@ -495,18 +504,21 @@ class RecommenderService:
         or `image_uri`. A new item needs an image and every metadata field; an existing
         one may change only some (e.g. just `status`).
         """
-        state = self.state
         data, image = self._read_image(fields)
-        vector = image_sha256 = None
-        if image is not None:
-            vector = self._embed(state, image)
-            image_sha256 = store_image(state.release.state_uri, data)
+
+        def embedded(state: ServingState) -> tuple[np.ndarray | None, str | None]:
+            """(vector, kept image's sha256) for `state`'s release; (None, None) without an image."""
+            if image is None:
+                return None, None
+            vector = embed_image(state.usable_encoder(ENCODER_WAIT_SECONDS), state.pca, image)
+            return vector, store_image(state.release.state_uri, data)
+
+        state = self.state
+        vector, image_sha256 = embedded(state)
         with self._write_lock:
             if self.state is not state:  # a reload swapped releases meanwhile: use the new encoder
                 state = self.state
-                if image is not None:
-                    vector = self._embed(state, image)
-                    image_sha256 = store_image(state.release.state_uri, data)
+                vector, image_sha256 = embedded(state)
             with state.lock:
                 current = state.catalog.get(item_id)
                 indexed = item_id in state.index
@@ -535,16 +547,6 @@ class RecommenderService:
                 raise UnknownItem(item_id)
             state.journal.append({"op": "delete", "id": new_entry_id(), "item_id": item_id, "at": time.time()})
             sync_journal(state)
-
-    @staticmethod
-    def _embed(state: ServingState, image: Any) -> np.ndarray:
-        try:
-            encoder = state.encoder(timeout=ENCODER_WAIT_SECONDS)
-        except Exception as exc:  # noqa: BLE001 - still loading past the wait, or failed to load
-            raise NoEncoder(f"the image encoder of release {state.version} is unavailable: {exc!r}") from None
-        if encoder is None:
-            raise NoEncoder(f"release {state.version} has no image encoder")
-        return embed_image(encoder, state.pca, image)
 
     def _read_image(self, fields: dict) -> tuple[bytes | None, Any | None]:
         """(bytes, PIL image) of the request's image, (None, None) if it carries none."""
