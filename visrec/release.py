@@ -532,10 +532,9 @@ def _became_current_after(registry: str, version: str) -> str | None:
 
 
 def _ref(registry: str, version: str) -> ReleaseRef | None:
-    uri = release_uri(registry, version)
     try:
-        return ReleaseRef(version, uri, io.read_json(io.join(uri, MANIFEST)))
-    except FileNotFoundError:
+        return ReleaseRef(version, release_uri(registry, version), _read_manifest(registry, version))
+    except UserError:
         log.warning("release %s is named in %s's history but is gone", version, registry)
         return None
 
