@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from visrec.demo_data import DemoDataConfig, generate_marketplace
+from visrec.study import cpu_seconds
 from benchkit import RESULTS_DIR, machine_info, write_results
 
 RESULTS = RESULTS_DIR / "demo_data.json"
-
-
-def cpu_seconds() -> float:
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def bench(items: int, workers: int, seed: int) -> dict:

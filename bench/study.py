@@ -11,16 +11,13 @@ synthetic: the figures are this study's, not the paper's.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import sys
-from pathlib import Path
 
+from benchkit import RESULTS_DIR, write_results
 from visrec.commands.study import add_arguments, config_from_args
 from visrec.study import run_study, summary_lines
-
-RESULTS = Path(__file__).parent / "results" / "study.json"
 
 
 def main() -> None:
@@ -32,9 +29,7 @@ def main() -> None:
     config = config_from_args(args)
     result = run_study(config, command="python bench/study.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     print("\n".join(summary_lines(result)))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS_DIR / "study.json", result)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ The data are synthetic and the figures are this study's, not the paper's.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -214,8 +213,9 @@ def directory_bytes(path: str | Path) -> dict[str, int]:
 
 def arm_of(user_id: str, salt: str) -> str:
     """The A/B arm of a user: a stable hash of (salt, user id), so a user always sees one arm."""
-    digest = hashlib.blake2b(f"{salt}\x1f{user_id}".encode(), digest_size=8).digest()
-    return ARMS[int.from_bytes(digest, "big") % len(ARMS)]
+    from visrec.prepare import stable_hash
+
+    return ARMS[stable_hash(salt, user_id) % len(ARMS)]
 
 
 @dataclass(frozen=True)
@@ -341,7 +341,7 @@ def summarise_ab(records: list[dict], variants: Sequence[str], resamples: int, s
 # ---------------------------------------------------------------------------------------------
 # Stage bookkeeping: timings, and reuse of finished stages with `resume`.
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
     """CPU time of this process and its finished children (loader workers, servers): on a shared
     machine it says what a stage costs when the wall clock says how busy the machine was."""
     import resource
@@ -374,10 +374,10 @@ class _Stages:
                 log.info("study: reusing stage %s (%.1fs when it ran)", name, saved["seconds"])
                 return saved["result"]
         log.info("study: stage %s ...", name)
-        started, cpu = time.monotonic(), _cpu_seconds()
+        started, cpu = time.monotonic(), cpu_seconds()
         result = fn()
         self.seconds[name] = round(time.monotonic() - started, 2)
-        self.cpu_seconds[name] = round(_cpu_seconds() - cpu, 2)
+        self.cpu_seconds[name] = round(cpu_seconds() - cpu, 2)
         marker.write_text(json.dumps({"seconds": self.seconds[name], "cpu_seconds": self.cpu_seconds[name],
                                       "config": self.fingerprint, "result": result}, default=str))
         log.info("study: stage %s done in %.1fs", name, self.seconds[name])
@@ -649,15 +649,15 @@ def _image_size(model_dir: str) -> int:
     return int(size.get("height") or size.get("shortest_edge"))
 
 
-def _write_variant(out: Path, ids: list[str], vectors: np.ndarray, pca: Any | None) -> str:
+def _write_variant(out: Path, ids: list[str], vectors: np.ndarray, pca: Any | None) -> None:
     """A stage-3-format embeddings directory (and its `pca/pca.npz`) for one PCA variant."""
     from visrec.embeddings import embeddings_name, write_embeddings
+    from visrec.pca import PCA_FILE
 
     out.mkdir(parents=True, exist_ok=True)
     write_embeddings(str(out / embeddings_name(0, 1)), ids, vectors)
     if pca is not None:
-        pca.save(str(out / "pca" / "pca.npz"))
-    return str(out)
+        pca.save(str(out / "pca" / PCA_FILE))
 
 
 def _deploy_arm(registry: Path, model_dir: str, kind: str, embeddings_dir: str, index_dir: str,
@@ -747,7 +747,8 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
     # Table 1 and the trade-off's quality: every embedding set scored on the same lists.
     vectors = {BASELINE: read_embeddings(str(emb / BASELINE)), "siglip_untrained":
                read_embeddings(str(emb / "siglip_untrained"))}
-    vectors.update({name: read_embeddings(d) for name, d in variant_dirs.items()})
+    vectors["siglip_full"] = (ids, full)
+    vectors.update({f"siglip_pca{d}": read_embeddings(variant_dirs[f"siglip_pca{d}"]) for d in kept})
     dims = {name: vecs.shape[1] for name, (_, vecs) in vectors.items()}
     comparisons = [(name, BASELINE) for name in [*vectors, RANDOM, LOGGED] if name != BASELINE]
     comparisons += [(f"siglip_pca{d}", "siglip_full") for d in kept]
@@ -757,8 +758,8 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
     # Index bytes per item, measured on saved indexes.
     def measure_indexes() -> dict:
         sizes = {}
-        for name, d in variant_dirs.items():
-            vids, vecs = read_embeddings(d)
+        for name in variant_dirs:
+            vids, vecs = vectors[name]
             target = out / "indexes" / name
             shutil.rmtree(target, ignore_errors=True)
             SimilarityIndex.build(vids, vecs, IndexConfig(seed=config.seed)).save(str(target))
@@ -799,7 +800,7 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
 
     # The simulated A/B test against real serving processes.
     hidden = load_hidden(market)
-    served_ids = set(read_embeddings(arm_embeddings[CANDIDATE])[0]) & set(read_embeddings(arm_embeddings[BASELINE])[0])
+    served_ids = set(vectors[cand_name][0]) & set(vectors[BASELINE][0])  # the arms' embeddings, already read
     pool = sorted(i for i in served_ids if hidden[i]["status"] == "on_sale")
     sessions = make_sessions(pool, config.ab_users, config.ab_sessions_per_user, config.seed)
 
