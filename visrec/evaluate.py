@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -438,14 +438,41 @@ def report_examples(lists: ImpressionLists, embeddings: dict[str, tuple[list[str
 
 # ---------------------------------------------------------------- the stage
 
-@dataclass
-class _Model:
-    """One embedding set under evaluation; `rows_of_vocab` maps the logs' ids to its rows."""
+def score_models(lists: ImpressionLists, models: dict[str, tuple[list[str], np.ndarray]],
+                 reference_seed: np.random.SeedSequence) -> tuple[ImpressionLists, dict[str, int],
+                                                                  dict[str, dict[str, np.ndarray]],
+                                                                  dict[str, tuple[list[str], np.ndarray]]]:
+    """Per-list metrics of every model, and of the reference rankings, on the same lists.
 
-    name: str
-    ids: list[str]
-    vectors: np.ndarray
-    rows_of_vocab: np.ndarray | None = field(default=None, repr=False)
+    A list counts if it has a tap and every model embeds its query item. Returns (the
+    lists used, skipped lists by reason, per-list metrics by ranking, the models with
+    L2-normalised vectors). `UserError` if no list is left. Shared by the evaluation
+    stage and the offline study, so both score exactly alike.
+    """
+    has_tap = lists.n_relevant() > 0
+    usable = has_tap.copy()
+    skipped = {"no_taps": int((~has_tap).sum())}
+    normalised, rows_of_vocab = {}, {}
+    for name, (ids, vectors) in models.items():
+        normalised[name] = (ids, _normalise(vectors))
+        rows_of_vocab[name] = vocab_rows(lists.vocab, ids)
+        has_query = rows_of_vocab[name][lists.query_code] >= 0
+        skipped[f"query_not_in_{name}"] = int((usable & ~has_query).sum())
+        usable &= has_query
+        log.info("%s: %d embeddings of %d dims", name, len(ids), normalised[name][1].shape[1])
+    used = lists.subset(usable)
+    log.info("evaluating %d lists (%d rows); skipped %s", used.n_lists, len(used.list_of_row), skipped)
+    if used.n_lists == 0:
+        raise UserError("no impression list has a tap and a query item embedded by every model")
+    per_list: dict[str, dict[str, np.ndarray]] = {}
+    for name, (_, vectors) in normalised.items():
+        t = time.perf_counter()
+        per_list[name] = score_lists(used, cosine_scores(used, rows_of_vocab[name], vectors))
+        dt = time.perf_counter() - t
+        log.info("scored %s: %d rows in %.2fs (%.0f rows/s)", name, len(used.list_of_row), dt,
+                 len(used.list_of_row) / max(dt, 1e-9))
+    per_list.update(reference_rankings(used, reference_seed))
+    return used, skipped, per_list, normalised
 
 
 def run_evaluation(config: EvaluateConfig) -> dict:
@@ -473,33 +500,11 @@ def run_evaluation(config: EvaluateConfig) -> dict:
     log.info("grouped into %d lists (%d with taps) in %.1fs", lists.n_lists, int(has_tap.sum()),
              time.perf_counter() - t)
 
-    models = [_Model("candidate", *read_embeddings(config.candidate_uri)),
-              _Model("baseline", *read_embeddings(config.baseline_uri))]
+    models = {"candidate": read_embeddings(config.candidate_uri), "baseline": read_embeddings(config.baseline_uri)}
     if config.champion_uri:
-        models.append(_Model("champion", *read_embeddings(config.champion_uri)))
-    usable = has_tap.copy()
-    skipped = {"no_taps": int((~has_tap).sum())}
-    for m in models:
-        m.vectors = _normalise(m.vectors)
-        m.rows_of_vocab = vocab_rows(lists.vocab, m.ids)
-        has_query = m.rows_of_vocab[lists.query_code] >= 0
-        skipped[f"query_not_in_{m.name}"] = int((usable & ~has_query).sum())
-        usable &= has_query
-        log.info("%s: %d embeddings of %d dims", m.name, len(m.ids), m.vectors.shape[1])
-    used = lists.subset(usable)
-    log.info("evaluating %d lists (%d rows); skipped %s", used.n_lists, len(used.list_of_row), skipped)
-    if used.n_lists == 0:
-        raise UserError("no impression list has a tap and a query item embedded by every model")
-
+        models["champion"] = read_embeddings(config.champion_uri)
     seeds = np.random.SeedSequence(config.seed).spawn(2)
-    per_list: dict[str, dict[str, np.ndarray]] = {}
-    for m in models:
-        t = time.perf_counter()
-        per_list[m.name] = score_lists(used, cosine_scores(used, m.rows_of_vocab, m.vectors))
-        dt = time.perf_counter() - t
-        log.info("scored %s: %d rows in %.2fs (%.0f rows/s)", m.name, len(used.list_of_row), dt,
-                 len(used.list_of_row) / max(dt, 1e-9))
-    per_list.update(reference_rankings(used, seeds[0]))
+    used, skipped, per_list, models = score_models(lists, models, seeds[0])
 
     has_champion = config.champion_uri is not None
     comparisons = [("candidate", "baseline")]
@@ -556,7 +561,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         if rejected:
             io.write_text(str(out / "rejected.jsonl"),
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
-        examples = report_examples(used, {m.name: (m.ids, m.vectors) for m in models}, images,
+        examples = report_examples(used, models, images,
                                    config.report_examples, config.seed,
                                    image_base=io.parent(config.listings_uri) if config.listings_uri else None)
         html = render_report(result, per_ranking=values, skipped=skipped, examples=examples,

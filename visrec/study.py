@@ -172,8 +172,9 @@ def score_rankings(interactions_uri: str, models: dict[str, tuple[list[str], np.
                    comparisons: list[tuple[str, str]], resamples: int, seed: int) -> dict[str, Any]:
     """Score every model on the same impression lists with the evaluation stage's functions.
 
-    A list counts if it has a tap and every model embeds its query item (as in
-    `run_evaluation`). Also scores the seeded random ranking and the logged order. One
+    A list counts if it has a tap and every model embeds its query item
+    (`visrec.evaluate.score_models`, as in the evaluation stage). Also scores the seeded
+    random ranking and the logged order. One
     paired bootstrap over the lists gives every interval and every uplift's interval.
     Returns {values: ranking -> metric -> {mean, ci95}, uplift: "a_vs_b" -> metric -> {...},
     lists_used, lists_skipped}.
@@ -182,18 +183,8 @@ def score_rankings(interactions_uri: str, models: dict[str, tuple[list[str], np.
 
     table, _ = ev.read_table(interactions_uri, ev.INTERACTION_SCHEMA, "interactions")
     lists = ev.group_lists(table)
-    usable = lists.n_relevant() > 0
-    rows_of_vocab = {}
-    for name, (ids, vectors) in models.items():
-        rows_of_vocab[name] = ev.vocab_rows(lists.vocab, ids)
-        usable &= rows_of_vocab[name][lists.query_code] >= 0
-    used = lists.subset(usable)
-    if used.n_lists == 0:
-        raise UserError("no impression list has a tap and a query item embedded by every model")
     seeds = np.random.SeedSequence(seed).spawn(2)
-    per_list = {name: ev.score_lists(used, ev.cosine_scores(used, rows_of_vocab[name], ev._normalise(vectors)))
-                for name, (_, vectors) in models.items()}
-    per_list.update(ev.reference_rankings(used, seeds[0]))
+    used, _, per_list, _ = ev.score_models(lists, models, seeds[0])
     values, uplift = ev.summarise(per_list, comparisons, resamples, np.random.default_rng(seeds[1]))
     return {"values": values, "uplift": uplift, "lists_used": int(used.n_lists),
             "lists_skipped": int(lists.n_lists - used.n_lists)}
