@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visrec.models import TEXT_MAX_LENGTH, image_features, init_models, load_siglip, train_title_tokenizer
+from visrec.models import (TEXT_MAX_LENGTH, image_features, init_models, load_siglip, text_features,
+                           train_title_tokenizer)
 from visrec.train import TrainConfig, train
 from visrec.train_data import read_prepared
 from benchkit import RESULTS_DIR, machine_info, write_results
@@ -133,7 +134,7 @@ def bare_loop(model_dir: str, data: str, batch: int, steps: int, precision: str,
             pixels, ids = pixels.to(device, non_blocking=True), ids.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 img = F.normalize(image_features(model, pixels).float(), dim=-1)
-                txt = F.normalize(model.get_text_features(input_ids=ids).pooler_output.float(), dim=-1)
+                txt = F.normalize(text_features(model, ids).float(), dim=-1)
             logits = img @ txt.T * model.logit_scale.exp() + model.logit_bias
             labels = 2 * torch.eye(len(img), device=device) - 1
             loss = -F.logsigmoid(labels * logits).sum() / len(img)

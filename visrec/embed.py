@@ -449,11 +449,7 @@ def _remove_previous_outputs(out_dir: str) -> None:
     """Old shards of a rerun into the same directory would otherwise mix with the new ones."""
     stale = io.list_files(out_dir, EMBEDDINGS_PATTERN) + io.list_files(io.join(out_dir, "pca"), PCA_FILE)
     for uri in stale:
-        if io.is_gcs(uri):
-            bucket, name = io.split_gcs(uri)
-            io.gcs_client().bucket(bucket).blob(name).delete()
-        else:
-            Path(uri).unlink()
+        io.remove(uri)
 
 
 def _fill_empty_shards(out_dir: str, shards: int) -> None:

@@ -33,7 +33,6 @@ import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -185,17 +184,6 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
 def default_num_leaves(num_items: int) -> int:
     """About sqrt(N) partitions, each still holding a few dozen items."""
     return max(1, min(round(math.sqrt(num_items)), num_items // 20))
-
-
-def _remove(uri: str) -> None:
-    """Delete one file if present (local or gs://)."""
-    if io.is_gcs(uri):
-        bucket, name = io.split_gcs(uri)
-        blob = io.gcs_client().bucket(bucket).blob(name)
-        if blob.exists():
-            blob.delete()
-    else:
-        Path(uri).unlink(missing_ok=True)
 
 
 def library_versions() -> dict[str, str]:
@@ -480,7 +468,7 @@ class SimilarityIndex:
         `extra_files` (name -> JSON object) are written and checksummed alongside.
         """
         out_dir = str(out_dir)
-        _remove(io.join(out_dir, MANIFEST))
+        io.remove(io.join(out_dir, MANIFEST))
         with _Reading(self._lock):
             with io.output_dir(out_dir) as local:
                 scann_dir = local / SCANN_DIR
@@ -807,7 +795,7 @@ def build_index(embeddings_uri: str, out_dir: str, config: IndexConfig = IndexCo
     index.info.update(recall_at_k=tuning.recall_at_k, tuning=tuning.report(),
                       **{key: latency[key] for key in ("p50_ms", "p99_ms", "qps_batched")})
     if failures:
-        _remove(io.join(out_dir, MANIFEST))
+        io.remove(io.join(out_dir, MANIFEST))
         io.write_json(io.join(out_dir, METRICS), metrics)
         raise GateFailed("index quality gate: " + "; ".join(failures))
     index.save(out_dir, extra_files={METRICS: metrics})

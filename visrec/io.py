@@ -211,6 +211,15 @@ def _excluded(relative: str, exclude: Sequence[str]) -> bool:
     return f"{relative}/".startswith(tuple(exclude))
 
 
+def upload_file(local: str | Path, uri: str) -> None:
+    """Copy local file `local` to `uri` (local or `gs://`), streamed from disk."""
+    if is_gcs(uri):
+        _blob(uri).upload_from_filename(str(local))
+        return
+    Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(local, uri)
+
+
 def upload_dir(local: str | Path, uri: str) -> None:
     """Copy every file under local directory `local` to `uri` (local or `gs://`)."""
     local = Path(local)
@@ -219,7 +228,28 @@ def upload_dir(local: str | Path, uri: str) -> None:
         return
     for p in sorted(local.rglob("*")):
         if p.is_file():
-            _blob(join(uri, p.relative_to(local).as_posix())).upload_from_filename(str(p))
+            upload_file(p, join(uri, p.relative_to(local).as_posix()))
+
+
+def remove(uri: str) -> None:
+    """Delete one file if it exists (local or `gs://`)."""
+    if is_gcs(uri):
+        from google.api_core.exceptions import NotFound
+
+        with contextlib.suppress(NotFound):
+            _blob(uri).delete()
+    else:
+        Path(uri).unlink(missing_ok=True)
+
+
+def remove_tree(uri: str) -> None:
+    """Delete a directory (local) or every object under a prefix (`gs://`)."""
+    if is_gcs(uri):
+        bucket, prefix = split_gcs(uri.rstrip("/") + "/")
+        for blob in gcs_client().list_blobs(bucket, prefix=prefix):
+            blob.delete()
+    else:
+        shutil.rmtree(uri, ignore_errors=True)
 
 
 @contextlib.contextmanager

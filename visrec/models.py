@@ -83,6 +83,12 @@ def image_features(model: Any, pixel_values: Any) -> Any:
     return getattr(out, "pooler_output", out)
 
 
+def text_features(model: Any, input_ids: Any) -> Any:
+    """Pooled text embeddings of a `SiglipModel` (an output object or a tensor: see `image_features`)."""
+    out = model.get_text_features(input_ids=input_ids)
+    return getattr(out, "pooler_output", out)
+
+
 def _image_encoder_class():
     import torch
 

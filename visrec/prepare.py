@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -349,11 +348,7 @@ def _remove_old_outputs(out_dir: str) -> None:
     stale = [f for f in io.list_files(out_dir) if names.fullmatch(f.rsplit("/", 1)[-1])
              and io.parent(f).rstrip("/") == out_dir.rstrip("/")]
     for f in stale:
-        if io.is_gcs(f):
-            bucket, name = io.split_gcs(f)
-            io.gcs_client().bucket(bucket).blob(name).delete()
-        else:
-            os.remove(f)
+        io.remove(f)
 
 
 def make_pipeline(config: PrepareConfig) -> beam.Pipeline:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from visrec import io
 from visrec.errors import UserError
-from visrec.models import SIGLIP_HUB_ID, image_features, load_siglip
+from visrec.models import SIGLIP_HUB_ID, image_features, load_siglip, text_features
 from visrec.siglip_loss import distributed_sigmoid_loss, sigmoid_loss
 from visrec.train_data import Augment, Collate, EpochBatchSampler, PairDataset, read_prepared
 
@@ -85,7 +85,6 @@ class TrainConfig:
 class _Processes:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
     owns_group: bool
 
@@ -129,7 +128,7 @@ def _setup_processes(device: str | None) -> _Processes:
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
-    return _Processes(rank, world, local_rank, dev, owns)
+    return _Processes(rank, world, dev, owns)
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
@@ -159,8 +158,7 @@ class PairEncoder(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor):
         img = image_features(self.model, pixel_values)
-        txt = self.model.get_text_features(input_ids=input_ids)
-        txt = getattr(txt, "pooler_output", txt)
+        txt = text_features(self.model, input_ids)
         return (F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
                 self.model.logit_scale, self.model.logit_bias)
 
@@ -269,20 +267,6 @@ def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _upload_file(local: Path, uri: str) -> None:
-    bucket, name = io.split_gcs(uri)
-    io.gcs_client().bucket(bucket).blob(name).upload_from_filename(str(local))
-
-
-def _delete_tree(uri: str) -> None:
-    if io.is_gcs(uri):
-        bucket, prefix = io.split_gcs(uri.rstrip("/") + "/")
-        for blob in io.gcs_client().list_blobs(bucket, prefix=prefix):
-            blob.delete()
-    else:
-        shutil.rmtree(uri, ignore_errors=True)
-
-
 class _Output:
     """The output directory: written locally (the directory itself, or a temp dir for `gs://`),
     each finished piece published to `gs://` right away so a preempted job loses nothing."""
@@ -323,16 +307,14 @@ class _Output:
         tmp.rename(final)
         if self.remote:  # GCS has no rename: the marker goes up last, after the state it vouches for
             remote = io.join(self.uri, CHECKPOINT_DIR, name)
-            _upload_file(final / STATE_FILE, io.join(remote, STATE_FILE))
-            _upload_file(final / CHECKPOINT_MARKER, io.join(remote, CHECKPOINT_MARKER))
+            io.upload_file(final / STATE_FILE, io.join(remote, STATE_FILE))
+            io.upload_file(final / CHECKPOINT_MARKER, io.join(remote, CHECKPOINT_MARKER))
             shutil.rmtree(final)  # the local copy of a remote run is only a staging area
         for _, old in list_checkpoints(self.uri)[:-keep] if keep > 0 else []:
-            _delete_tree(old)
+            io.remove_tree(old)
 
     def write_file(self, name: str, data: bytes) -> None:
-        io.write_bytes(str(self.local / name), data)
-        if self.remote:
-            io.write_bytes(io.join(self.uri, name), data)
+        io.write_bytes(io.join(self.uri, name), data)  # locally `self.local` is `uri` itself
 
     def close(self) -> None:
         if self.remote:
@@ -597,7 +579,6 @@ class SiglipTrainer:
                 self.save_checkpoint()
             if stop:
                 break
-        self._flush_losses()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
