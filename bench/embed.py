@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from visrec.embed import EmbedConfig, run_embed  # noqa: E402
 from visrec.embeddings import read_embeddings  # noqa: E402
 from visrec.pca import PcaProjection, l2_normalise  # noqa: E402
+from visrec.schema import PREPARED_SHARDS  # noqa: E402
 from benchkit import RESULTS_DIR, machine_info, write_results  # noqa: E402
 
 log = logging.getLogger("bench.embed")
@@ -102,7 +103,7 @@ def bare_loop(data: Path, model_dir: Path, kind: str,
     start, cpu = time.perf_counter(), time.process_time()
     encoder = load_image_encoder(str(model_dir), kind)
     out: dict[str, np.ndarray] = {}
-    for f in sorted(data.glob("data-*.parquet")):
+    for f in sorted(data.glob(PREPARED_SHARDS)):
         table = pq.read_table(f)
         ids, blobs = table["item_id"].to_pylist(), table["image"].to_pylist()
         for begin in range(0, len(ids), batch_size):
@@ -124,7 +125,7 @@ def preprocessing_ms(data: Path, model_dir: Path, batch_size: int) -> dict[str, 
     class Holder:
         image_processor = load_image_processor(str(model_dir))
 
-    blobs = pq.read_table(sorted(data.glob("data-*.parquet"))[0])["image"].to_pylist()[:128]
+    blobs = pq.read_table(sorted(data.glob(PREPARED_SHARDS))[0])["image"].to_pylist()[:128]
     images = [decode_image(b) for b in blobs]
     # CPU time: on a shared machine wall time mostly measures the neighbours.
     start = time.process_time()

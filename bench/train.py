@@ -34,6 +34,7 @@ from visrec.models import (TEXT_MAX_LENGTH, image_features, init_models, load_si
                            train_title_tokenizer)
 from visrec.train import TrainConfig, train
 from visrec.train_data import read_prepared
+from visrec.schema import PREPARED_SHARDS
 from benchkit import RESULTS_DIR, machine_info, write_results
 
 RESULTS = RESULTS_DIR / "train.json"
@@ -57,7 +58,7 @@ def make_data(root: Path, items: int, image_size: int) -> tuple[str, str]:
 def shuffled_copy(prepared: str, out: Path, seed: int = 0) -> str:
     """The same dataset with titles permuted across items: pairs that carry no signal."""
     out.mkdir(parents=True, exist_ok=True)
-    for shard in sorted(Path(prepared).glob("data-*.parquet")):
+    for shard in sorted(Path(prepared).glob(PREPARED_SHARDS)):
         table = pq.read_table(shard)
         titles = table.column("title").to_pylist()
         random.Random(seed).shuffle(titles)

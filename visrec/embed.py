@@ -40,10 +40,10 @@ from visrec.models import KINDS, load_image_encoder, preprocess_images
 from visrec.embeddings import (EMBEDDINGS_PATTERN, EMBEDDINGS_SCHEMA, ROWS_PER_GROUP, embeddings_name,
                                embeddings_table, write_embeddings)
 from visrec.pca import PCA_FILE, PcaProjection, l2_normalise
+from visrec.schema import PREPARED_SHARDS
 
 log = logging.getLogger(__name__)
 
-PREPARED_PATTERN = "data-*.parquet"
 DEVICES = ("auto", "cpu", "gpu")
 _PROGRESS_SECONDS = 10.0
 _ROWS_PER_READ = 256
@@ -124,7 +124,7 @@ def plan_input(data_uri: str) -> tuple[str, list[Any]]:
     from visrec import schema
 
     if not str(data_uri).endswith(tuple(schema.FORMATS)):
-        files = io.list_files(data_uri, PREPARED_PATTERN)
+        files = io.list_files(data_uri, PREPARED_SHARDS)
         if files:
             return "prepared", files
     elif str(data_uri).endswith(".parquet") and io.exists(data_uri):

@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 OUTPUT_SCHEMA = pa.schema([("item_id", pa.string()), ("title", pa.string()), ("category", pa.string()),
                            ("price", pa.int64()), ("image", pa.binary()), ("split", pa.string())])
-SHARD_GLOB = "data-*.parquet"
 STATS_KEYS = ("input_rows", "reserved_excluded", "rejected", "duplicates_dropped", "sampled_out",
               "train_pairs", "val_pairs")
 PROGRESS_EVERY_S = 10.0

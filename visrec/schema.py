@@ -31,6 +31,8 @@ LISTING_COLUMNS: tuple[str, ...] = ("item_id", "title", "image_uri", "category",
 INTERACTION_COLUMNS: tuple[str, ...] = ("query_item_id", "item_id", "position", "tapped", "session_id", "ts")
 # Listings with this status are excluded from training: their titles are messages to a buyer.
 RESERVED_STATUS = "reserved"
+# Stage 1's output shards (`visrec prepare`, docs/artifacts.md), read by training and embedding.
+PREPARED_SHARDS = "data-*.parquet"
 FORMATS: dict[str, str] = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
                            ".parquet": "parquet"}
 # Size of one JSON Lines read task: big enough to amortise a task, small enough to spread a file.

@@ -24,10 +24,10 @@ from visrec import io
 from visrec.errors import UserError
 from visrec.images import decode_image
 from visrec.models import TEXT_MAX_LENGTH
+from visrec.schema import PREPARED_SHARDS
 
 log = logging.getLogger(__name__)
 
-SHARD_PATTERN = "data-*.parquet"
 COLUMNS = ("item_id", "title", "image", "split")
 
 
@@ -37,9 +37,9 @@ def read_prepared(data_uri: str) -> tuple[pa.Table, pa.Table]:
     Only `item_id`, `title` and `image` are kept. The JPEG bytes stay in Arrow
     buffers, which forked loader workers share copy-on-write instead of copying.
     """
-    shards = io.list_files(data_uri, pattern=SHARD_PATTERN)
+    shards = io.list_files(data_uri, pattern=PREPARED_SHARDS)
     if not shards:
-        raise UserError(f"no {SHARD_PATTERN} shards under {data_uri}")
+        raise UserError(f"no {PREPARED_SHARDS} shards under {data_uri}")
     tables = []
     for shard in shards:
         try:
