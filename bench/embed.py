@@ -43,7 +43,7 @@ from visrec.embed import EmbedConfig, run_embed  # noqa: E402
 from visrec.embeddings import read_embeddings  # noqa: E402
 from visrec.pca import PcaProjection, l2_normalise  # noqa: E402
 from visrec.schema import PREPARED_SHARDS  # noqa: E402
-from benchkit import RESULTS_DIR, machine_info, write_results  # noqa: E402
+from benchkit import RESULTS_DIR, machine_info, print_table, write_results  # noqa: E402
 
 log = logging.getLogger("bench.embed")
 KINDS = ("siglip", "mobilenet_v2")
@@ -263,22 +263,21 @@ def print_report(results: dict[str, Any]) -> None:
           f"batch {results['batch_size']}, medians of {results['repeats']} paired runs; SigLIP {siglip['size']} "
           f"({siglip['hidden_size']}-d, {siglip['num_layers']} layers, {siglip['image_size']} px), "
           f"MobileNetV2 1.4 at 224 px")
-    print(f"{'run':<52}{'wall s':>8}{'images/s':>10}{'vs bare':>9}{'CPU s':>8}{'img/CPU s':>11}{'vs bare':>9}")
+    rows = []
     for kind, runs in results["encoders"].items():
-        bare, ours = runs["bare_loop"], runs["visrec_embed"]
-        for name, run, wall_ratio, cpu_ratio in (
-                (f"{kind}: bare PyTorch loop", bare, 1.0, 1.0),
-                (f"{kind}: visrec embed", ours, runs["ratio_images_per_second"],
-                 runs["ratio_images_per_cpu_second"])):
-            print(f"{name:<52}{run['seconds']:>8.1f}{run['images_per_second']:>10.1f}{wall_ratio:>9.2f}"
-                  f"{run['cpu_seconds']:>8.1f}{run['images_per_cpu_second']:>11.2f}{cpu_ratio:>9.2f}")
+        rows += [{"run": f"{kind}: bare PyTorch loop", **runs["bare_loop"], "wall_ratio": 1.0, "cpu_ratio": 1.0},
+                 {"run": f"{kind}: visrec embed", **runs["visrec_embed"],
+                  "wall_ratio": runs["ratio_images_per_second"], "cpu_ratio": runs["ratio_images_per_cpu_second"]}]
     if "siglip" in results["encoders"]:
         bare = results["encoders"]["siglip"]["bare_loop"]
-        for name, run in results["siglip_variants"].items():
-            print(f"{'siglip: visrec embed (' + name + ')':<52}{run['seconds']:>8.1f}{run['images_per_second']:>10.1f}"
-                  f"{run['images_per_second'] / bare['images_per_second']:>9.2f}{run['cpu_seconds']:>8.1f}"
-                  f"{run['images_per_cpu_second']:>11.2f}"
-                  f"{run['images_per_cpu_second'] / bare['images_per_cpu_second']:>9.2f}")
+        rows += [{"run": f"siglip: visrec embed ({name})", **run,
+                  "wall_ratio": run["images_per_second"] / bare["images_per_second"],
+                  "cpu_ratio": run["images_per_cpu_second"] / bare["images_per_cpu_second"]}
+                 for name, run in results["siglip_variants"].items()]
+    print_table(rows, [("run", "run", "<52"), ("wall s", "seconds", ">8.1f"),
+                       ("images/s", "images_per_second", ">10.1f"), ("vs bare", "wall_ratio", ">9.2f"),
+                       ("CPU s", "cpu_seconds", ">8.1f"), ("img/CPU s", "images_per_cpu_second", ">11.2f"),
+                       ("vs bare", "cpu_ratio", ">9.2f")])
     for kind, pre in results["preprocessing"].items():
         print(f"{kind} preprocessing: {pre['per_image_ms']:.2f} ms/image per image, "
               f"{pre['batched_ms']:.2f} ms/image batched")
