@@ -7,6 +7,8 @@ so components use `location(artifact)` rather than picking one themselves.
 
 from __future__ import annotations
 
+from kfp import dsl
+
 
 def location(artifact) -> str:
     """The `gs://` URI of an artifact when it has one, else its local path."""
@@ -34,3 +36,20 @@ def log_metrics(metrics_artifact, values: dict, prefix: str = "") -> None:
             metrics_artifact.log_metric(name, float(value))
         elif isinstance(value, (int, float)):
             metrics_artifact.log_metric(name, float(value))
+
+
+class VertexModel(dsl.Artifact):
+    """A Vertex AI Model Registry version, as Google Cloud Pipeline Components type it.
+
+    Declared here by its schema title because google-cloud-pipeline-components cannot be
+    installed beside google-cloud-aiplatform 2: with this type Vertex ML Metadata links the
+    pipeline run to the model version (`uri`: its REST URL; `resourceName`: `models/ID@VERSION`).
+    """
+
+    schema_title = "google.VertexModel"
+    schema_version = "0.0.1"
+
+
+def vertex_model_uri(region: str, resource_name: str) -> str:
+    """The REST URL Vertex AI uses as a `google.VertexModel` artifact's URI."""
+    return f"https://{region}-aiplatform.googleapis.com/v1/{resource_name}"

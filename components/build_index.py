@@ -9,27 +9,24 @@ from components.images import BASE_IMAGE
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def build_index(
     embeddings: Input[Dataset],
+    recall_target: float,
+    k: int,
+    max_p99_ms: float,
+    seed: int,
     index: Output[Artifact],
     metrics: Output[Metrics],
-    recall_target: float = 0.95,
-    k: int = 10,
-    num_leaves: int = 0,
-    reorder_dtype: str = "float32",
-    max_p99_ms: float = 25.0,
-    tuning_queries: int = 1000,
-    seed: int = 0,
 ):
-    """Build, tune and gate the index (`visrec.index.build_index`); num_leaves 0 = about sqrt(N),
-    max_p99_ms 0 = no latency gate. A failed gate logs its metrics and fails the task."""
+    """Build, tune and gate the index (`visrec.index.build_index`); other settings are
+    `IndexConfig`'s; max_p99_ms 0 = no latency gate. A failed gate logs its metrics and
+    fails the task."""
     from components.artifacts import location, log_metrics
     from visrec import io
     from visrec.errors import GateFailed
     from visrec.index import METRICS, IndexConfig
     from visrec.index import build_index as build
+    from visrec.pipeline_config import from_kfp
 
-    config = IndexConfig(k=k, recall_target=recall_target, num_leaves=num_leaves or None,
-                         reorder_dtype=reorder_dtype, max_p99_ms=max_p99_ms or None,
-                         tuning_queries=tuning_queries, seed=seed)
+    config = IndexConfig(**from_kfp(IndexConfig, k=k, recall_target=recall_target, max_p99_ms=max_p99_ms, seed=seed))
     out = location(index)
     try:
         values = build(location(embeddings), out, config)

@@ -1,8 +1,9 @@
-"""KFP component for stage 6: publish the release (and deploy it on Vertex AI when asked)."""
+"""KFP component for stage 6: publish the release (and register and roll it out on Vertex AI)."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
+from components.artifacts import VertexModel
 from components.images import BASE_IMAGE
 
 
@@ -13,36 +14,43 @@ def deploy(
     embeddings: Input[Dataset],
     index: Input[Artifact],
     evaluation: Input[Artifact],
-    listings_uri: str,
+    listings: Input[Dataset],
     registry: str,
     require_approval: bool,
     target: str,
+    project: str,
+    region: str,
+    serving_image: str,
+    model_id: str,
+    endpoint_id: str,
+    machine_type: str,
+    min_replicas: int,
+    max_replicas: int,
+    canary_percent: int,
+    serving_service_account: str,
+    serving_admin_token_uri: str,
     release: Output[Artifact],
-    project: str = "",
-    region: str = "",
-    serving_image: str = "",
-    parent_model: str = "",
-    endpoint: str = "",
-    machine_type: str = "n1-standard-4",
-    min_replicas: int = 1,
-    max_replicas: int = 2,
-    canary_percent: int = 10,
+    vertex_model: Output[VertexModel],
 ) -> str:
-    """Run `visrec.release.deploy_release`; return its status (deployed | pending | unchanged | refused).
+    """Run `visrec.release.deploy_release`; return its status (deployed | canary | pending |
+    unchanged | refused).
 
     `decision` is the evaluation component's output; the library re-checks the gate in
     `evaluation`'s metrics.json as well, so a rejected candidate is refused even when
     this component is wired up without the pipeline's branch. `model` is a `visrec
-    train` output (its `model/` directory is used) or a model directory itself.
-    `release` receives the outcome as JSON and metadata (version, status, path).
+    train` output (its `model/` directory is used) or a model directory itself. With target
+    `vertex` the release becomes a version of the parent model `model_id` and, unless it
+    waits for approval, is rolled out on `endpoint_id` (`VertexDeployConfig`; '' = unset).
+    `release` receives the outcome as JSON and metadata (version, status, path);
+    `vertex_model` the registered model version, so Vertex ML Metadata links run -> version.
     """
     import json
     import logging
     import os
 
-    from components.artifacts import location, trained_model_dir
+    from components.artifacts import location, trained_model_dir, vertex_model_uri
     from visrec import io
-    from visrec.release import REFUSED, DeployConfig, deploy_release
+    from visrec.release import REFUSED, DeployConfig, deploy_release, release_uri
     from visrec.vertex import VertexDeployConfig
 
     log = logging.getLogger("deploy")
@@ -55,16 +63,24 @@ def deploy(
         vertex = None
         if target == "vertex":
             vertex = VertexDeployConfig(project=project, region=region, serving_image=serving_image,
-                                        parent_model=parent_model or None, endpoint=endpoint or None,
-                                        machine_type=machine_type, min_replica_count=min_replicas,
-                                        max_replica_count=max_replicas, canary_percent=canary_percent)
+                                        model_id=model_id, endpoint_id=endpoint_id, machine_type=machine_type,
+                                        min_replica_count=min_replicas, max_replica_count=max_replicas,
+                                        canary_percent=canary_percent, service_account=serving_service_account or None,
+                                        admin_token_uri=serving_admin_token_uri or None)
         result = deploy_release(DeployConfig(
             registry=registry, model_dir=model_dir, embeddings_dir=location(embeddings),
-            index_dir=location(index), listings_uri=listings_uri,
+            index_dir=location(index), listings_uri=location(listings),
             metrics_uri=io.join(location(evaluation), "metrics.json"), require_approval=require_approval,
             target=target, vertex=vertex))
     os.makedirs(os.path.dirname(release.path) or ".", exist_ok=True)
     with open(release.path, "w") as fh:
         json.dump(result, fh, indent=2)
     release.metadata.update({k: result[k] for k in ("status", "version", "path") if result[k] is not None})
+    registered = None
+    if result["version"] and result["status"] != REFUSED:
+        registered = io.read_json(io.join(release_uri(registry, result["version"]), "release.json")).get("vertex")
+    if registered:
+        name = f"{registered['model']}@{registered['model_version_id']}"
+        vertex_model.uri = vertex_model_uri(registered["region"], name)
+        vertex_model.metadata.update({"resourceName": name, "release": result["version"]})
     return result["status"]

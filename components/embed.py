@@ -11,6 +11,7 @@ from components.images import BEAM_IMAGE
 @dsl.component(base_image=BEAM_IMAGE, install_kfp_package=False)
 def embed(
     data: Input[Dataset],
+    data_fingerprint: str,
     kind: str,
     pca_dims: int,
     batch_size: int,
@@ -21,25 +22,23 @@ def embed(
     metrics: Output[Metrics],
     model: Optional[Input[Model]] = None,
     model_uri: str = "",
-    pca_uri: str = "",
-    shards: int = 4,
-    data_snapshot: str = "",
 ):
-    """Run `visrec.embed.run_embed` on `data` (prepared shards or a listings file).
+    """Run `visrec.embed.run_embed` on `data` (the resolved listings, or prepared shards).
 
     The encoder is the upstream `model` artifact (a `visrec train` output: its `model/`
     directory, or a model directory itself), or `model_uri` when that is non-empty: the
     baseline `google/mobilenet_v2_1.4_224` (or a `gs://` copy) is a parameter, not an
-    artifact. `pca_uri` non-empty applies that (production) PCA instead of fitting one.
-    `beam_options`: extra pipeline options, e.g. the Dataflow project, region, GPU
-    worker accelerator and custom container (docs/embedding.md).
-    `embeddings` receives the whole stage-3 directory; `pca` a copy of its `pca.npz`.
-    `data_snapshot` (the input data's version) is part of the cache key and recorded on the output.
+    artifact. Other settings are `EmbedConfig`'s. `beam_options`: extra pipeline options,
+    e.g. the Dataflow project, region, GPU worker accelerator and custom container
+    (docs/embedding.md). `data_fingerprint` (the resolver's) is the data's cache key and is
+    recorded on the output. `embeddings` receives the whole stage-3 directory; `pca` a copy
+    of its `pca.npz`.
     """
     from components.artifacts import location, log_metrics, trained_model_dir
     from visrec import io
     from visrec.embed import EmbedConfig, run_embed
     from visrec.errors import UserError
+    from visrec.pipeline_config import from_kfp
 
     if model_uri:
         encoder = model_uri
@@ -48,13 +47,13 @@ def embed(
     else:
         raise UserError("embed needs a model artifact or a model_uri")
     out = location(embeddings)
-    stats = run_embed(EmbedConfig(data_uri=location(data), model_uri=encoder, out_dir=out, kind=kind,
-                                  pca_dims=pca_dims, pca_uri=pca_uri or None, batch_size=batch_size,
-                                  runner=runner, beam_options=[str(o) for o in beam_options], shards=shards))
+    stats = run_embed(EmbedConfig(data_uri=location(data), model_uri=encoder, out_dir=out, kind=kind, runner=runner,
+                                  beam_options=[str(o) for o in beam_options],
+                                  **from_kfp(EmbedConfig, pca_dims=pca_dims, batch_size=batch_size)))
     pca_file = io.join(out, "pca", "pca.npz")
     if io.exists(pca_file):
         io.write_bytes(io.join(location(pca), "pca.npz"), io.read_bytes(pca_file))
     log_metrics(metrics, {k: stats[k] for k in ("items", "rejected", "dims", "pca_explained_variance",
                                                 "seconds", "items_per_second") if stats[k] is not None})
     embeddings.metadata.update({"items": stats["items"], "dims": stats["dims"], "kind": kind, "model": encoder,
-                                "data_snapshot": data_snapshot})
+                                "data_fingerprint": data_fingerprint})

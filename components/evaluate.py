@@ -8,11 +8,11 @@ from components.images import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def evaluate(
-    interactions_uri: str,
+    interactions: Input[Dataset],
+    listings: Input[Dataset],
     candidate: Input[Dataset],
     baseline: Input[Dataset],
     champion_uri: str,
-    listings_uri: str,
     gate_policy: str,
     bootstrap_resamples: int,
     evaluation: Output[Artifact],
@@ -23,15 +23,17 @@ def evaluate(
 
     A single plain string output, so the pipeline can branch with `dsl.If` on it
     (kfp.local skips a bare `dsl.If` on a named output of a multi-output component).
-    `champion_uri` / `listings_uri`: '' when there is none. `gate_policy`: the policy's
-    YAML text, '' for the default policy. `evaluation` receives metrics.json,
-    report.html and the policy used; `report` is the same HTML for the console.
+    `interactions` / `listings`: the resolved inputs. `champion_uri`: '' when nothing is in
+    production. `gate_policy`: the policy's YAML text, '' for the default policy.
+    `evaluation` receives metrics.json, report.html and the policy used; `report` is the
+    same HTML for the console.
     """
     import os
 
     from components.artifacts import location, log_metrics
     from visrec import io
     from visrec.evaluate import EvaluateConfig, run_evaluation
+    from visrec.pipeline_config import from_kfp
 
     out_dir = location(evaluation)
     policy_uri = None
@@ -39,9 +41,9 @@ def evaluate(
         policy_uri = io.join(out_dir, "gate_policy.yaml")
         io.write_text(policy_uri, gate_policy)
     result = run_evaluation(EvaluateConfig(
-        interactions_uri=interactions_uri, candidate_uri=location(candidate), baseline_uri=location(baseline),
-        out_dir=out_dir, champion_uri=champion_uri or None, listings_uri=listings_uri or None,
-        gate_config=policy_uri, bootstrap_resamples=bootstrap_resamples))
+        interactions_uri=location(interactions), candidate_uri=location(candidate), baseline_uri=location(baseline),
+        out_dir=out_dir, champion_uri=champion_uri or None, listings_uri=location(listings), gate_config=policy_uri,
+        **from_kfp(EvaluateConfig, bootstrap_resamples=bootstrap_resamples)))
     log_metrics(metrics, {k: result[k] for k in ("candidate", "baseline", "champion", "uplift",
                                                   "lists_used", "lists_skipped") if result[k] is not None})
     metrics.log_metric("deploy", float(result["decision"] == "deploy"))

@@ -8,7 +8,6 @@ the work dir, since no checkpoint can be downloaded here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -25,14 +24,6 @@ TINY = "tiny"
 METRIC_ORDER = ("ndcg@5", "precision@1", "precision@3", "hit_rate@1", "hit_rate@3")
 
 
-def data_snapshot_of(*uris: str) -> str:
-    """A version string for the input data: a content hash, so changed data never reuses a cached step."""
-    digest = hashlib.sha256()
-    for uri in uris:
-        digest.update(io.read_bytes(uri))
-    return f"sha256-{digest.hexdigest()[:16]}"
-
-
 def resolve_parameters(listings_uri: str, interactions_uri: str, work_dir: Path,
                        config_uri: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """Pipeline parameters: config file, then overrides; `tiny` models created on first use."""
@@ -41,7 +32,6 @@ def resolve_parameters(listings_uri: str, interactions_uri: str, work_dir: Path,
     params["listings_uri"] = listings_uri
     params["interactions_uri"] = interactions_uri
     params.setdefault("registry", str(work_dir / "registry"))
-    params.setdefault("data_snapshot", data_snapshot_of(listings_uri, interactions_uri))
     if TINY in (params.get("siglip_model"), params.get("baseline_model")):
         from visrec.models import init_models
 

@@ -1,32 +1,60 @@
 """The visual recommender pipeline: data to deployment, one KFP v2 graph.
 
-prepare -> train -> embed (candidate) and embed (baseline) in parallel -> build index
--> evaluate -> gate decision -> dsl.If(deploy) deploy / dsl.Else record the rejection.
+resolve data -> prepare -> train -> embed (candidate) and embed (baseline) in parallel
+-> build index -> evaluate -> gate decision -> dsl.If(deploy) deploy / dsl.Else record the
+rejection; an exit handler records how the run ended in the registry.
 
 The same graph runs on Vertex AI Pipelines (compiled by `visrec compile`, submitted by
-`visrec submit`) and on one machine with `kfp.local` (`visrec run-local`). The branch
-is on the `gate_decision` component's single plain-string output: kfp.local silently
-skips a `dsl.If` on a named output of a multi-output component.
+`visrec submit`, scheduled by `visrec schedule`) and on one machine with `kfp.local`
+(`visrec run-local`).
+
+Caching. `resolve-data` is never cached: it resolves the listings and impression-log
+inputs to the files this run reads and fingerprints them. The data tasks take those as
+inputs (the listings through importers, whose artifact is the same for the same URI, and
+the fingerprint as a parameter), so a run on unchanged data reuses the previous run's
+preparation, training and embeddings, and changed data recomputes them. The decision
+tasks (champion, evaluation, gate, deploy, rejection) are never cached. `data_snapshot`
+is only a label recorded with the run.
+
+The branch is on the `gate_decision` component's single plain-string output: kfp.local
+silently skips a `dsl.If` on a named output of a multi-output component.
+
+Every default below is read from the stage's config dataclass (`kfp_default`), so a
+pipeline run trains, embeds and gates exactly as the documented stage does.
 """
 # No `from __future__ import annotations` here: KFP reads the parameter annotations as types.
 
 from kfp import dsl
 
 from components.build_index import build_index
+from components.data import join_experiment, record_run, resolve_data
 from components.deploy import deploy
 from components.embed import embed
 from components.evaluate import evaluate
-from components.images import SERVING_IMAGE
 from components.gate import gate_decision, record_rejection, resolve_champion
+from components.images import SERVING_IMAGE
 from components.prepare_dataset import prepare_dataset
-from components.resources import set_resources
-from components.train import apply_train_resources, train
+from components.resources import TaskResources, set_resources
+from components.train import train
+from visrec.datasource import ResolveConfig
+from visrec.embed import EmbedConfig
+from visrec.evaluate import EvaluateConfig
+from visrec.index import IndexConfig
+from visrec.models import MOBILENET_HUB_ID
+from visrec.pipeline_config import kfp_default
+from visrec.prepare import PrepareConfig
+from visrec.release import DeployConfig
+from visrec.train import TrainConfig
+from visrec.vertex import VertexDeployConfig
 
 PIPELINE_NAME = "visual-recommender"
 
-# Retries for the long, preemptible tasks (GPU training on spot capacity, Dataflow launches).
+# Retries with backoff for the long tasks: a lost machine or a failed Dataflow launch is retried;
+# training resumes from its newest checkpoint.
 TRAIN_RETRIES = 2
 BEAM_RETRIES = 2
+
+MACHINES = TaskResources()
 
 
 @dsl.pipeline(name=PIPELINE_NAME,
@@ -36,91 +64,134 @@ def visual_recommender(
     listings_uri: str,
     interactions_uri: str,
     registry: str,
-    data_snapshot: str,
-    siglip_model: str = "google/siglip-base-patch16-256-multilingual",
-    baseline_model: str = "google/mobilenet_v2_1.4_224",
-    epochs: int = 5,
-    batch_size: int = 256,
-    lr: float = 5e-5,
-    warmup_steps: int = 100,
-    max_steps: int = 0,
-    precision: str = "",
-    max_pairs: int = 0,
-    val_fraction: float = 0.05,
-    image_size: int = 256,
-    embed_batch_size: int = 64,
-    pca_dims: int = 128,
-    recall_target: float = 0.95,
-    index_k: int = 10,
-    max_p99_ms: float = 25.0,
+    data_snapshot: str = "",
+    partition_key: str = kfp_default(ResolveConfig, "partition_key"),
+    done_marker: str = kfp_default(ResolveConfig, "done_marker"),
+    siglip_model: str = kfp_default(TrainConfig, "model_uri"),
+    baseline_model: str = MOBILENET_HUB_ID,
+    epochs: int = kfp_default(TrainConfig, "epochs"),
+    batch_size: int = kfp_default(TrainConfig, "batch_size"),
+    lr: float = kfp_default(TrainConfig, "lr"),
+    warmup_steps: int = kfp_default(TrainConfig, "warmup_steps"),
+    max_steps: int = kfp_default(TrainConfig, "max_steps"),
+    precision: str = kfp_default(TrainConfig, "precision"),
+    max_pairs: int = kfp_default(PrepareConfig, "max_pairs"),
+    val_fraction: float = kfp_default(PrepareConfig, "val_fraction"),
+    image_size: int = kfp_default(PrepareConfig, "image_size"),
+    prepare_shards: int = kfp_default(PrepareConfig, "shards"),
+    embed_batch_size: int = kfp_default(EmbedConfig, "batch_size"),
+    pca_dims: int = kfp_default(EmbedConfig, "pca_dims"),
+    recall_target: float = kfp_default(IndexConfig, "recall_target"),
+    index_k: int = kfp_default(IndexConfig, "k"),
+    max_p99_ms: float = kfp_default(IndexConfig, "max_p99_ms"),
     gate_policy: str = "",
-    bootstrap_resamples: int = 1000,
-    deploy_target: str = "local",
-    require_approval: bool = False,
+    bootstrap_resamples: int = kfp_default(EvaluateConfig, "bootstrap_resamples"),
+    deploy_target: str = kfp_default(DeployConfig, "target"),
+    require_approval: bool = kfp_default(DeployConfig, "require_approval"),
     vertex_project: str = "",
     vertex_region: str = "",
-    vertex_endpoint: str = "",
-    vertex_parent_model: str = "",
-    canary_percent: int = 10,
-    beam_runner: str = "DirectRunner",
+    vertex_model_id: str = kfp_default(VertexDeployConfig, "model_id"),
+    vertex_endpoint_id: str = kfp_default(VertexDeployConfig, "endpoint_id"),
+    serving_machine_type: str = kfp_default(VertexDeployConfig, "machine_type"),
+    serving_min_replicas: int = kfp_default(VertexDeployConfig, "min_replica_count"),
+    serving_max_replicas: int = kfp_default(VertexDeployConfig, "max_replica_count"),
+    serving_service_account: str = kfp_default(VertexDeployConfig, "service_account"),
+    serving_admin_token_uri: str = kfp_default(VertexDeployConfig, "admin_token_uri"),
+    canary_percent: int = kfp_default(VertexDeployConfig, "canary_percent"),
+    train_accelerator_type: str = MACHINES.train_accelerator_type,
+    train_accelerator_count: int = MACHINES.train_accelerator_count,
+    train_cpu: str = MACHINES.train_cpu,
+    train_memory: str = MACHINES.train_memory,
+    beam_cpu: str = MACHINES.beam_cpu,
+    beam_memory: str = MACHINES.beam_memory,
+    index_cpu: str = MACHINES.index_cpu,
+    index_memory: str = MACHINES.index_memory,
+    evaluate_cpu: str = MACHINES.evaluate_cpu,
+    evaluate_memory: str = MACHINES.evaluate_memory,
+    beam_runner: str = kfp_default(PrepareConfig, "runner"),
     beam_options: list = [],  # noqa: B006 - KFP pipeline parameters take literal defaults
     embed_beam_options: list = [],  # noqa: B006 - the embed tasks' Beam options (GPU workers on Dataflow)
-    seed: int = 0,
+    experiment: str = "",
+    seed: int = kfp_default(TrainConfig, "seed"),
 ):
-    """`data_snapshot` names the input data version: it is passed to the first tasks so that
-    step caching never reuses results computed from different data."""
-    # The listings file as a tracked input artifact (lineage on Vertex; the snapshot in its metadata).
-    listings = dsl.importer(artifact_uri=listings_uri, artifact_class=dsl.Dataset, reimport=False,
-                            metadata={"data_snapshot": data_snapshot})
-    listings.set_display_name("listings")
+    """`listings_uri` / `interactions_uri`: a file, a prefix, or a prefix of `dt=YYYY-MM-DD/`
+    partitions (the newest complete one is read; docs/data-versions.md). `experiment`: a
+    Vertex AI Experiment each run attaches itself to (how scheduled runs are grouped)."""
+    finished = record_run(registry=registry, listings_uri=listings_uri, data_snapshot=data_snapshot,
+                          pipeline_job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+    set_resources(finished, "1", "2G").set_display_name("record run").set_caching_options(False)
 
-    prep = prepare_dataset(listings_uri=listings_uri, data_snapshot=data_snapshot, max_pairs=max_pairs,
-                           val_fraction=val_fraction, seed=seed, image_size=image_size, runner=beam_runner,
-                           beam_options=beam_options)
-    set_resources(prep, "4", "16G", retries=BEAM_RETRIES).set_display_name("prepare dataset")
+    with dsl.ExitHandler(finished, name="retraining"):
+        with dsl.If(experiment != "", name="in-experiment"):
+            joined = join_experiment(experiment=experiment, pipeline_job=dsl.PIPELINE_JOB_RESOURCE_NAME_PLACEHOLDER)
+            set_resources(joined, "1", "2G").set_display_name("join experiment").set_caching_options(False)
 
-    trained = train(dataset=prep.outputs["dataset"], model_uri=siglip_model, epochs=epochs,
-                    batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, max_steps=max_steps,
-                    precision=precision, seed=seed)
-    apply_train_resources(trained, retries=TRAIN_RETRIES).set_display_name("fine-tune SigLIP")
+        data = resolve_data(listings_uri=listings_uri, interactions_uri=interactions_uri,
+                            partition_key=partition_key, done_marker=done_marker)
+        set_resources(data, "1", "2G").set_display_name("resolve data version").set_caching_options(False)
+        listings_fingerprint = data.outputs["listings_fingerprint"]
+        # Same URI -> the same artifact (reimport=False), so the cache key moves with the fingerprint only.
+        listings = dsl.importer(artifact_uri=data.outputs["listings_uri"], artifact_class=dsl.Dataset,
+                                reimport=False)
+        listings.set_display_name("listings")
+        interactions = dsl.importer(artifact_uri=data.outputs["interactions_uri"], artifact_class=dsl.Dataset,
+                                    reimport=False)
+        interactions.set_display_name("impression logs")
 
-    # The whole catalog is embedded (not only the training sample): evaluation and serving need every item.
-    candidate = embed(data=listings.output, data_snapshot=data_snapshot, model=trained.outputs["model"],
-                      kind="siglip", pca_dims=pca_dims, batch_size=embed_batch_size, runner=beam_runner,
-                      beam_options=embed_beam_options)
-    set_resources(candidate, "4", "16G", retries=BEAM_RETRIES).set_display_name("embed candidate (SigLIP + PCA)")
+        prep = prepare_dataset(listings=listings.output, data_fingerprint=listings_fingerprint, max_pairs=max_pairs,
+                               val_fraction=val_fraction, seed=seed, image_size=image_size, shards=prepare_shards,
+                               runner=beam_runner, beam_options=beam_options)
+        set_resources(prep, beam_cpu, beam_memory, retries=BEAM_RETRIES).set_display_name("prepare dataset")
 
-    # The baseline needs no training: it runs in parallel with the fine-tuning.
-    baseline = embed(data=listings.output, data_snapshot=data_snapshot, model_uri=baseline_model,
-                     kind="mobilenet_v2", pca_dims=0, batch_size=embed_batch_size, runner=beam_runner,
-                     beam_options=embed_beam_options)
-    set_resources(baseline, "4", "16G", retries=BEAM_RETRIES).set_display_name("embed baseline (MobileNetV2)")
+        trained = train(dataset=prep.outputs["dataset"], model_uri=siglip_model, epochs=epochs,
+                        batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
+                        max_steps=max_steps, seed=seed)
+        set_resources(trained, train_cpu, train_memory, train_accelerator_type, train_accelerator_count,
+                      retries=TRAIN_RETRIES).set_display_name("fine-tune SigLIP")
 
-    index = build_index(embeddings=candidate.outputs["embeddings"], recall_target=recall_target, k=index_k,
-                        max_p99_ms=max_p99_ms, seed=seed)
-    set_resources(index, "4", "16G").set_display_name("build ScaNN index")
+        # The whole catalog is embedded (not only the training sample): evaluation and serving need every item.
+        candidate = embed(data=listings.output, data_fingerprint=listings_fingerprint, model=trained.outputs["model"],
+                          kind="siglip", pca_dims=pca_dims, batch_size=embed_batch_size, runner=beam_runner,
+                          beam_options=embed_beam_options)
+        set_resources(candidate, beam_cpu, beam_memory, retries=BEAM_RETRIES).set_display_name(
+            "embed candidate (SigLIP + PCA)")
 
-    champion = resolve_champion(registry=registry)
-    set_resources(champion, "1", "2G").set_display_name("find champion").set_caching_options(False)
+        # The baseline needs no training: it runs in parallel with the fine-tuning.
+        baseline = embed(data=listings.output, data_fingerprint=listings_fingerprint, model_uri=baseline_model,
+                         kind="mobilenet_v2", pca_dims=0, batch_size=embed_batch_size, runner=beam_runner,
+                         beam_options=embed_beam_options)
+        set_resources(baseline, beam_cpu, beam_memory, retries=BEAM_RETRIES).set_display_name(
+            "embed baseline (MobileNetV2)")
 
-    evaluation = evaluate(interactions_uri=interactions_uri, candidate=candidate.outputs["embeddings"],
-                          baseline=baseline.outputs["embeddings"], champion_uri=champion.output,
-                          listings_uri=listings_uri, gate_policy=gate_policy,
-                          bootstrap_resamples=bootstrap_resamples)
-    set_resources(evaluation, "4", "16G").set_display_name("evaluate + gate").set_caching_options(False)
+        index = build_index(embeddings=candidate.outputs["embeddings"], recall_target=recall_target, k=index_k,
+                            max_p99_ms=max_p99_ms, seed=seed)
+        set_resources(index, index_cpu, index_memory).set_display_name("build ScaNN index")
 
-    decision = gate_decision(evaluation=evaluation.outputs["evaluation"])
-    set_resources(decision, "1", "2G").set_display_name("gate decision").set_caching_options(False)
+        champion = resolve_champion(registry=registry)
+        set_resources(champion, "1", "2G").set_display_name("find champion").set_caching_options(False)
 
-    with dsl.If(decision.output == "deploy", name="candidate-passed"):
-        release = deploy(decision=decision.output, model=trained.outputs["model"],
-                         embeddings=candidate.outputs["embeddings"], index=index.outputs["index"],
-                         evaluation=evaluation.outputs["evaluation"], listings_uri=listings_uri,
-                         registry=registry, require_approval=require_approval, target=deploy_target,
-                         project=vertex_project, region=vertex_region, endpoint=vertex_endpoint,
-                         parent_model=vertex_parent_model, canary_percent=canary_percent,
-                         serving_image=SERVING_IMAGE)
-        set_resources(release, "2", "8G").set_display_name("deploy release").set_caching_options(False)
-    with dsl.Else(name="candidate-rejected"):
-        rejected = record_rejection(evaluation=evaluation.outputs["evaluation"], registry=registry)
-        set_resources(rejected, "1", "2G").set_display_name("record rejection").set_caching_options(False)
+        evaluation = evaluate(interactions=interactions.output, listings=listings.output,
+                              candidate=candidate.outputs["embeddings"], baseline=baseline.outputs["embeddings"],
+                              champion_uri=champion.output, gate_policy=gate_policy,
+                              bootstrap_resamples=bootstrap_resamples)
+        set_resources(evaluation, evaluate_cpu, evaluate_memory).set_display_name("evaluate + gate") \
+            .set_caching_options(False)
+
+        decision = gate_decision(evaluation=evaluation.outputs["evaluation"])
+        set_resources(decision, "1", "2G").set_display_name("gate decision").set_caching_options(False)
+
+        with dsl.If(decision.output == "deploy", name="candidate-passed"):
+            release = deploy(decision=decision.output, model=trained.outputs["model"],
+                             embeddings=candidate.outputs["embeddings"], index=index.outputs["index"],
+                             evaluation=evaluation.outputs["evaluation"], listings=listings.output,
+                             registry=registry, require_approval=require_approval, target=deploy_target,
+                             project=vertex_project, region=vertex_region, serving_image=SERVING_IMAGE,
+                             model_id=vertex_model_id, endpoint_id=vertex_endpoint_id,
+                             machine_type=serving_machine_type, min_replicas=serving_min_replicas,
+                             max_replicas=serving_max_replicas, canary_percent=canary_percent,
+                             serving_service_account=serving_service_account,
+                             serving_admin_token_uri=serving_admin_token_uri)
+            set_resources(release, "2", "8G").set_display_name("deploy release").set_caching_options(False)
+        with dsl.Else(name="candidate-rejected"):
+            rejected = record_rejection(evaluation=evaluation.outputs["evaluation"], registry=registry)
+            set_resources(rejected, "1", "2G").set_display_name("record rejection").set_caching_options(False)

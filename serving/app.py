@@ -43,6 +43,7 @@ from visrec.service import BadItem, NoEncoder, RecommenderService, ServingConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 10
+ADMIN_TOKEN_HEADER = "x-visrec-token"
 MAX_INSTANCES = 1000
 SIMILAR_ROUTE = "/v1/items/{item_id}/similar"
 _SIMILAR_PREFIX, _SIMILAR_SUFFIX = SIMILAR_ROUTE.split("{item_id}")
@@ -167,8 +168,9 @@ class ServingLayer:
             item_id = similar_route_item(scope)
             if item_id is not None:
                 label = SIMILAR_ROUTE
-                if scope["method"] != "GET":
-                    await send_json(send_status, 405, {"error": "Method Not Allowed"}, [(b"allow", b"GET")])
+                # POST too: Vertex AI's invoke API forwards only POSTs (docs/google-cloud.md).
+                if scope["method"] not in ("GET", "POST"):
+                    await send_json(send_status, 405, {"error": "Method Not Allowed"}, [(b"allow", b"GET, POST")])
                     return
                 k = next((v for name, v in parse_qsl(scope["query_string"].decode("latin-1")) if name == "k"),
                          None)
@@ -265,19 +267,36 @@ def _start_background(service: RecommenderService, metrics: ServingMetrics, app:
     threading.Thread(target=run, name="visrec-release", daemon=True).start()
 
 
+def configured_admin_token() -> str | None:
+    """`VISREC_ADMIN_TOKEN`, or the token stored at `VISREC_ADMIN_TOKEN_URI` (local or gs://)."""
+    if os.environ.get("VISREC_ADMIN_TOKEN"):
+        return os.environ["VISREC_ADMIN_TOKEN"]
+    uri = os.environ.get("VISREC_ADMIN_TOKEN_URI")
+    if not uri:
+        return None
+    from visrec import io
+
+    try:
+        return io.read_text(uri).strip() or None
+    except FileNotFoundError:
+        raise UserError(f"VISREC_ADMIN_TOKEN_URI names {uri}, which does not exist") from None
+
+
 def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_token: str | None = None,
                health_route: str | None = None, predict_route: str | None = None,
                on_load_error: Callable[[], None] = _stop_process) -> FastAPI:
     """The similar-items app serving the release at `release_uri` (release dir or registry, local or gs://).
 
-    admin_token: bearer token for write endpoints; default `VISREC_ADMIN_TOKEN`; unset -> writes 403.
+    admin_token: bearer token for write endpoints; default `VISREC_ADMIN_TOKEN`, else the content
+        of the file or `gs://` object `VISREC_ADMIN_TOKEN_URI` names (how a Vertex AI deployment
+        gets it without the token showing in the model's settings); neither -> writes 403.
     health_route, predict_route: extra paths for the Vertex AI contract; default
         `AIP_HEALTH_ROUTE` / `AIP_PREDICT_ROUTE`.
     on_load_error: called when the release cannot be loaded (`app.state.load_error` says why);
         default: SIGTERM to this process, so uvicorn stops and the orchestrator sees it.
     """
     config = config or ServingConfig()
-    admin_token = admin_token if admin_token is not None else os.environ.get("VISREC_ADMIN_TOKEN") or None
+    admin_token = admin_token if admin_token is not None else configured_admin_token()
     health_route = health_route or os.environ.get("AIP_HEALTH_ROUTE")
     predict_route = predict_route or os.environ.get("AIP_PREDICT_ROUTE")
     service = RecommenderService(release_uri, config)
@@ -315,7 +334,11 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
     def require_admin(request: Request) -> None:
         if admin_token is None:
             raise HTTPException(403, "write endpoints are disabled: no VISREC_ADMIN_TOKEN configured")
+        # Through a Vertex AI endpoint `Authorization` carries the caller's Google token, so the
+        # admin token may come in `X-Visrec-Token` instead.
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if request.headers.get(ADMIN_TOKEN_HEADER) is not None:
+            scheme, token = "bearer", request.headers[ADMIN_TOKEN_HEADER]
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), admin_token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
@@ -337,8 +360,9 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
                              "handover_from_successor": state.successor_handover.status.as_dict()
                              if state.successor_handover else None})
 
+    # GET for probes and people; POST as well wherever Vertex AI's invoke API must reach a route.
     for path in dict.fromkeys(["/healthz", "/readyz", health_route or "/healthz"]):
-        app.add_api_route(path, health, methods=["GET"], include_in_schema=False)
+        app.add_api_route(path, health, methods=["GET", "POST"], include_in_schema=False)
 
     def similar(item_id: str, raw_k: str | None) -> tuple[int, dict]:
         """(status, body) of `GET /v1/items/{item_id}/similar` (served by `ServingLayer`)."""
@@ -370,7 +394,7 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
     for path in dict.fromkeys(["/predict", predict_route or "/predict"]):
         app.add_api_route(path, predict, methods=["POST"])
 
-    @app.put("/v1/items/{item_id}")
+    @app.api_route("/v1/items/{item_id}", methods=["PUT", "POST"])
     async def put_item(item_id: str, request: Request) -> JSONResponse:
         require_admin(request)
         require_ready()
@@ -386,6 +410,7 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
         return JSONResponse(result)
 
     @app.delete("/v1/items/{item_id}")
+    @app.post("/v1/items/{item_id}/delete")
     async def delete_item(item_id: str, request: Request) -> JSONResponse:
         require_admin(request)
         require_ready()
@@ -408,7 +433,7 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
         metrics.serving(version)
         return JSONResponse({"release": version, "previous": previous})
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "POST"])
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -93,3 +93,7 @@ def tiny_models(tmp_path_factory, marketplace) -> Path:
     out = tmp_path_factory.mktemp("models")
     init_models(out, listings_uri=str(marketplace / "listings.jsonl"))
     return out
+
+
+# The real Vertex AI SDK over a recorded, in-memory transport (tests/vertex_fake.py).
+from vertex_fake import vertex_api  # noqa: E402,F401

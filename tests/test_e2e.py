@@ -147,3 +147,7 @@ def test_broken_candidate_is_rejected_and_not_deployed(broken_run, good_run, reg
     assert (registry / "CURRENT").read_text().strip() == current_before
     rejections = [json.loads(line) for line in (registry / "rejections.jsonl").read_text().splitlines()]
     assert len(rejections) == 1 and rejections[0]["failed_thresholds"]
+    # The exit handler recorded both runs; a rejected candidate is a run that worked.
+    runs = [json.loads(line) for line in (registry / "runs.jsonl").read_text().splitlines()]
+    assert [r["state"] for r in runs] == ["SUCCEEDED", "SUCCEEDED"]
+    assert runs[0]["run"].startswith("visual-recommender-") and runs[0]["run"] != runs[1]["run"]

@@ -260,11 +260,13 @@ def test_component_under_kfp_local_branches_on_the_decision(world, tmp_path, can
         return f"shipping ({decision})"
 
     @dsl.pipeline
-    def gate_pipeline(interactions: str, candidate_uri: str, baseline_uri: str) -> str:
+    def gate_pipeline(interactions_uri: str, listings_uri: str, candidate_uri: str, baseline_uri: str) -> str:
+        logs = dsl.importer(artifact_uri=interactions_uri, artifact_class=dsl.Dataset, reimport=False)
+        listings = dsl.importer(artifact_uri=listings_uri, artifact_class=dsl.Dataset, reimport=False)
         cand = dsl.importer(artifact_uri=candidate_uri, artifact_class=dsl.Dataset, reimport=False)
         base = dsl.importer(artifact_uri=baseline_uri, artifact_class=dsl.Dataset, reimport=False)
-        ev = evaluate_component(interactions_uri=interactions, candidate=cand.output, baseline=base.output,
-                                champion_uri="", listings_uri="", gate_policy="", bootstrap_resamples=100)
+        ev = evaluate_component(interactions=logs.output, listings=listings.output, candidate=cand.output,
+                                baseline=base.output, champion_uri="", gate_policy="", bootstrap_resamples=100)
         # The decision is the component's only parameter output ("Output"); its artifacts are the rest.
         with dsl.If(ev.outputs["Output"] == "deploy"):
             announce(decision=ev.outputs["Output"])
@@ -272,7 +274,8 @@ def test_component_under_kfp_local_branches_on_the_decision(world, tmp_path, can
 
     root = tmp_path / "root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
-    run = gate_pipeline(interactions=world["interactions"], candidate_uri=world[candidate],
+    run = gate_pipeline(interactions_uri=world["interactions"], listings_uri=world["listings"],
+                        candidate_uri=world[candidate],
                         baseline_uri=world[baseline])
     assert run.output == decision
     [metrics_file] = list(root.rglob("evaluation/metrics.json"))

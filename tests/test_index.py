@@ -266,7 +266,7 @@ def test_component_writes_index_and_metrics(tmp_path):
     index_artifact = SimpleNamespace(path=str(tmp_path / "index"), uri="", metadata={})
     metrics_artifact = SimpleNamespace(log_metric=logged.__setitem__)
     component.python_func(embeddings=SimpleNamespace(path=str(emb), uri=""), index=index_artifact,
-                          metrics=metrics_artifact, tuning_queries=100)
+                          metrics=metrics_artifact, recall_target=0.95, k=10, max_p99_ms=0.0, seed=0)
     assert logged["passed"] == 1.0 and logged["recall_at_k"] >= 0.95
     assert index_artifact.metadata["num_items"] == 2100
     assert len(SimilarityIndex.load(index_artifact.path)) == 2100

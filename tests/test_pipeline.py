@@ -46,64 +46,171 @@ def _executor(ir: dict, task: dict) -> dict:
 def test_graph_has_every_stage_in_order(ir):
     tasks = _tasks(ir)
     deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
-    assert {"prepare-dataset", "train", "embed", "embed-2", "build-index", "evaluate", "gate-decision",
-            "deploy", "record-rejection", "resolve-champion", "importer"} <= set(tasks)
+    assert {"resolve-data", "prepare-dataset", "train", "embed", "embed-2", "build-index", "evaluate",
+            "gate-decision", "deploy", "record-rejection", "resolve-champion", "importer", "importer-2",
+            "record-run", "join-experiment"} <= set(tasks)
+    assert deps["importer"] == deps["importer-2"] == {"resolve-data"}
+    assert deps["prepare-dataset"] == {"importer", "resolve-data"}
     assert deps["train"] == {"prepare-dataset"}
-    assert deps["embed"] == {"importer", "train"}      # candidate: the fine-tuned model
-    assert deps["embed-2"] == {"importer"}             # baseline: in parallel with training
+    assert deps["embed"] == {"importer", "resolve-data", "train"}  # candidate: the fine-tuned model
+    assert deps["embed-2"] == {"importer", "resolve-data"}          # baseline: in parallel with training
     assert deps["build-index"] == {"embed"}
-    assert deps["evaluate"] == {"embed", "embed-2", "resolve-champion"}
+    assert deps["evaluate"] == {"embed", "embed-2", "importer", "importer-2", "resolve-champion"}
     assert deps["gate-decision"] == {"evaluate"}
     # The candidate embedding task uses the trained model; the baseline names its checkpoint.
     assert tasks["embed"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "train"
     assert "model" not in tasks["embed-2"]["inputs"].get("artifacts", {})
 
 
+def test_an_exit_handler_records_every_run(ir):
+    """record-run runs after the whole body, success or failure, with the run's final status."""
+    root = ir["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "record-run"}
+    assert root["record-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert root["record-run"]["inputs"]["parameters"]["status"]["taskFinalStatus"]["producerTask"] == "exit-handler-1"
+    # Everything else is inside the handler.
+    assert {"resolve-data", "train", "deploy"} <= set(_tasks(ir)) - set(root)
+
+
 def test_deploy_and_rejection_branch_on_the_gate_decision(ir):
     tasks = _tasks(ir)
     conditions = {name: t["triggerPolicy"]["condition"] for name, t in tasks.items()
                   if t.get("triggerPolicy", {}).get("condition")}
-    deploy_branch = [c for c in conditions.values() if c.startswith("inputs.")]
-    reject_branch = [c for c in conditions.values() if c.startswith("!(")]
-    assert deploy_branch == ["inputs.parameter_values['pipelinechannel--gate-decision-Output'] == 'deploy'"]
-    assert reject_branch == [f"!({deploy_branch[0]})"]
+    gate = "inputs.parameter_values['pipelinechannel--gate-decision-Output'] == 'deploy'"
+    assert sorted(conditions.values()) == sorted([
+        "inputs.parameter_values['pipelinechannel--experiment'] != ''", gate, f"!({gate})"])
     branch_of = {}
     for name, task in tasks.items():
         sub = ir["components"].get(task.get("componentRef", {}).get("name", ""), {}).get("dag")
         if sub and name in conditions:
             for child in sub["tasks"]:
                 branch_of[child] = conditions[name]
-    assert branch_of["deploy"] == deploy_branch[0]
-    assert branch_of["record-rejection"] == reject_branch[0]
+    assert branch_of["deploy"] == gate
+    assert branch_of["record-rejection"] == f"!({gate})"
+    assert branch_of["join-experiment"].startswith("inputs.parameter_values['pipelinechannel--experiment']")
 
 
-def test_resources_retries_and_caching(ir):
+def test_resources_are_pipeline_parameters_with_retries_and_caching(ir):
+    from components.resources import TaskResources
+
     tasks = _tasks(ir)
+    params = ir["root"]["inputDefinitions"]["parameters"]
+
+    def channel(name: str) -> str:
+        return f"{{{{$.inputs.parameters['pipelinechannel--{name}']}}}}"
+
     train = _executor(ir, tasks["train"])["container"]["resources"]
-    assert train["accelerator"]["resourceType"] == "NVIDIA_L4"
-    assert train["accelerator"]["resourceCount"] == "1"
-    for name in ("prepare-dataset", "embed", "embed-2", "evaluate", "build-index"):
+    assert train["accelerator"] == {"resourceType": channel("train_accelerator_type"),
+                                    "resourceCount": channel("train_accelerator_count")}
+    assert train["resourceCpuLimit"] == channel("train_cpu") and train["resourceMemoryLimit"] == channel("train_memory")
+    machines = TaskResources()
+    assert params["train_accelerator_type"]["defaultValue"] == machines.train_accelerator_type == "NVIDIA_L4"
+    assert params["train_accelerator_count"]["defaultValue"] == machines.train_accelerator_count
+    for name, cpu in (("prepare-dataset", "beam_cpu"), ("embed", "beam_cpu"), ("embed-2", "beam_cpu"),
+                      ("build-index", "index_cpu"), ("evaluate", "evaluate_cpu")):
         res = _executor(ir, tasks[name])["container"]["resources"]
-        assert res["resourceCpuLimit"] and res["resourceMemoryLimit"], name
+        assert res["resourceCpuLimit"] == channel(cpu) and res["resourceMemoryLimit"], name
+    # The sub-DAG around them receives those parameters (kfp 2.17 does not pass them on by itself).
+    handler = ir["components"]["comp-exit-handler-1"]["inputDefinitions"]["parameters"]
+    assert {f"pipelinechannel--{p}" for p in ("train_cpu", "train_accelerator_type", "beam_memory")} <= set(handler)
     for name in ("train", "prepare-dataset", "embed", "embed-2"):
         assert tasks[name]["retryPolicy"]["maxRetryCount"] >= 1, name
-    for name in ("evaluate", "gate-decision", "deploy", "record-rejection", "resolve-champion"):
+    for name in ("resolve-data", "evaluate", "gate-decision", "deploy", "record-rejection", "resolve-champion",
+                 "record-run"):
         assert not tasks[name].get("cachingOptions", {}).get("enableCache"), name
     assert tasks["train"]["cachingOptions"]["enableCache"]
 
 
-def test_data_snapshot_reaches_the_data_tasks(ir):
-    """A new snapshot string changes the cache key of every task that reads the data."""
+def test_the_data_fingerprint_keys_the_data_tasks(ir):
+    """Each data task takes the resolver's fingerprint; `data_snapshot` is only a label."""
     tasks = _tasks(ir)
-    params = ir["root"]["inputDefinitions"]["parameters"]
-    assert "data_snapshot" in params and "defaultValue" not in params["data_snapshot"]
     for name in ("prepare-dataset", "embed", "embed-2"):
-        ref = tasks[name]["inputs"]["parameters"]["data_snapshot"]["componentInputParameter"]
-        assert ref == "data_snapshot", name
-    assert params["epochs"]["defaultValue"] == 5
-    assert params["batch_size"]["defaultValue"] == 256
-    assert params["lr"]["defaultValue"] == pytest.approx(5e-5)
-    assert params["pca_dims"]["defaultValue"] == 128
+        ref = tasks[name]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
+        assert ref == {"producerTask": "resolve-data", "outputParameterKey": "listings_fingerprint"}, name
+        assert "data_snapshot" not in tasks[name]["inputs"]["parameters"], name
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    assert params["data_snapshot"]["defaultValue"] == ""
+
+
+# Pipeline parameter -> (stage config, field) whose default it must be: a pipeline run trains,
+# embeds and gates as the documented stage does.
+DEFAULTS_FROM = {
+    "epochs": ("visrec.train", "TrainConfig", "epochs"),
+    "batch_size": ("visrec.train", "TrainConfig", "batch_size"),
+    "lr": ("visrec.train", "TrainConfig", "lr"),
+    "warmup_steps": ("visrec.train", "TrainConfig", "warmup_steps"),
+    "max_steps": ("visrec.train", "TrainConfig", "max_steps"),
+    "precision": ("visrec.train", "TrainConfig", "precision"),
+    "siglip_model": ("visrec.train", "TrainConfig", "model_uri"),
+    "seed": ("visrec.train", "TrainConfig", "seed"),
+    "max_pairs": ("visrec.prepare", "PrepareConfig", "max_pairs"),
+    "val_fraction": ("visrec.prepare", "PrepareConfig", "val_fraction"),
+    "image_size": ("visrec.prepare", "PrepareConfig", "image_size"),
+    "prepare_shards": ("visrec.prepare", "PrepareConfig", "shards"),
+    "beam_runner": ("visrec.prepare", "PrepareConfig", "runner"),
+    "embed_batch_size": ("visrec.embed", "EmbedConfig", "batch_size"),
+    "pca_dims": ("visrec.embed", "EmbedConfig", "pca_dims"),
+    "recall_target": ("visrec.index", "IndexConfig", "recall_target"),
+    "index_k": ("visrec.index", "IndexConfig", "k"),
+    "max_p99_ms": ("visrec.index", "IndexConfig", "max_p99_ms"),
+    "bootstrap_resamples": ("visrec.evaluate", "EvaluateConfig", "bootstrap_resamples"),
+    "deploy_target": ("visrec.release", "DeployConfig", "target"),
+    "require_approval": ("visrec.release", "DeployConfig", "require_approval"),
+    "vertex_model_id": ("visrec.vertex", "VertexDeployConfig", "model_id"),
+    "vertex_endpoint_id": ("visrec.vertex", "VertexDeployConfig", "endpoint_id"),
+    "serving_machine_type": ("visrec.vertex", "VertexDeployConfig", "machine_type"),
+    "serving_min_replicas": ("visrec.vertex", "VertexDeployConfig", "min_replica_count"),
+    "serving_max_replicas": ("visrec.vertex", "VertexDeployConfig", "max_replica_count"),
+    "canary_percent": ("visrec.vertex", "VertexDeployConfig", "canary_percent"),
+    "serving_service_account": ("visrec.vertex", "VertexDeployConfig", "service_account"),
+    "serving_admin_token_uri": ("visrec.vertex", "VertexDeployConfig", "admin_token_uri"),
+    "partition_key": ("visrec.datasource", "ResolveConfig", "partition_key"),
+    "done_marker": ("visrec.datasource", "ResolveConfig", "done_marker"),
+}
+
+
+@pytest.mark.parametrize("parameter", sorted(DEFAULTS_FROM))
+def test_pipeline_defaults_are_the_stage_defaults(ir, parameter):
+    import dataclasses
+    import importlib
+
+    from visrec.pipeline_config import from_kfp
+
+    module, cls_name, field = DEFAULTS_FROM[parameter]
+    cls = getattr(importlib.import_module(module), cls_name)
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == field)
+    compiled = ir["root"]["inputDefinitions"]["parameters"][parameter]["defaultValue"]
+    # The compiled default, read back the way a component reads it, is the dataclass default.
+    assert from_kfp(cls, **{field: compiled})[field] == default, parameter
+
+
+def test_components_declare_no_defaults_of_their_own():
+    """A component's settings come from the pipeline (whose defaults are the stage's): a default
+    written in a component signature could drift from its dataclass unnoticed."""
+    import inspect
+
+    from components.build_index import build_index
+    from components.deploy import deploy
+    from components.embed import embed
+    from components.evaluate import evaluate
+    from components.prepare_dataset import prepare_dataset
+    from components.train import train
+
+    for component in (prepare_dataset, train, embed, build_index, evaluate, deploy):
+        defaults = {name: p.default for name, p in inspect.signature(component.python_func).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        # Only the optional-artifact choice of the embed task (trained model or a checkpoint id).
+        assert set(defaults) <= {"model", "model_uri"}, (component.name, defaults)
+
+
+def test_kfp_unset_values_round_trip():
+    from visrec.pipeline_config import from_kfp, kfp_default
+    from visrec.train import TrainConfig
+
+    assert kfp_default(TrainConfig, "warmup_steps") == -1  # 0 means "no warmup"
+    assert from_kfp(TrainConfig, warmup_steps=-1, max_steps=0, precision="") == {
+        "warmup_steps": None, "max_steps": None, "precision": None}
+    assert from_kfp(TrainConfig, warmup_steps=0, epochs=0)["warmup_steps"] == 0
 
 
 def test_every_image_is_built_by_cloud_build(ir):
@@ -116,7 +223,7 @@ def test_every_image_is_built_by_cloud_build(ir):
             dockerfile = args[args.index("-f") + 1]
             tag = args[args.index("-t") + 1]
             assert (ROOT / dockerfile).exists(), dockerfile
-            built[re.sub(r"^\$\{_REGISTRY\}/([a-z]+):\$\{SHORT_SHA\}$", r"\1", tag)] = dockerfile
+            built[re.sub(r"^\$\{_REGISTRY\}/([a-z]+):\$\{_TAG\}$", r"\1", tag)] = dockerfile
     assert set(built) == set(IMAGES)
     for name, dockerfile in built.items():
         assert dockerfile == f"containers/{name}/Dockerfile"
@@ -128,7 +235,7 @@ def test_every_image_is_built_by_cloud_build(ir):
     # Cloud Build compiles with the images it just pushed.
     compile_steps = [s for s in build["steps"] if s.get("entrypoint") == "visrec"]
     for step in compile_steps:
-        assert "VISREC_IMAGE_TAG=${SHORT_SHA}" in step["env"]
+        assert "VISREC_IMAGE_TAG=${_TAG}" in step["env"]
         assert "VISREC_IMAGE_REGISTRY=${_REGISTRY}" in step["env"]
 
 

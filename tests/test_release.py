@@ -409,8 +409,10 @@ def test_component_never_deploys_a_rejected_candidate(inputs, tmp_path):
         status = deploy.python_func(
             decision=decision, model=artifact(inputs["model"].parent), embeddings=artifact(inputs["embeddings"]),
             index=artifact(inputs["index"]), evaluation=artifact(evaluations[evaluation]),
-            listings_uri=str(inputs["listings"]), registry=registry, require_approval=False, target="local",
-            release=release)
+            listings=artifact(inputs["listings"]), registry=registry, require_approval=False, target="local",
+            project="", region="", serving_image="", model_id="m", endpoint_id="e", machine_type="n1-standard-4",
+            min_replicas=1, max_replicas=1, canary_percent=10, serving_service_account="", serving_admin_token_uri="", release=release,
+            vertex_model=artifact(tmp_path / "vertex-model"))
         return status, release
 
     # the branch said reject, or the branch was bypassed but metrics.json says reject

@@ -18,6 +18,8 @@ import httpx
 import numpy as np
 import pytest
 
+from visrec.errors import UserError
+
 from conftest import free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -198,7 +200,7 @@ def test_read_errors(server):
     for path in ("/v1/items//similar", "/v1/items/a/b/similar", "/v1/items/item-0000/similar/x"):
         r = httpx.get(server.url + path)
         assert r.status_code == 404 and r.json()["error"] == "Not Found"
-    assert httpx.post(server.url + "/v1/items/item-0000/similar").status_code == 405
+    assert httpx.delete(server.url + "/v1/items/item-0000/similar").status_code == 405
 
 
 def test_similar_before_the_release_is_loaded_is_503():
@@ -272,6 +274,41 @@ def test_upsert_then_found_within_a_second(server):
     r = httpx.put(server.url + "/v1/items/fresh-2", headers=AUTH,
                   json={"category": CATEGORIES[0], "price": 1000, "image_uri": "red.jpg"})
     assert r.status_code == 200 and similar(server, "fresh-2").status_code == 200
+
+
+def test_every_route_answers_a_post_as_vertex_invoke_sends_it(server):
+    """Vertex AI's invoke API forwards POSTs only, and its `Authorization` header carries the
+    caller's Google token: reads, writes, reload and metrics each have a POST form, and the
+    admin token may come in `X-Visrec-Token`."""
+    vertex_auth = {"Authorization": "Bearer ya29.a-google-token", "X-Visrec-Token": TOKEN}
+    r = httpx.post(server.url + "/v1/items/item-0000/similar", params={"k": 4})
+    assert r.status_code == 200 and len(r.json()["items"]) == 4
+    assert httpx.post(server.url + "/healthz").json()["status"] == "ok"
+    assert b"visrec_http_requests" in httpx.post(server.url + "/metrics").content
+    new = {"category": CATEGORIES[0], "price": 1000, "image_uri": "red.jpg"}
+    assert httpx.post(server.url + "/v1/items/via-invoke", json=new, headers=vertex_auth).status_code == 200
+    assert similar(server, "via-invoke").status_code == 200
+    r = httpx.post(server.url + "/v1/items/via-invoke/delete", headers={"X-Visrec-Token": "wrong"})
+    assert r.status_code == 401
+    assert httpx.post(server.url + "/v1/items/via-invoke/delete", headers=vertex_auth).json()["deleted"] is True
+    assert similar(server, "via-invoke").status_code == 404
+
+
+def test_admin_token_from_a_stored_object(monkeypatch, gcs_emulator):
+    """On Vertex AI the container reads the token from GCS instead of the model's settings."""
+    from serving.app import configured_admin_token
+    from visrec import io
+
+    monkeypatch.delenv("VISREC_ADMIN_TOKEN", raising=False)
+    assert configured_admin_token() is None
+    uri = f"gs://{gcs_emulator()}/secrets/admin-token"
+    monkeypatch.setenv("VISREC_ADMIN_TOKEN_URI", uri)
+    with pytest.raises(UserError, match="does not exist"):
+        configured_admin_token()
+    io.write_text(uri, "s3cret\n")
+    assert configured_admin_token() == "s3cret"
+    monkeypatch.setenv("VISREC_ADMIN_TOKEN", "from-env")
+    assert configured_admin_token() == "from-env"
 
 
 def test_sold_and_deleted_never_returned(server):

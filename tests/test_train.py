@@ -240,7 +240,8 @@ def test_component_trains_into_its_model_artifact(small_data, shape_model, tmp_p
 
     model, metrics = dsl.Model(uri=str(tmp_path / "model")), dsl.Metrics(uri=str(tmp_path / "metrics"))
     train_component.python_func(dataset=dsl.Dataset(uri=str(small_data)), model_uri=shape_model, model=model,
-                                metrics=metrics, epochs=1, batch_size=16, lr=1e-3, max_steps=2, num_workers=0)
+                                metrics=metrics, epochs=1, batch_size=16, lr=1e-3, warmup_steps=-1, precision="",
+                                max_steps=2, seed=0)
     assert (tmp_path / "model" / "model" / "config.json").exists()
     assert model.metadata["model_dir"] == str(tmp_path / "model" / "model")
     assert metrics.metadata["global_step"] == 2.0 and "initial_val.image_to_text_recall@5" in metrics.metadata
@@ -253,14 +254,15 @@ def test_train_resources_are_set_on_the_task():
     from kfp import compiler, dsl
 
     from components.images import TRAINER_IMAGE
-    from components.train import apply_train_resources
+    from components.resources import set_resources
     from components.train import train as train_component
 
     @dsl.pipeline(name="train-resources")
     def pipeline():
         data = dsl.importer(artifact_uri="gs://bucket/prepared", artifact_class=dsl.Dataset)
-        task = train_component(dataset=data.output, model_uri="google/siglip-base-patch16-256-multilingual")
-        apply_train_resources(task, accelerator="NVIDIA_TESLA_A100", count=2, cpu="16", memory="64G", retries=3)
+        task = train_component(dataset=data.output, model_uri="google/siglip-base-patch16-256-multilingual",
+                               epochs=5, batch_size=256, lr=5e-5, warmup_steps=-1, precision="", max_steps=0, seed=0)
+        set_resources(task, "16", "64G", "NVIDIA_TESLA_A100", 2, retries=3)
 
     with tempfile.TemporaryDirectory() as tmp:
         compiler.Compiler().compile(pipeline, f"{tmp}/p.yaml")

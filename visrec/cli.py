@@ -18,6 +18,7 @@ from visrec.errors import GateFailed, UserError
 COMMANDS: dict[str, str] = {
     "demo-data": "demo_data",
     "init-models": "init_models",
+    "resolve-data": "resolve_data",
     "prepare": "prepare",
     "train": "train",
     "embed": "embed",
@@ -25,8 +26,10 @@ COMMANDS: dict[str, str] = {
     "evaluate": "evaluate",
     "deploy": "deploy",
     "approve": "approve",
+    "promote": "promote",
     "rollback": "rollback",
     "releases": "releases",
+    "runs": "runs",
     "serve": "serve",
     "compile": "compile",
     "run-local": "run_local",

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -138,6 +139,20 @@ def write_json(uri: str, obj: Any) -> None:
     write_text(uri, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def append_jsonl(uri: str, record: Any) -> None:
+    """Append one JSON line to a small log (read + atomic rewrite, so it also works on `gs://`;
+    writers are expected one at a time, as registry logs are)."""
+    old = read_text(uri) if exists(uri) else ""
+    write_text(uri, old + json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(uri: str) -> list[Any]:
+    """Every record of a JSON Lines log; [] when it does not exist yet."""
+    if not exists(uri):
+        return []
+    return [json.loads(line) for line in read_text(uri).splitlines() if line.strip()]
+
+
 def list_files(prefix: str, pattern: str = "*", limit: int | None = None) -> list[str]:
     """Files under a directory/prefix (recursive), whose base name matches `pattern`, sorted."""
     out: list[str] = []
@@ -178,6 +193,63 @@ def modified_at(uri: str) -> float:
     if not stamps:
         raise FileNotFoundError(uri)
     return max(stamps)
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """One file as a listing sees it: enough to tell whether its content may have changed.
+
+    `version` is the object generation for `gs://` (a new one on every upload, even of identical
+    bytes) and `st_mtime_ns` for local files; `modified` is when it was last written (epoch seconds).
+    """
+
+    uri: str
+    size: int
+    version: str
+    modified: float | None = None
+
+
+def file_versions(uri: str) -> list[FileVersion]:
+    """Every file under a file/directory/prefix (the traversal of `list_files`), with size and version,
+    sorted by URI. For `gs://` everything comes from one listing (no request per object); a `gs://` URI
+    naming one object, with nothing under it as a prefix, gives that object."""
+    if is_gcs(uri):
+        bucket, name = split_gcs(uri)
+        prefix = name if not name or name.endswith("/") else name + "/"
+        out = [FileVersion(f"{GCS_PREFIX}{bucket}/{b.name}", int(b.size or 0), str(b.generation),
+                           b.updated.timestamp() if b.updated else None)
+               for b in gcs_client().list_blobs(bucket, prefix=prefix) if not b.name.endswith("/")]
+        if not out and name and not name.endswith("/"):
+            blob = gcs_client().bucket(bucket).get_blob(name)
+            if blob is not None:
+                out = [FileVersion(uri, int(blob.size or 0), str(blob.generation),
+                                   blob.updated.timestamp() if blob.updated else None)]
+        return sorted(out, key=lambda v: v.uri)
+    root = Path(uri)
+    if root.is_file():
+        paths = [root]
+    else:
+        paths = [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append(FileVersion(str(p), st.st_size, str(st.st_mtime_ns), st.st_mtime_ns / 1e9))
+    return sorted(out, key=lambda v: v.uri)
+
+
+def list_dirs(prefix: str) -> list[str]:
+    """The immediate subdirectories of a directory/prefix (GCS: the common prefixes of a `/`-delimited
+    listing), as URIs without a trailing `/`, sorted."""
+    if is_gcs(prefix):
+        bucket, name = split_gcs(prefix)
+        if name and not name.endswith("/"):
+            name += "/"
+        pages = gcs_client().list_blobs(bucket, prefix=name, delimiter="/")
+        for _ in pages:  # `prefixes` fills in as the pages are read
+            pass
+        return sorted(f"{GCS_PREFIX}{bucket}/{p.rstrip('/')}" for p in pages.prefixes)
+    root = Path(prefix)
+    return sorted(str(p) for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
 def makedirs(uri: str) -> None:

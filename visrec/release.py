@@ -5,8 +5,9 @@ needs (image encoder, PCA, index, item metadata, the evaluation's metrics) plus
 `release.json`, a manifest with the sha256 of every immutable file. A registry is
 
     REGISTRY/releases/<version>/   complete releases only
-    REGISTRY/CURRENT               the version in production
-    REGISTRY/history.jsonl         every change of CURRENT (deploy, approve, rollback)
+    REGISTRY/CURRENT               the version in production (the champion)
+    REGISTRY/CANARY                a Vertex AI canary serving beside it, until promoted or rolled back
+    REGISTRY/history.jsonl         every change of CURRENT (deploy, approve, promote, rollback)
 
 Safety properties, in order of importance:
 - A rejected candidate is never deployed: the gate decision is re-checked here from
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 RELEASES = "releases"
 CURRENT = "CURRENT"
 HISTORY = "history.jsonl"
+CANARY = "CANARY"
 MANIFEST = "release.json"
 AUDIT = "audit.jsonl"
 STATE = "state"
@@ -63,6 +65,7 @@ ITEM_COLUMNS = ("item_id", "title", "price", "category", "status")
 # deploy_release statuses
 DEPLOYED = "deployed"
 PENDING = "pending"
+CANARY_STATUS = "canary"
 UNCHANGED = "unchanged"
 REFUSED = "refused"
 # approval statuses in release.json
@@ -205,18 +208,6 @@ def content_version(files: dict[str, str]) -> str:
     return f"r-{digest[:12]}"
 
 
-def _append_jsonl(uri: str, record: dict[str, Any]) -> None:
-    """Append one JSON line (read + atomic rewrite, so it also works on `gs://`)."""
-    old = io.read_text(uri) if io.exists(uri) else ""
-    io.write_text(uri, old + json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def _read_jsonl(uri: str) -> list[dict[str, Any]]:
-    if not io.exists(uri):
-        return []
-    return [json.loads(line) for line in io.read_text(uri).splitlines() if line.strip()]
-
-
 def _library_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -279,7 +270,7 @@ def record_rejection(registry: str, evaluation_dir: str) -> str:
     metrics = _read_metrics(io.join(evaluation_dir, METRICS))
     failed = [r for r in metrics.get("reasons") or [] if not r.get("passed")]
     path = io.join(registry, REJECTIONS)
-    _append_jsonl(path, {"at": _now(), "evaluation": evaluation_dir, "decision": metrics.get("decision"),
+    io.append_jsonl(path, {"at": _now(), "evaluation": evaluation_dir, "decision": metrics.get("decision"),
                          "reason": gate_refusal(metrics), "failed_thresholds": failed,
                          "candidate": {k: v for k, v in (metrics.get("candidate") or {}).items()
                                        if isinstance(v, (int, float))},
@@ -526,7 +517,7 @@ class ReleaseRef:
 
 def _became_current_after(registry: str, version: str) -> str | None:
     """The release that was current when `version` last became current (history.jsonl)."""
-    became_current = [e for e in _read_jsonl(io.join(registry, HISTORY)) if e["version"] == version]
+    became_current = [e for e in io.read_jsonl(io.join(registry, HISTORY)) if e["version"] == version]
     previous = became_current[-1].get("previous") if became_current else None
     return previous if previous != version else None
 
@@ -540,19 +531,28 @@ def _ref(registry: str, version: str) -> ReleaseRef | None:
 
 
 def predecessor(release: Release) -> ReleaseRef | None:
-    """The release that was current before `release` became current (by deploy, approval
-    or rollback, per history.jsonl); None if there is none or `release` is not a registry's."""
+    """The release that was current before `release` became current (by deploy, approval,
+    promotion or rollback, per history.jsonl), or for the active canary the champion it
+    serves beside; None if there is none or `release` is not a registry's."""
     if release.registry is None:
         return None
-    previous = _became_current_after(release.registry, release.version)
+    canary = active_canary(release.registry)
+    if canary is not None and canary["version"] == release.version:
+        previous = canary["base"]
+    else:
+        previous = _became_current_after(release.registry, release.version)
     return _ref(release.registry, previous) if previous else None
 
 
 def successor(release: Release) -> ReleaseRef | None:
-    """The current release if it replaced `release` (a release still serving during its
-    successor's canary, or kept at 0% for a traffic-shift rollback); else None."""
+    """The release taking over from `release`: the active canary beside it, or the current
+    release if it replaced `release` (which still serves during a rollout, or kept at 0% for
+    a traffic-shift rollback); else None."""
     if release.registry is None:
         return None
+    canary = active_canary(release.registry)
+    if canary is not None and canary["base"] == release.version:
+        return _ref(release.registry, canary["version"])
     current = current_version(release.registry)
     if not current or current == release.version:
         return None
@@ -601,7 +601,7 @@ def _write_manifest(registry: str, manifest: dict[str, Any]) -> None:
 
 
 def _audit(registry: str, version: str, action: str, who: str, why: str, **extra: Any) -> None:
-    _append_jsonl(io.join(release_uri(registry, version), AUDIT),
+    io.append_jsonl(io.join(release_uri(registry, version), AUDIT),
                   {"at": _now(), "action": action, "who": who, "why": why, **extra})
 
 
@@ -624,7 +624,7 @@ def _deployed_stack(registry: str) -> list[str]:
     Replayed from history.jsonl; CURRENT is the truth if a crash lost the last entry.
     """
     stack: list[str] = []
-    for entry in _read_jsonl(io.join(registry, HISTORY)):
+    for entry in io.read_jsonl(io.join(registry, HISTORY)):
         if entry["action"] == "rollback":
             if stack:
                 stack.pop()
@@ -639,41 +639,96 @@ def _deployed_stack(registry: str) -> list[str]:
 def _deployed_versions(registry: str) -> set[str]:
     """Every version that has ever been current (rolled back ones included)."""
     current = current_version(registry)
-    return {e["version"] for e in _read_jsonl(io.join(registry, HISTORY))} | ({current} if current else set())
+    return {e["version"] for e in io.read_jsonl(io.join(registry, HISTORY))} | ({current} if current else set())
 
 
 def _switch_current(registry: str, version: str, action: str, who: str, why: str) -> None:
     """Point CURRENT at `version` (atomically: temp + rename), then record it in history.jsonl."""
     previous = current_version(registry)
     io.write_text(io.join(registry, CURRENT), version + "\n")
-    _append_jsonl(io.join(registry, HISTORY), {"at": _now(), "action": action, "version": version,
+    io.append_jsonl(io.join(registry, HISTORY), {"at": _now(), "action": action, "version": version,
                                                "previous": previous, "who": who, "why": why})
     log.info("CURRENT: %s -> %s (%s)", previous, version, action)
 
 
-def _promote(registry: str, version: str, who: str, why: str, action: str) -> None:
-    """Put a published release into production: re-verify, re-check the gate, Vertex, CURRENT."""
+def active_canary(registry: str) -> dict[str, Any] | None:
+    """The canary in progress (`REGISTRY/CANARY`: version, base, percent, since, by, why), or None.
+
+    A canary serves its share of traffic beside `base`, the champion (`CURRENT`), until
+    `promote_release` makes it current or `rollback` aborts it.
+    """
+    uri = io.join(registry, CANARY)
+    return io.read_json(uri) if io.exists(uri) else None
+
+
+def _vertex_config(manifest: dict[str, Any]) -> VertexDeployConfig:
+    settings = dict(manifest["vertex_config"])
+    settings["version_aliases"] = tuple(settings.get("version_aliases") or ())
+    return VertexDeployConfig(**settings)
+
+
+def _kept_deployments(registry: str, champion: str, count: int) -> list[str]:
+    """Deployed model ids of the `count` releases most recently current before `champion`, so a
+    rollback (or a roll-forward after one) stays a traffic shift; every other one is undeployed."""
+    kept: list[str] = []
+    seen = {champion}
+    for entry in reversed(io.read_jsonl(io.join(registry, HISTORY))):
+        if len(kept) >= count:
+            break
+        version = entry["version"]
+        if version in seen:
+            continue
+        seen.add(version)
+        ref = _ref(registry, version)
+        deployed = ((ref.manifest.get("vertex") or {}).get("deployed_model_id")) if ref else None
+        if deployed:
+            kept.append(deployed)
+    return kept
+
+
+def _promote(registry: str, version: str, who: str, why: str, action: str) -> str:
+    """Put a published release into production: re-verify, re-check the gate, then Vertex and CURRENT.
+
+    Returns DEPLOYED, or CANARY_STATUS when Vertex serves it as a canary: then CURRENT stays
+    on the champion until `promote_release`.
+    """
+    canary = active_canary(registry)
+    if canary is not None:
+        raise UserError(f"release {canary['version']} is a canary on Vertex AI: `visrec promote` it or "
+                        f"`visrec rollback` it before putting {version} into production")
     with tempfile.TemporaryDirectory(prefix="visrec-promote-") as cache:
         release = load_release(release_uri(registry, version), cache_dir=cache)
         refusal = gate_refusal(json.loads(release.metrics_path.read_text()))
     if refusal:
         raise ReleaseInvalid(f"release {version} cannot go to production: {refusal}")
     manifest = dict(release.manifest)
-    if manifest.get("vertex"):
-        # Deployed before (then rolled back): its model still sits on the endpoint at 0%.
-        from visrec.vertex import shift_traffic
+    status = DEPLOYED
+    if manifest.get("vertex_config"):
+        from visrec import vertex
 
-        vertex = manifest["vertex"]
-        shift_traffic(vertex["project"], vertex["region"], vertex["endpoint"], vertex["deployed_model_id"])
-    elif manifest.get("vertex_config"):
-        from visrec.vertex import deploy_to_vertex
-
-        manifest["vertex"] = deploy_to_vertex(VertexDeployConfig(**manifest["vertex_config"]),
-                                              release_uri(registry, version), version)
+        config = _vertex_config(manifest)
+        record = manifest.get("vertex") or vertex.register_version(config, release_uri(registry, version), version)
+        keep = _kept_deployments(registry, version, config.keep_previous)
+        if record.get("phase") == "champion":
+            # It was the champion before (then rolled back): a traffic shift, or a redeploy.
+            record = vertex.restore(record, config, keep)
+        else:
+            record = vertex.roll_out(config, record, keep)
+        manifest["vertex"] = record
+        if record["phase"] == "canary":
+            status = CANARY_STATUS
     manifest["approval"] = {"status": APPROVED, "by": who, "at": _now(), "why": why}
     _write_manifest(registry, manifest)
+    if status == CANARY_STATUS:
+        percent = manifest["vertex"]["steps"][-1]["percent"]
+        io.write_json(io.join(registry, CANARY), {"version": version, "base": current_version(registry),
+                                                  "percent": percent, "since": _now(), "by": who, "why": why})
+        _audit(registry, version, "canary", who, why, percent=percent)
+        log.info("release %s is a %d%% canary beside %s", version, percent, current_version(registry))
+        return status
     _audit(registry, version, action, who, why)
     _switch_current(registry, version, action, who, why)
+    return status
 
 
 # ---- publishing -------------------------------------------------------------------------------
@@ -695,7 +750,7 @@ def _publish(staging: Path, registry: str, version: str) -> None:
 def deploy_release(config: DeployConfig) -> dict[str, Any]:
     """Assemble, verify and publish a release; make it current unless approval is required.
 
-    Returns `{"status": deployed | pending | unchanged | refused, "version", "path", "message"}`.
+    Returns `{"status": deployed | canary | pending | unchanged | refused, "version", "path", "message"}`.
     A candidate the gate rejected is refused before anything is written.
     """
     if config.target not in TARGETS:
@@ -735,6 +790,9 @@ def deploy_release(config: DeployConfig) -> dict[str, Any]:
                                                  "why": f"gate decision {metrics['decision']}"}) + "\n")
         checked = verify_release(_open_local(staging), config.encoder_kind, config.smoke_k)
         log.info("release %s verified: %s", version, checked)
+        # What was checked stays with the release: `promote_release` repeats its smoke query.
+        manifest["verification"] = checked
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         _publish(staging, config.registry, version)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -748,59 +806,179 @@ def _existing_outcome(config: DeployConfig, version: str) -> dict[str, Any] | No
     manifest = _read_manifest(config.registry, version)
     status = manifest["approval"]["status"]
     was_current = version in _deployed_versions(config.registry)
-    if not was_current and not (status == PENDING and config.require_approval):
+    is_canary = (active_canary(config.registry) or {}).get("version") == version
+    if not was_current and not is_canary and not (status == PENDING and config.require_approval):
         # Published but never made current: approval was required then, or the deploy died midway.
         return _finish(config, version, "already published; promoting it")
-    where = "current" if current_version(config.registry) == version else status
+    _register_on_vertex(config, version)
+    where = ("current" if current_version(config.registry) == version else
+             CANARY_STATUS if is_canary else status)
     return {"status": UNCHANGED, "version": version, "path": release_uri(config.registry, version),
             "message": f"release {version} already exists ({where}); nothing to do"}
 
 
+def _register_on_vertex(config: DeployConfig, version: str) -> None:
+    """Upload a published release as a Model Registry version (once), so a release waiting for
+    approval is already there, linked to the run that made it."""
+    manifest = _read_manifest(config.registry, version)
+    if config.target != "vertex" or manifest.get("vertex"):
+        return
+    from visrec import vertex
+
+    manifest["vertex"] = vertex.register_version(_vertex_config(manifest), release_uri(config.registry, version),
+                                                 version)
+    _write_manifest(config.registry, manifest)
+
+
 def _finish(config: DeployConfig, version: str, message: str) -> dict[str, Any]:
     path = release_uri(config.registry, version)
-    if config.require_approval:
-        return {"status": PENDING, "version": version, "path": path,
-                "message": f"{message}; waiting for `visrec approve {version}`"}
-    _promote(config.registry, version, who=f"{_user()} (visrec deploy)",
-             why="passed the evaluation gate", action="deploy")
-    return {"status": DEPLOYED, "version": version, "path": path, "message": f"{message}; now current"}
+    _register_on_vertex(config, version)
+    canary = active_canary(config.registry)
+    if config.require_approval or canary is not None:
+        waiting = (f"waiting for `visrec approve {version}`" if canary is None else
+                   f"release {canary['version']} is still a canary: promote or roll it back, then "
+                   f"`visrec approve {version}`")
+        return {"status": PENDING, "version": version, "path": path, "message": f"{message}; {waiting}"}
+    status = _promote(config.registry, version, who=f"{_user()} (visrec deploy)",
+                      why="passed the evaluation gate", action="deploy")
+    where = "now current" if status == DEPLOYED else "serving as a canary until `visrec promote`"
+    return {"status": status, "version": version, "path": path, "message": f"{message}; {where}"}
 
 
 # ---- human actions ----------------------------------------------------------------------------
 
 
 def approve_release(registry: str, version: str, who: str, why: str) -> dict[str, Any]:
-    """Promote a published release to production, recording who approved it, when and why."""
-    if not who.strip() or not why.strip():
-        raise UserError("an approval needs both who approves (--who) and why (--why)")
+    """Put a published release into production (on Vertex AI: as a canary, unless it takes all
+    traffic at once), recording who approved it, when and why."""
+    _require_who_why(who, why, "an approval")
     manifest = _read_manifest(registry, version)
     if current_version(registry) == version:
         raise UserError(f"release {version} is already in production")
-    _promote(registry, version, who=who, why=why, action="approve")
-    return {"status": DEPLOYED, "version": version, "path": release_uri(registry, version),
+    status = _promote(registry, version, who=who, why=why, action="approve")
+    return {"status": status, "version": version, "path": release_uri(registry, version),
             "previous_status": manifest["approval"]["status"]}
 
 
-def rollback(registry: str, who: str | None = None, why: str = "rollback") -> str:
-    """Point CURRENT back at the release that was current before this one; returns its version.
+def _require_who_why(who: str, why: str, what: str) -> None:
+    if not who.strip() or not why.strip():
+        raise UserError(f"{what} needs both who (--who) and why (--why)")
 
-    The previous release is re-verified first; if both releases were deployed to the
-    same Vertex endpoint, all traffic moves back to the previous deployed model.
+
+@dataclass
+class BakePolicy:
+    """When a canary may be promoted without a person (`visrec promote --auto`).
+
+    min_minutes: how long it must have served its share of traffic.
+    smoke_query: the canary's own deployed model must answer a similar-items query through
+        the endpoint (the item the release's verification queried).
     """
+
+    min_minutes: float = 60.0
+    smoke_query: bool = True
+
+
+def _minutes_since(stamp: str) -> float:
+    return (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(stamp)).total_seconds() / 60
+
+
+def promote_release(registry: str, version: str, who: str, why: str, smoke_query: bool = True,
+                    min_minutes: float = 0.0) -> dict[str, Any]:
+    """Move all traffic to the canary `version` and make it current (aliases `champion` and
+    `default` follow; deployed models beyond the kept ones are undeployed).
+
+    Refused unless `version` is the active canary, it has baked `min_minutes`, and (with
+    `smoke_query`) its deployed model answers a query through the endpoint.
+    """
+    _require_who_why(who, why, "a promotion")
+    canary = active_canary(registry)
+    if canary is None or canary["version"] != version:
+        raise UserError(f"release {version} is not the canary in {registry} "
+                        f"(canary: {canary['version'] if canary else 'none'})")
+    baked = _minutes_since(canary["since"])
+    if baked < min_minutes:
+        raise UserError(f"canary {version} has baked {baked:.0f} of {min_minutes:.0f} minutes")
+    from visrec import vertex
+
+    manifest = _read_manifest(registry, version)
+    config = _vertex_config(manifest)
+    record = manifest["vertex"]
+    checked = {}
+    if smoke_query:
+        item = (manifest.get("verification") or {}).get("smoke_query", {}).get("item_id")
+        if not item:
+            raise UserError(f"release {version} records no smoke-query item; promote with --skip-smoke-query")
+        prediction = vertex.smoke_query(record, item, invoke_routes=config.invoke_routes)
+        checked = {"smoke_query": {"item_id": item, "results": [i["item_id"] for i in prediction["items"]]}}
+    manifest["vertex"] = vertex.promote(record, _kept_deployments(registry, version, config.keep_previous))
+    _write_manifest(registry, manifest)
+    _audit(registry, version, "promote", who, why, baked_minutes=round(baked, 1), **checked)
+    _switch_current(registry, version, "promote", who, why)
+    io.remove(io.join(registry, CANARY))
+    return {"status": DEPLOYED, "version": version, "previous": canary["base"], "baked_minutes": baked, **checked}
+
+
+def auto_promote(registry: str, policy: BakePolicy | None = None) -> dict[str, Any] | None:
+    """Promote the active canary if `policy` allows it now; None when there is none or it is not due.
+
+    Meant to run on a timer (Cloud Scheduler, cron) beside the retraining schedule.
+    """
+    policy = policy or BakePolicy()
+    canary = active_canary(registry)
+    if canary is None:
+        return None
+    baked = _minutes_since(canary["since"])
+    if baked < policy.min_minutes:
+        log.info("canary %s has baked %.0f of %.0f minutes; not yet", canary["version"], baked, policy.min_minutes)
+        return None
+    return promote_release(registry, canary["version"], who="visrec bake policy",
+                           why=f"baked {baked:.0f} min (policy: {policy.min_minutes:.0f} min"
+                               f"{', smoke query' if policy.smoke_query else ''})",
+                           smoke_query=policy.smoke_query, min_minutes=policy.min_minutes)
+
+
+def _abort_canary(registry: str, canary: dict[str, Any], who: str, why: str) -> str:
+    """A rollback during a canary: all traffic back to the champion; CURRENT never moved."""
+    from visrec import vertex
+
+    manifest = _read_manifest(registry, canary["version"])
+    champion = _read_manifest(registry, canary["base"]).get("vertex") if canary["base"] else None
+    if not champion or not champion.get("deployed_model_id"):
+        raise UserError(f"the champion {canary['base']} has no deployed model on Vertex AI to shift traffic back to")
+    manifest["vertex"] = vertex.abort_canary(manifest["vertex"], champion)
+    _write_manifest(registry, manifest)
+    _audit(registry, canary["version"], "canary_aborted", who, why, to=canary["base"])
+    io.remove(io.join(registry, CANARY))
+    log.info("canary %s aborted; %s serves all traffic", canary["version"], canary["base"])
+    return canary["base"]
+
+
+def rollback(registry: str, who: str | None = None, why: str = "rollback") -> str:
+    """Undo the last production change; returns the version that now serves all traffic.
+
+    During a canary: the canary is aborted and the champion gets all traffic back. Otherwise
+    CURRENT goes back to the release that was current before this one (re-verified first),
+    and on Vertex AI all traffic moves to that release's deployed model (redeployed if it was
+    undeployed meanwhile), with the champion aliases.
+    """
+    who = who or _user()
+    canary = active_canary(registry)
+    if canary is not None:
+        return _abort_canary(registry, canary, who, why)
     stack = _deployed_stack(registry)
     if len(stack) < 2:
         raise UserError(f"nothing to roll back to in {registry}: no earlier release was in production")
     current, previous = stack[-1], stack[-2]
     with tempfile.TemporaryDirectory(prefix="visrec-rollback-") as cache:
         load_release(release_uri(registry, previous), cache_dir=cache)
-    who = who or _user()
-    now_vertex = _read_manifest(registry, current).get("vertex")
-    back_vertex = _read_manifest(registry, previous).get("vertex")
-    if back_vertex and now_vertex and back_vertex["endpoint"] == now_vertex["endpoint"]:
-        from visrec.vertex import shift_traffic
+    manifest = _read_manifest(registry, previous)
+    if manifest.get("vertex") and manifest["vertex"].get("phase") == "champion":
+        from visrec import vertex
 
-        shift_traffic(back_vertex["project"], back_vertex["region"], back_vertex["endpoint"],
-                      back_vertex["deployed_model_id"])
+        config = _vertex_config(manifest)
+        manifest["vertex"] = vertex.restore(manifest["vertex"], config,
+                                            _kept_deployments(registry, previous, config.keep_previous))
+        _write_manifest(registry, manifest)
     _audit(registry, current, "rolled_back", who, why, to=previous)
     _audit(registry, previous, "restored", who, why, replacing=current)
     _switch_current(registry, previous, "rollback", who, why)
@@ -808,16 +986,19 @@ def rollback(registry: str, who: str | None = None, why: str = "rollback") -> st
 
 
 def list_releases(registry: str) -> list[dict[str, Any]]:
-    """Every published release, oldest first: version, created_at, catalog_snapshot_at, status,
-    current, ndcg@5, approved_by, vertex_model, path."""
+    """Every published release, oldest first: version, created_at, catalog_snapshot_at, status
+    (`pending`, `approved`, or `canary N%`), current, ndcg@5, approved_by, vertex_model, path."""
     current = current_version(registry)
+    canary = active_canary(registry) or {}
     rows = []
     for version in _release_versions(registry):
         manifest = _read_manifest(registry, version)
         candidate = (manifest.get("gate") or {}).get("candidate") or {}
+        status = (f"{CANARY_STATUS} {canary['percent']}%" if canary.get("version") == version
+                  else manifest["approval"]["status"])
         rows.append({"version": version, "created_at": manifest.get("created_at"),
                      "catalog_snapshot_at": manifest.get("catalog_snapshot_at"),
-                     "status": manifest["approval"]["status"], "current": version == current,
+                     "status": status, "current": version == current,
                      "ndcg@5": candidate.get("ndcg@5"), "approved_by": manifest["approval"]["by"],
                      "vertex_model": (manifest.get("vertex") or {}).get("model"),
                      "path": release_uri(registry, version)})

@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,7 +62,8 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 256
     lr: float = 5e-5
-    warmup_steps: int | None = None  # None: 5% of all optimizer steps
+    # None: 5% of all optimizer steps; -1 stands for None in KFP parameters, where 0 means no warmup.
+    warmup_steps: int | None = field(default=None, metadata={"kfp_unset": -1})
     weight_decay: float = 0.1
     precision: str | None = None  # None: bf16 on GPU, fp32 on CPU
     grad_accum: int = 1

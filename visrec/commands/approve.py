@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "approve a pending release: record who/when/why in its audit log and make it current"
+HELP = ("approve a pending release: record who/when/why in its audit log and make it current "
+        "(on Vertex AI: start its canary)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from visrec.release import approve_release
 
+    from visrec.release import CANARY_STATUS
+
     result = approve_release(args.registry, args.version, who=args.who, why=args.why)
-    print(f"approved {result['version']} (was {result['previous_status']}); now current")
+    where = ("serving as a canary; `visrec promote` it after the bake" if result["status"] == CANARY_STATUS
+             else "now current")
+    print(f"approved {result['version']} (was {result['previous_status']}); {where}")
     return 0

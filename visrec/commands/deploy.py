@@ -9,6 +9,8 @@ HELP = ("publish a release (model, PCA, index, item metadata, metrics) into a re
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from visrec.vertex import VertexDeployConfig
+
     parser.add_argument("--registry", required=True, help="registry directory, local or gs:// (vertex: gs://)")
     parser.add_argument("--model", required=True, help="trained model directory (visrec train output model/)")
     parser.add_argument("--embeddings", required=True, help="embeddings directory (visrec embed output, with pca/)")
@@ -24,21 +26,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog-snapshot-at", metavar="ISO8601",
                         help="when the listings were exported (default: the listings file's modification time); "
                              "serving carries writes made after it into this release")
+    defaults = VertexDeployConfig(project="", region="", serving_image="")
     vertex = parser.add_argument_group("Vertex AI (--target vertex)")
     vertex.add_argument("--project", help="Google Cloud project")
     vertex.add_argument("--region", help="Vertex AI region, e.g. us-central1")
     vertex.add_argument("--serving-image", help="serving container image URI")
-    vertex.add_argument("--parent-model", help="model resource name this release becomes a new version of")
-    vertex.add_argument("--model-display-name", default="visrec-similar-items", help="model display name")
+    vertex.add_argument("--model-id", default=defaults.model_id,
+                        help="parent model ID; each release becomes a version of it (created on the first)")
+    vertex.add_argument("--endpoint-id", default=defaults.endpoint_id, help="endpoint ID (created when absent)")
+    vertex.add_argument("--model-display-name", default=defaults.model_display_name, help="model display name")
     vertex.add_argument("--version-alias", action="append", default=[], help="extra version alias (repeatable)")
-    vertex.add_argument("--endpoint", help="endpoint resource name (default: create one)")
-    vertex.add_argument("--machine-type", default="n1-standard-4", help="serving machine type")
-    vertex.add_argument("--min-replicas", type=int, default=1, help="minimum serving replicas")
-    vertex.add_argument("--max-replicas", type=int, default=2, help="maximum serving replicas")
-    vertex.add_argument("--canary-percent", type=int, default=10, help="traffic share of the first step (1-100)")
-    vertex.add_argument("--canary-only", action="store_true",
-                        help="stay at --canary-percent instead of moving all traffic to the new version")
+    vertex.add_argument("--machine-type", default=defaults.machine_type, help="serving machine type")
+    vertex.add_argument("--min-replicas", type=int, default=defaults.min_replica_count,
+                        help="minimum serving replicas")
+    vertex.add_argument("--max-replicas", type=int, default=defaults.max_replica_count,
+                        help="maximum serving replicas")
+    vertex.add_argument("--canary-percent", type=int, default=defaults.canary_percent,
+                        help="traffic share of the new version until `visrec promote` (100: one step)")
+    vertex.add_argument("--keep-previous", type=int, default=defaults.keep_previous,
+                        help="earlier releases kept deployed at 0%% for traffic-shift rollbacks")
     vertex.add_argument("--service-account", help="service account the serving container runs as")
+    vertex.add_argument("--admin-token-uri", help="gs:// object holding the write endpoints' token "
+                                                   "(read by the container; unset: writes disabled)")
+    vertex.add_argument("--no-invoke-routes", dest="invoke_routes", action="store_false",
+                        help="a shared endpoint with only :predict (no writes, reload or metrics through Vertex)")
+    vertex.add_argument("--request-logging-rate", type=float, default=defaults.request_logging_sampling_rate,
+                        help="share of requests Vertex logs to BigQuery (0: off)")
+    vertex.add_argument("--request-logging-table", help="BigQuery table for request logs (bq://project.dataset.table)")
 
 
 def vertex_config_from_args(args: argparse.Namespace):
@@ -48,11 +62,13 @@ def vertex_config_from_args(args: argparse.Namespace):
         return None
     return VertexDeployConfig(
         project=args.project or "", region=args.region or "", serving_image=args.serving_image or "",
-        model_display_name=args.model_display_name, parent_model=args.parent_model,
-        version_aliases=tuple(args.version_alias), endpoint=args.endpoint, machine_type=args.machine_type,
+        model_id=args.model_id, endpoint_id=args.endpoint_id, model_display_name=args.model_display_name,
+        version_aliases=tuple(args.version_alias), machine_type=args.machine_type,
         min_replica_count=args.min_replicas, max_replica_count=args.max_replicas,
-        canary_percent=args.canary_percent, full_after_canary=not args.canary_only,
-        service_account=args.service_account)
+        canary_percent=args.canary_percent, keep_previous=args.keep_previous, service_account=args.service_account,
+        admin_token_uri=args.admin_token_uri,
+        invoke_routes=args.invoke_routes, request_logging_sampling_rate=args.request_logging_rate,
+        request_logging_bq_table=args.request_logging_table)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "roll back to the previous release in production (re-verified first)"
+HELP = "undo the last production change: abort a running canary, or go back to the previous release"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,9 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from visrec.release import current_version, rollback
+    from visrec.release import active_canary, current_version, rollback
 
-    before = current_version(args.registry)
+    canary = active_canary(args.registry)
+    before = canary["version"] if canary else current_version(args.registry)
     version = rollback(args.registry, who=args.who, why=args.why)
-    print(f"rolled back: {before} -> {version}")
+    print(f"rolled back{' the canary' if canary else ''}: {before} -> {version}")
     return 0

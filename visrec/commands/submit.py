@@ -15,9 +15,13 @@ def add_vertex_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-root", help="gs:// root for pipeline artifacts")
     parser.add_argument("--template", help="compiled pipeline (local YAML, gs:// or Artifact Registry URL)")
     parser.add_argument("--service-account", help="service account the run executes as")
-    parser.add_argument("--data-snapshot", help="version string of the input data (disables stale caching)")
+    parser.add_argument("--data-snapshot", help="a label for the input data, recorded with the run (the cache key "
+                                                "is the data's own fingerprint, docs/data-versions.md)")
     parser.add_argument("--param", action="append", metavar="KEY=VALUE", help="override a pipeline parameter")
-    parser.add_argument("--no-cache", action="store_true", help="disable step caching for this run")
+    parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="--no-cache recomputes every task, --cache caches every task (decisions included); "
+                             "default: each task's own setting (data tasks cached by data fingerprint)")
+    parser.add_argument("--experiment", help="Vertex AI Experiment the run(s) are attached to")
 
 
 def vertex_config_from_args(args: argparse.Namespace):
@@ -34,8 +38,10 @@ def vertex_config_from_args(args: argparse.Namespace):
                       ("template", "template_path"), ("service_account", "service_account")):
         if getattr(args, flag):
             vertex[key] = getattr(args, flag)
-    if args.no_cache:
-        vertex["enable_caching"] = False
+    if args.cache is not None:
+        vertex["enable_caching"] = args.cache
+    if args.experiment:
+        vertex["experiment"] = args.experiment
     return VertexPipelineConfig(project=vertex.pop("project", ""), region=vertex.pop("region", ""),
                                 pipeline_root=vertex.pop("pipeline_root", ""), parameter_values=params,
                                 **vertex)
