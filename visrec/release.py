@@ -903,7 +903,7 @@ def promote_release(registry: str, version: str, who: str, why: str, smoke_query
     manifest = _read_manifest(registry, version)
     config = _vertex_config(manifest)
     record = manifest["vertex"]
-    checked = {}
+    checked: dict[str, Any] = {}
     if smoke_query:
         item = (manifest.get("verification") or {}).get("smoke_query", {}).get("item_id")
         if not item:
