@@ -7,14 +7,14 @@ DEMO_DIR ?= demo-work
 DEMO_ITEMS ?= 2000
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo compile lint clean
+.PHONY: venv test test-fast demo compile lint images-smoke clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -35,6 +35,10 @@ compile: venv
 
 lint: venv
 	$(VENV)/bin/hadolint containers/*/Dockerfile
+
+## Build every image and start each one's entrypoint on a tiny job (docker, or podman here: minutes).
+images-smoke: venv
+	$(PY) containers/smoke.py $(SMOKE_ARGS)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache pipeline.yaml

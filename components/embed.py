@@ -15,8 +15,13 @@ def embed(
     kind: str,
     pca_dims: int,
     batch_size: int,
+    shards: int,
+    device: str,
+    share_model: bool,
     runner: str,
     beam_options: list,
+    pipeline_job: str,
+    pipeline_task: str,
     embeddings: Output[Dataset],
     pca: Output[Artifact],
     metrics: Output[Metrics],
@@ -28,14 +33,17 @@ def embed(
     The encoder is the upstream `model` artifact (a `visrec train` output: its `model/`
     directory, or a model directory itself), or `model_uri` when that is non-empty: the
     baseline `google/mobilenet_v2_1.4_224` (or a `gs://` copy) is a parameter, not an
-    artifact. Other settings are `EmbedConfig`'s. `beam_options`: extra pipeline options,
-    e.g. the Dataflow project, region, GPU worker accelerator and custom container
-    (docs/embedding.md). `data_fingerprint` (the resolver's) is the data's cache key and is
+    artifact. Other settings are `EmbedConfig`'s: `device` (`auto`: the GPU when the worker has
+    one), `share_model` (one model copy per machine, i.e. per GPU, instead of one per SDK
+    process), `shards`. `beam_options`: extra pipeline options, e.g. the Dataflow project,
+    region, GPU worker accelerator and custom container (docs/embedding.md); on Dataflow the
+    job is named after `pipeline_job` and `pipeline_task` (`visrec.dataflow`). `data_fingerprint` (the resolver's) is the data's cache key and is
     recorded on the output. `embeddings` receives the whole stage-3 directory; `pca` a copy
     of its `pca.npz`.
     """
     from components.artifacts import location, log_metrics, trained_model_dir
     from visrec import io
+    from visrec.dataflow import task_options
     from visrec.embed import EmbedConfig, run_embed
     from visrec.errors import UserError
     from visrec.pipeline_config import from_kfp
@@ -47,9 +55,11 @@ def embed(
     else:
         raise UserError("embed needs a model artifact or a model_uri")
     out = location(embeddings)
-    stats = run_embed(EmbedConfig(data_uri=location(data), model_uri=encoder, out_dir=out, kind=kind, runner=runner,
-                                  beam_options=[str(o) for o in beam_options],
-                                  **from_kfp(EmbedConfig, pca_dims=pca_dims, batch_size=batch_size)))
+    stats = run_embed(EmbedConfig(
+        data_uri=location(data), model_uri=encoder, out_dir=out, kind=kind, runner=runner,
+        beam_options=task_options(runner, beam_options, pipeline_job, pipeline_task),
+        **from_kfp(EmbedConfig, pca_dims=pca_dims, batch_size=batch_size, shards=shards, device=device,
+                   share_model=share_model)))
     pca_file = io.join(out, "pca", "pca.npz")
     if io.exists(pca_file):
         io.write_bytes(io.join(location(pca), "pca.npz"), io.read_bytes(pca_file))

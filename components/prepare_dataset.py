@@ -17,6 +17,8 @@ def prepare_dataset(
     shards: int,
     runner: str,
     beam_options: list,
+    pipeline_job: str,
+    pipeline_task: str,
     dataset: Output[Dataset],
     metrics: Output[Metrics],
 ) -> int:
@@ -25,16 +27,19 @@ def prepare_dataset(
 
     `data_fingerprint` (the resolver's fingerprint of the listings) is this task's cache key
     for the data: same data, same key. `beam_options`: extra Beam flags (for Dataflow:
-    `--project`, `--region`, `--temp_location`, `--sdk_container_image`). `metrics`
-    receives every count of stats.json (`rejected.<reason>` per rejection reason).
+    `--project`, `--region`, `--temp_location`, `--sdk_container_image`). On Dataflow the
+    job is named after `pipeline_job` and `pipeline_task`, so a retried task waits on the job
+    it already started (`visrec.dataflow`). `metrics` receives every count of stats.json
+    (`rejected.<reason>` per rejection reason).
     """
     from components.artifacts import location, log_metrics
+    from visrec.dataflow import task_options
     from visrec.pipeline_config import from_kfp
     from visrec.prepare import PrepareConfig, run_prepare
 
     stats = run_prepare(PrepareConfig(
         listings_uri=location(listings), out_dir=location(dataset), runner=runner,
-        beam_options=[str(flag) for flag in beam_options],
+        beam_options=task_options(runner, beam_options, pipeline_job, pipeline_task),
         **from_kfp(PrepareConfig, max_pairs=max_pairs, val_fraction=val_fraction, seed=seed, image_size=image_size,
                    shards=shards)))
     log_metrics(metrics, stats)

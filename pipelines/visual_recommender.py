@@ -55,6 +55,8 @@ TRAIN_RETRIES = 2
 BEAM_RETRIES = 2
 
 MACHINES = TaskResources()
+# A Dataflow launcher names its job after the run and the task, so a retry attaches to it.
+DATAFLOW_JOB = {"pipeline_job": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "pipeline_task": dsl.PIPELINE_TASK_NAME_PLACEHOLDER}
 
 
 @dsl.pipeline(name=PIPELINE_NAME,
@@ -80,6 +82,9 @@ def visual_recommender(
     image_size: int = kfp_default(PrepareConfig, "image_size"),
     prepare_shards: int = kfp_default(PrepareConfig, "shards"),
     embed_batch_size: int = kfp_default(EmbedConfig, "batch_size"),
+    embed_shards: int = kfp_default(EmbedConfig, "shards"),
+    embed_device: str = kfp_default(EmbedConfig, "device"),
+    embed_share_model: bool = kfp_default(EmbedConfig, "share_model"),
     pca_dims: int = kfp_default(EmbedConfig, "pca_dims"),
     recall_target: float = kfp_default(IndexConfig, "recall_target"),
     index_k: int = kfp_default(IndexConfig, "k"),
@@ -140,7 +145,7 @@ def visual_recommender(
 
         prep = prepare_dataset(listings=listings.output, data_fingerprint=listings_fingerprint, max_pairs=max_pairs,
                                val_fraction=val_fraction, seed=seed, image_size=image_size, shards=prepare_shards,
-                               runner=beam_runner, beam_options=beam_options)
+                               runner=beam_runner, beam_options=beam_options, **DATAFLOW_JOB)
         set_resources(prep, beam_cpu, beam_memory, retries=BEAM_RETRIES).set_display_name("prepare dataset")
 
         trained = train(dataset=prep.outputs["dataset"], model_uri=siglip_model, epochs=epochs,
@@ -150,16 +155,17 @@ def visual_recommender(
                       retries=TRAIN_RETRIES).set_display_name("fine-tune SigLIP")
 
         # The whole catalog is embedded (not only the training sample): evaluation and serving need every item.
+        embedding = dict(batch_size=embed_batch_size, shards=embed_shards, device=embed_device,
+                         share_model=embed_share_model, runner=beam_runner, beam_options=embed_beam_options,
+                         **DATAFLOW_JOB)
         candidate = embed(data=listings.output, data_fingerprint=listings_fingerprint, model=trained.outputs["model"],
-                          kind="siglip", pca_dims=pca_dims, batch_size=embed_batch_size, runner=beam_runner,
-                          beam_options=embed_beam_options)
+                          kind="siglip", pca_dims=pca_dims, **embedding)
         set_resources(candidate, beam_cpu, beam_memory, retries=BEAM_RETRIES).set_display_name(
             "embed candidate (SigLIP + PCA)")
 
         # The baseline needs no training: it runs in parallel with the fine-tuning.
         baseline = embed(data=listings.output, data_fingerprint=listings_fingerprint, model_uri=baseline_model,
-                         kind="mobilenet_v2", pca_dims=0, batch_size=embed_batch_size, runner=beam_runner,
-                         beam_options=embed_beam_options)
+                         kind="mobilenet_v2", pca_dims=0, **embedding)
         set_resources(baseline, beam_cpu, beam_memory, retries=BEAM_RETRIES).set_display_name(
             "embed baseline (MobileNetV2)")
 

@@ -35,7 +35,8 @@ def test_prepare_dataset_component_under_kfp_local(tmp_path):
     def prepare_pipeline(listings_uri: str):
         listings = dsl.importer(artifact_uri=listings_uri, artifact_class=dsl.Dataset, reimport=False)
         prepare_dataset(listings=listings.output, data_fingerprint="sha256:abc", max_pairs=0, val_fraction=0.0,
-                        seed=0, image_size=16, shards=2, runner="DirectRunner", beam_options=[])
+                        seed=0, image_size=16, shards=2, runner="DirectRunner", beam_options=[], pipeline_job="run",
+                        pipeline_task="prepare-dataset")
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     prepare_pipeline(listings_uri=str(listings))

@@ -213,10 +213,11 @@ def test_component_under_kfp_local(prepared, tiny_models, tmp_path):
     def embed_pipeline(data_uri: str, trained_uri: str, baseline_uri: str):
         data = dsl.importer(artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=False)
         trained = dsl.importer(artifact_uri=trained_uri, artifact_class=dsl.Model, reimport=False)
-        embed_component(data=data.output, data_fingerprint="sha256:x", model=trained.output, kind="siglip",
-                        pca_dims=8, batch_size=16, runner="DirectRunner", beam_options=[])
-        embed_component(data=data.output, data_fingerprint="sha256:x", model_uri=baseline_uri, kind="mobilenet_v2",
-                        pca_dims=0, batch_size=16, runner="DirectRunner", beam_options=[])
+        settings = dict(data=data.output, data_fingerprint="sha256:x", batch_size=16, shards=4, device="auto",
+                        share_model=False, runner="DirectRunner", beam_options=[], pipeline_job="run",
+                        pipeline_task="embed")
+        embed_component(model=trained.output, kind="siglip", pca_dims=8, **settings)
+        embed_component(model_uri=baseline_uri, kind="mobilenet_v2", pca_dims=0, **settings)
 
     root = tmp_path / "root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))

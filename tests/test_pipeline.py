@@ -121,6 +121,15 @@ def test_resources_are_pipeline_parameters_with_retries_and_caching(ir):
     assert tasks["train"]["cachingOptions"]["enableCache"]
 
 
+def test_dataflow_launchers_know_their_run_and_task(ir):
+    """prepare and both embeddings name their Dataflow job after the run and the task (visrec.dataflow)."""
+    tasks = _tasks(ir)
+    for name in ("prepare-dataset", "embed", "embed-2"):
+        params = tasks[name]["inputs"]["parameters"]
+        assert params["pipeline_job"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}", name
+        assert params["pipeline_task"]["runtimeValue"]["constant"] == "{{$.pipeline_task_name}}", name
+
+
 def test_the_data_fingerprint_keys_the_data_tasks(ir):
     """Each data task takes the resolver's fingerprint; `data_snapshot` is only a label."""
     tasks = _tasks(ir)
@@ -150,6 +159,9 @@ DEFAULTS_FROM = {
     "beam_runner": ("visrec.prepare", "PrepareConfig", "runner"),
     "embed_batch_size": ("visrec.embed", "EmbedConfig", "batch_size"),
     "pca_dims": ("visrec.embed", "EmbedConfig", "pca_dims"),
+    "embed_shards": ("visrec.embed", "EmbedConfig", "shards"),
+    "embed_device": ("visrec.embed", "EmbedConfig", "device"),
+    "embed_share_model": ("visrec.embed", "EmbedConfig", "share_model"),
     "recall_target": ("visrec.index", "IndexConfig", "recall_target"),
     "index_k": ("visrec.index", "IndexConfig", "k"),
     "max_p99_ms": ("visrec.index", "IndexConfig", "max_p99_ms"),
@@ -237,6 +249,15 @@ def test_every_image_is_built_by_cloud_build(ir):
     for step in compile_steps:
         assert "VISREC_IMAGE_TAG=${_TAG}" in step["env"]
         assert "VISREC_IMAGE_REGISTRY=${_REGISTRY}" in step["env"]
+        # The base image's uid 1000 cannot write Cloud Build's root-owned /workspace.
+        assert not any(str(arg).startswith("/workspace") for arg in step["args"]), step["args"]
+    # Tags exist on a manual `gcloud builds submit` too ($SHORT_SHA is empty there).
+    assert build["substitutions"]["_TAG"] == "${BUILD_ID}"
+    steps = {step["id"]: step for step in build["steps"]}
+    # Nothing is pushed before every image has started its entrypoint on a tiny job.
+    assert set(steps["smoke"]["waitFor"]) == {f"build-{name}" for name in IMAGES}
+    assert "containers/smoke.py --engine docker --no-build" in steps["smoke"]["args"][-1]
+    assert steps["push"]["waitFor"] == ["smoke"]
 
 
 def test_compile_uploads_the_template_to_gcs(gcs_emulator, tmp_path):

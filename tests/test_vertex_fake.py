@@ -6,8 +6,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform, aiplatform_v1 as v1, aiplatform_v1beta1 as v1beta1
 from google.cloud.aiplatform import initializer
 from kfp import compiler, dsl
-from vertex_fake import (FAKED, PROJECT, REGION, FakeVertex, fake_vertex, faked_clients, rpc_names,
-                         vertex_api)  # noqa: F401  (vertex_api is the fixture)
+from vertex_fake import FAKED, PROJECT, REGION, FakeVertex, fake_vertex, faked_clients, rpc_names
 
 LOCATION = f"projects/{PROJECT}/locations/{REGION}"
 MODEL = f"{LOCATION}/models/m"

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
 from visrec import io
+from visrec.dataflow import run_pipeline
 from visrec.errors import UserError
 from visrec.models import KINDS, load_image_encoder, preprocess_images
 from visrec.embeddings import (EMBEDDINGS_PATTERN, EMBEDDINGS_SCHEMA, ROWS_PER_GROUP, embeddings_name,
@@ -461,26 +462,21 @@ def _fill_empty_shards(out_dir: str, shards: int) -> None:
             write_embeddings(uri, [], np.zeros((0, 0), np.float32))
 
 
-def _written_dims(out_dir: str) -> int:
-    """Embedding size, from the first row of the first non-empty shard (0 when there is none)."""
+def _written_shape(out_dir: str) -> tuple[int, int]:
+    """(items, dims) of the written shards, from their Parquet footers and the first row of the
+    first non-empty one (ranged reads on GCS), whichever runner wrote them: a task attached to a
+    Dataflow job it did not launch has no pipeline result to ask for counters."""
+    from visrec.schema import open_binary
+
+    items, dims = 0, 0
     for uri in io.list_files(out_dir, EMBEDDINGS_PATTERN):
-        local = io.local_file(uri, suffix=".parquet")
-        try:
-            shard = pq.ParquetFile(local)
-            if shard.metadata.num_rows:
-                return len(shard.read_row_group(0, columns=["embedding"]).column(0)[0])
-        finally:
-            if io.is_gcs(uri):
-                local.unlink(missing_ok=True)
-    return 0
-
-
-def _counter(result: Any, name: str) -> int:
-    from apache_beam.metrics.metric import MetricsFilter
-
-    counters = result.metrics().query(MetricsFilter().with_namespace("visrec_embed").with_name(name))["counters"]
-    # Dataflow reports committed values; the local runners may only report attempted ones.
-    return int(sum(c.committed if c.committed is not None else c.attempted for c in counters))
+        with open_binary(uri) as fh:
+            shard = pq.ParquetFile(fh)
+            rows = shard.metadata.num_rows
+            if rows and not dims:
+                dims = len(shard.read_row_group(0, columns=["embedding"]).column(0)[0])
+        items += rows
+    return items, dims
 
 
 def _count_lines(uri: str) -> int:
@@ -497,17 +493,14 @@ def run_embed(config: EmbedConfig) -> dict[str, Any]:
     image_processor = load_image_processor(config.model_uri)
     plan = plan_input(config.data_uri)  # here, not in Beam: a missing input or column fails fast
     io.makedirs(config.out_dir)
-    _remove_previous_outputs(config.out_dir)
     options = PipelineOptions([f"--runner={config.runner}", *config.beam_options])
     log.info("embedding %s with %s (%s) -> %s on %s", config.data_uri, config.model_uri, config.kind,
              config.out_dir, config.runner)
     p = beam.Pipeline(options=options)
     build_pipeline(p, config, plan, image_processor, pca)
-    result = p.run()
-    result.wait_until_finish()
+    run_pipeline(p, before_launch=lambda: _remove_previous_outputs(config.out_dir))
 
-    items = _counter(result, "written")
-    dims = _written_dims(config.out_dir)
+    items, dims = _written_shape(config.out_dir)
     _fill_empty_shards(config.out_dir, config.shards)
     pca_uri = io.join(config.out_dir, "pca", PCA_FILE)
     explained = PcaProjection.load(pca_uri).explained_variance if io.exists(pca_uri) else None

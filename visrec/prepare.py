@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from visrec import io, schema
+from visrec.dataflow import run_pipeline
 from visrec.errors import UserError
 from visrec.images import ImageDecodeError, decode_image, encode_jpeg, load_image_bytes, resize_and_pad
 
@@ -382,16 +383,12 @@ def run_prepare(config: PrepareConfig) -> dict:
     logging.getLogger("apache_beam.typehints.native_type_compatibility").setLevel(logging.WARNING)
     tasks = schema.plan_reads(config.listings_uri)
     io.makedirs(config.out_dir)
-    _remove_old_outputs(config.out_dir)
     log.info("prepare: %s -> %s (%d read task(s), runner %s %s)", config.listings_uri, config.out_dir,
              len(tasks), config.runner, " ".join(config.beam_options))
     started = time.monotonic()
     pipeline = make_pipeline(config)
     build_pipeline(pipeline, config, tasks)
-    result = pipeline.run()
-    state = result.wait_until_finish()
-    if state not in (None, beam.runners.runner.PipelineState.DONE):
-        raise RuntimeError(f"prepare pipeline ended in state {state}")
+    run_pipeline(pipeline, before_launch=lambda: _remove_old_outputs(config.out_dir))
     seconds = time.monotonic() - started
     stats = io.read_json(io.join(config.out_dir, "stats.json"))
     log.info("prepare: %d input rows in %.1f s (%.0f rows/s): %d train, %d val, %d reserved, %d duplicates, "
