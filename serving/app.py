@@ -17,12 +17,14 @@ by about a sixth. Everything else goes through FastAPI.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hmac
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -33,17 +35,23 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from visrec.errors import UserError
 from visrec.service import BadItem, NoEncoder, RecommenderService, ServingConfig, UnknownItem
+
+HEADER_TIMEOUT_ENV = "VISREC_HEADER_TIMEOUT_SECONDS"  # how `visrec serve` hands it to worker processes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 10
 ADMIN_TOKEN_HEADER = "x-visrec-token"
+MIN_TOKEN_LENGTH = 16
+# Query parameters whose values never reach the access log.
+_SECRET_PARAM = re.compile(r"(?i)([?&][^=&]*(?:token|key|secret|password|auth)[^=&]*=)[^&]*")
 MAX_INSTANCES = 1000
 SIMILAR_ROUTE = "/v1/items/{item_id}/similar"
 _SIMILAR_PREFIX, _SIMILAR_SUFFIX = SIMILAR_ROUTE.split("{item_id}")
@@ -58,7 +66,7 @@ class ItemUpdate(BaseModel):
 
     title: str | None = None
     category: str | None = Field(default=None, min_length=1)
-    price: float | None = Field(default=None, ge=0)
+    price: StrictFloat | StrictInt | None = Field(default=None, ge=0)  # not `true`
     status: Literal["on_sale", "sold", "reserved"] | None = None
     image: str | None = Field(default=None, description="the image file, base64")
     image_uri: str | None = Field(default=None, description="gs:// URI or a path under the image root")
@@ -66,7 +74,7 @@ class ItemUpdate(BaseModel):
 
 class PredictInstance(BaseModel):
     item_id: str
-    k: int = DEFAULT_K
+    k: StrictInt = DEFAULT_K  # `true` is not a number of neighbours
 
 
 class PredictRequest(BaseModel):
@@ -94,6 +102,12 @@ class ServingMetrics:
         index_items.set_function(lambda: len(service.state.index) if service.ready else 0)
         catalog_items = Gauge("visrec_catalog_items", "Items in the catalog", registry=self.registry)
         catalog_items.set_function(lambda: len(service.state.catalog) if service.ready else 0)
+        skipped = Gauge("visrec_journal_entries_skipped", "Journal entries that could not be applied (logged)",
+                        registry=self.registry)
+        skipped.set_function(lambda: service.state.entries_skipped() if service.ready else 0)
+        degraded = Gauge("visrec_degraded", "1 while an earlier release serves because CURRENT does not verify",
+                         registry=self.registry)
+        degraded.set_function(lambda: float(service.ready and service.state.degraded is not None))
         # The hand-over from the predecessor (docs/serving.md): what it carried, and what still
         # waits for re-embedding (new listings not yet recommendable); 0 without a predecessor.
         for name, doc in (("carried", "Writes carried from the predecessor release"),
@@ -194,6 +208,65 @@ class ServingLayer:
             self.metrics.latency.labels(label).observe(time.perf_counter() - started)
 
 
+class RedactSecrets(logging.Filter):
+    """Blanks the values of secret-looking query parameters (`?token=...`) in access-log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) >= 3 and isinstance(record.args[2], str):
+            record.args = (*record.args[:2], _SECRET_PARAM.sub(r"\1REDACTED", record.args[2]), *record.args[3:])
+        return True
+
+
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, closing a connection whose request headers have not all arrived
+    `header_timeout` seconds after it opened (or after the previous response): idle and
+    slow-header connections cannot pile up. uvicorn's keep-alive timeout covers the time
+    between requests only once one was answered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, ServingConfig.header_timeout_seconds))
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        if not self.transport.is_closing():
+            self.logger.info("closing a connection that sent no complete request headers in %.0f s",
+                             self.header_timeout)
+            self.transport.close()
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+def _not_durable(exc: OSError) -> HTTPException:
+    """A write the journal could not make durable (disk full, a file-size limit): 507, and the
+    journal holds nothing of it (`visrec.journal`), so the client may simply retry."""
+    log.error("a write could not be journaled: %s", exc)
+    return HTTPException(507, f"the write was not stored (the journal cannot be written: {exc.strerror or exc})")
+
+
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -230,6 +303,8 @@ async def _read_json_model(request: Request, model: type[BaseModel], max_bytes: 
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPException(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise HTTPException(400, "malformed JSON: nested too deeply") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -268,18 +343,22 @@ def _start_background(service: RecommenderService, metrics: ServingMetrics, app:
 
 
 def configured_admin_token() -> str | None:
-    """`VISREC_ADMIN_TOKEN`, or the token stored at `VISREC_ADMIN_TOKEN_URI` (local or gs://)."""
-    if os.environ.get("VISREC_ADMIN_TOKEN"):
-        return os.environ["VISREC_ADMIN_TOKEN"]
+    """`VISREC_ADMIN_TOKEN`, or the token stored at `VISREC_ADMIN_TOKEN_URI` (local or gs://);
+    None when neither is set (writes disabled). A token shorter than `MIN_TOKEN_LENGTH`
+    (blank, a placeholder) is refused at start-up rather than guarding the writes."""
+    token = os.environ.get("VISREC_ADMIN_TOKEN") or None
     uri = os.environ.get("VISREC_ADMIN_TOKEN_URI")
-    if not uri:
-        return None
-    from visrec import io
+    if token is None and uri:
+        from visrec import io
 
-    try:
-        return io.read_text(uri).strip() or None
-    except FileNotFoundError:
-        raise UserError(f"VISREC_ADMIN_TOKEN_URI names {uri}, which does not exist") from None
+        try:
+            token = io.read_text(uri).strip()
+        except FileNotFoundError:
+            raise UserError(f"VISREC_ADMIN_TOKEN_URI names {uri}, which does not exist") from None
+    if token is not None and len(token.strip()) < MIN_TOKEN_LENGTH:
+        raise UserError(f"the admin token must be at least {MIN_TOKEN_LENGTH} characters "
+                        "(unset VISREC_ADMIN_TOKEN to disable writes)")
+    return token
 
 
 def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_token: str | None = None,
@@ -306,6 +385,9 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        access = logging.getLogger("uvicorn.access")  # configured by uvicorn by now
+        if not any(isinstance(f, RedactSecrets) for f in access.filters):
+            access.addFilter(RedactSecrets())
         _start_background(service, metrics, app, stop, on_load_error)
         yield
         stop.set()
@@ -342,8 +424,7 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), admin_token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def similar_payload(item_id: str, k: int) -> dict:
-        version, ranked = service.similar(item_id, k)
+    def similar_answer(item_id: str, version: str, ranked: Any) -> dict:
         metrics.survivors.observe(ranked.survivors)
         if ranked.widened:
             metrics.widened.inc()
@@ -351,11 +432,15 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
                 "items": [{"item_id": r.item_id, "score": r.score, "price": r.price, "category": r.category}
                           for r in ranked.items]}
 
+    def similar_payload(item_id: str, k: int) -> dict:
+        return similar_answer(item_id, *service.similar(item_id, k))
+
     async def health() -> JSONResponse:
         if not service.ready:
             return _error(503, app.state.load_error or "release is still loading")
         state = service.state
         return JSONResponse({"status": "ok", "release": state.version, "encoder": state.encoder_status(),
+                             "degraded": state.degraded, "journal_entries_skipped": state.entries_skipped(),
                              "handover": state.handover.status.as_dict() if state.handover else None,
                              "handover_from_successor": state.successor_handover.status.as_dict()
                              if state.successor_handover else None})
@@ -377,18 +462,37 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
         except UnknownItem:
             return 404, {"error": f"unknown item {item_id!r}"}
 
+    predicts_in_flight = 0
+
     async def predict(request: Request) -> JSONResponse:
+        """The Vertex AI prediction contract. Bounded so a few clients cannot starve the replica:
+        at most `max_predict_neighbours` (sum of k) per request, at most
+        `max_concurrent_predicts` at once (429 beyond), and the searches run off the event loop,
+        so health probes keep answering."""
+        nonlocal predicts_in_flight
         require_ready()
         body = await _read_json_model(request, PredictRequest, config.max_body_bytes)
+        asked = sum(instance.k for instance in body.instances)
+        if asked > config.max_predict_neighbours:
+            raise HTTPException(422, f"the instances ask for {asked} neighbours in all; at most "
+                                     f"{config.max_predict_neighbours} per request")
+        if predicts_in_flight >= config.max_concurrent_predicts:
+            raise HTTPException(429, f"{predicts_in_flight} predictions are running; retry shortly",
+                                headers={"Retry-After": "1"})
+        predicts_in_flight += 1
+        try:
+            answers = await run_in_threadpool(service.similar_many, [(i.item_id, i.k) for i in body.instances])
+        finally:
+            predicts_in_flight -= 1
+        version, results = answers
         predictions = []
-        for instance in body.instances:
+        for instance, result in zip(body.instances, results):
             if not 1 <= instance.k <= max_k:
                 predictions.append({"item_id": instance.item_id, "error": f"k must be in 1..{max_k}"})
-                continue
-            try:
-                predictions.append(similar_payload(instance.item_id, instance.k))
-            except UnknownItem:
+            elif isinstance(result, UnknownItem):
                 predictions.append({"item_id": instance.item_id, "error": "unknown item"})
+            else:
+                predictions.append(similar_answer(instance.item_id, version, result))
         return JSONResponse({"predictions": predictions})
 
     for path in dict.fromkeys(["/predict", predict_route or "/predict"]):
@@ -407,6 +511,8 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
             raise HTTPException(422, str(exc)) from None
         except NoEncoder as exc:
             raise HTTPException(503, str(exc)) from None
+        except OSError as exc:
+            raise _not_durable(exc) from None
         return JSONResponse(result)
 
     @app.delete("/v1/items/{item_id}")
@@ -418,7 +524,18 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
             await run_in_threadpool(service.delete, item_id)
         except UnknownItem:
             raise HTTPException(404, f"unknown item {item_id!r}") from None
+        except OSError as exc:
+            raise _not_durable(exc) from None
         return JSONResponse({"item_id": item_id, "deleted": True})
+
+    @app.api_route("/v1/items/{item_id}", methods=["GET"])
+    async def get_item(item_id: str) -> JSONResponse:
+        """What this replica serves for one item: its metadata and whether it is recommendable."""
+        require_ready()
+        try:
+            return JSONResponse(service.item(item_id))
+        except UnknownItem:
+            raise HTTPException(404, f"unknown item {item_id!r}") from None
 
     @app.post("/admin/reload")
     async def reload(request: Request) -> JSONResponse:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +29,92 @@ def test_file_journal_returns_each_complete_line_once(tmp_path):
         fh.write(b"id\": \"b\", \"at\": 2.0}\n")
     assert journal.read_new() == [{"op": "delete", "item_id": "b", "at": 2.0}]
     assert journal.read_new() == []
+
+
+def _line(entry: dict) -> bytes:
+    return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+
+
+FIRST = {"op": "delete", "id": "first", "item_id": "a", "at": 1.0}
+NEXT = {"op": "delete", "id": "next", "item_id": "b", "at": 2.0}
+TORN = b'{"op":"upsert","id":"torn","item_id":"c","vector":[0.1,0.2'  # a crash mid-append
+
+
+def test_append_after_a_torn_tail_cuts_it_off_and_keeps_the_new_entry(tmp_path, caplog):
+    """The acknowledged write after a torn line is not glued to it (and so lost) but read, live and on replay."""
+    writer = open_journal(str(tmp_path / "state"))
+    writer.append(FIRST)
+    live = FileJournal(writer.path)
+    assert live.read_new() == [FIRST]
+    with open(writer.path, "ab") as fh:
+        fh.write(TORN)
+    assert live.read_new() == []
+    with caplog.at_level(logging.WARNING, logger="visrec.journal"):
+        writer.append(NEXT)
+    assert writer.path.read_bytes() == _line(FIRST) + _line(NEXT)
+    assert f"dropping {len(TORN)} bytes" in caplog.text
+    assert live.read_new() == [NEXT]
+    assert FileJournal(writer.path).read_new() == [FIRST, NEXT]
+
+
+@pytest.mark.parametrize("kept, torn", [
+    pytest.param(_line(FIRST), TORN, id="after-a-line"),
+    pytest.param(_line(FIRST) * 3, b"x" * 200_000, id="longer-than-one-tail-scan"),
+    pytest.param(b"", TORN, id="nothing-but-the-fragment"),
+])
+def test_opening_a_journal_repairs_a_torn_tail(tmp_path, caplog, kept, torn):
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(kept + torn)
+    with caplog.at_level(logging.WARNING, logger="visrec.journal"):
+        journal = FileJournal(path)
+    assert path.read_bytes() == kept
+    assert f"dropping {len(torn)} bytes" in caplog.text
+    journal.append(NEXT)
+    assert FileJournal(path).read_new() == [FIRST] * kept.count(b"\n") + [NEXT]
+
+
+def test_opening_an_intact_or_missing_journal_changes_nothing(tmp_path, caplog):
+    path = tmp_path / "journal.jsonl"
+    with caplog.at_level(logging.WARNING, logger="visrec.journal"):
+        assert FileJournal(path).read_new() == [] and not path.exists()
+        path.write_bytes(_line(FIRST))
+        assert FileJournal(path).read_new() == [FIRST]
+    assert path.read_bytes() == _line(FIRST) and not caplog.records
+
+
+_APPENDER = """
+import sys
+from pathlib import Path
+from visrec.journal import FileJournal
+
+path, writer, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+journal = FileJournal(path)
+pad = writer * 50_000  # far beyond a pipe's atomic write size: only the lock keeps lines whole
+for i in range(count):
+    entry = {"op": "delete", "id": f"{writer}-{i}", "item_id": writer, "pad": pad, "at": float(i)}
+    if i % 4:
+        journal.append(entry)
+    else:
+        journal.append_many([entry, {**entry, "id": f"{writer}-{i}-batch"}])
+"""
+
+
+def test_processes_appending_at_once_never_interleave(tmp_path, caplog):
+    path = tmp_path / "journal.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    writers = [subprocess.Popen([sys.executable, "-c", _APPENDER, str(path), w, "40"], env=env) for w in "abcd"]
+    reader, seen = FileJournal(path), []
+    with caplog.at_level(logging.ERROR, logger="visrec.journal"):
+        while any(w.poll() is None for w in writers):  # a reader never sees half an append either
+            seen += reader.read_new()
+        seen += reader.read_new()
+    assert [w.returncode for w in writers] == [0] * 4
+    assert not caplog.records
+    expected = sorted([f"{w}-{i}" for w in "abcd" for i in range(40)]
+                      + [f"{w}-{i}-batch" for w in "abcd" for i in range(0, 40, 4)])
+    assert sorted(e["id"] for e in seen) == expected
+    assert [e["id"] for e in FileJournal(path).read_new()] == [e["id"] for e in seen]
+    assert all(e["pad"] == e["item_id"] * 50_000 for e in seen)
 
 
 def test_gcs_journal_sees_every_writer_once_including_late_arrivals(gcs_emulator):

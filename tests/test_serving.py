@@ -295,7 +295,8 @@ def test_every_route_answers_a_post_as_vertex_invoke_sends_it(server):
 
 
 def test_admin_token_from_a_stored_object(monkeypatch, gcs_emulator):
-    """On Vertex AI the container reads the token from GCS instead of the model's settings."""
+    """On Vertex AI the container reads the token from GCS instead of the model's settings; a
+    blank or placeholder token is refused at start-up instead of guarding the writes."""
     from serving.app import configured_admin_token
     from visrec import io
 
@@ -305,10 +306,14 @@ def test_admin_token_from_a_stored_object(monkeypatch, gcs_emulator):
     monkeypatch.setenv("VISREC_ADMIN_TOKEN_URI", uri)
     with pytest.raises(UserError, match="does not exist"):
         configured_admin_token()
-    io.write_text(uri, "s3cret\n")
-    assert configured_admin_token() == "s3cret"
-    monkeypatch.setenv("VISREC_ADMIN_TOKEN", "from-env")
-    assert configured_admin_token() == "from-env"
+    io.write_text(uri, "stored-admin-token-0123\n")
+    assert configured_admin_token() == "stored-admin-token-0123"
+    monkeypatch.setenv("VISREC_ADMIN_TOKEN", "env-admin-token-456789")
+    assert configured_admin_token() == "env-admin-token-456789"
+    for weak in ("   ", "changeme"):
+        monkeypatch.setenv("VISREC_ADMIN_TOKEN", weak)
+        with pytest.raises(UserError, match="at least 16 characters"):
+            configured_admin_token()
 
 
 def test_sold_and_deleted_never_returned(server):

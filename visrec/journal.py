@@ -9,7 +9,8 @@ re-embeds listings made after its catalog snapshot with its own encoder
 (`visrec.handover`). Two stores:
 
 - `FileJournal`: `state/journal.jsonl` on local disk. Appends take an exclusive file
-  lock, so the worker processes of one `visrec serve` share it; readers keep a byte offset.
+  lock, so the worker processes of one `visrec serve` share it; readers keep a byte
+  offset and take a shared lock, so they never see an append that may yet be undone.
 - `GcsJournal`: one object per entry under `gs://.../state/journal/`, named by the
   write time. A release served from `gs://` (Vertex AI) keeps its writes across
   container restarts, and every replica behind an endpoint sees every replica's writes.
@@ -28,7 +29,9 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -41,6 +44,8 @@ JOURNAL_PREFIX = "journal/"
 IMAGES_PREFIX = "images/"
 # How far back (seconds of write time) a GCS reader re-lists for entries that arrived late.
 LATE_ENTRY_WINDOW_SECONDS = 60.0
+# How much of a torn tail is read at a time while looking for the last complete line.
+_TAIL_SCAN_BYTES = 1 << 16
 
 
 class Journal(Protocol):
@@ -51,7 +56,10 @@ class Journal(Protocol):
         """`append` for a batch (a hand-over), in far fewer round trips than one per entry."""
 
     def read_new(self) -> list[dict]:
-        """Entries this reader has not returned before, oldest first (unreadable ones skipped, logged)."""
+        """Entries this reader has not returned before, oldest first (unreadable ones skipped,
+        logged and counted in `skipped`)."""
+
+    skipped: int
 
 
 def new_entry_id() -> str:
@@ -86,6 +94,13 @@ def open_journal(state_uri: str, since: float | None = None) -> Journal:
     return FileJournal(path / JOURNAL_FILE)
 
 
+def _readable(raw: list[tuple[bytes, str]], journal: "FileJournal | GcsJournal") -> list[dict]:
+    """The entries of (bytes, where) pairs that parse; the others are logged and counted on `journal`."""
+    parsed = [_parse(data, where) for data, where in raw]
+    journal.skipped += sum(entry is None for entry in parsed)
+    return [entry for entry in parsed if entry is not None]
+
+
 def _parse(line: bytes, where: str) -> dict | None:
     try:
         entry = json.loads(line)
@@ -97,42 +112,94 @@ def _parse(line: bytes, where: str) -> dict | None:
         return None
 
 
-class FileJournal:
-    """A JSON Lines file shared by the processes of one machine."""
+@contextmanager
+def _write_locked(path: Path) -> Iterator[int]:
+    """A descriptor of `path` (created if missing) opened for appending, under its exclusive lock."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
 
-    def __init__(self, path: Path):
+
+def _drop_torn_tail(fd: int, path: Path) -> int:
+    """Cut an unterminated last line off the locked file `fd`; returns the file's size after.
+
+    Such a fragment is an append that crashed or failed, so never acknowledged; left in
+    place, the next append would be glued to it and skipped with it by every reader.
+    Readers' offsets only ever point just after a newline, so none points into it.
+    """
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    keep, end = 0, size
+    while end > 0:
+        start = max(0, end - _TAIL_SCAN_BYTES)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            keep = start + newline + 1
+            break
+        end = start
+    log.warning("dropping %d bytes of an unterminated last line of %s (an append that never completed)",
+                size - keep, path)
+    os.ftruncate(fd, keep)
+    return keep
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """`os.write` until all of `data` is written: near a size limit a write can be short."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class FileJournal:
+    """A JSON Lines file shared by the processes of one machine.
+
+    Opening one on an existing file repairs a torn tail left by a crashed append.
+    """
+
+    def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = 0
+        self.skipped = 0
+        if path.exists():
+            with _write_locked(path) as fd:
+                _drop_torn_tail(fd, path)
 
     def append(self, entry: dict) -> None:
         self.append_many([entry])
 
     def append_many(self, entries: list[dict]) -> None:
+        """Append `entries` durably, all or none: a failed write leaves the file as it was, then raises."""
         if not entries:
             return
-        line = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries).encode("utf-8")
-        with open(self.path, "ab") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        data = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries).encode("utf-8")
+        with _write_locked(self.path) as fd:
+            size = _drop_torn_tail(fd, self.path)
             try:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                _write_all(fd, data)
+                os.fsync(fd)
+            except BaseException:
+                # The caller is told this append failed: no part of it may reach a reader or a replay.
+                os.ftruncate(fd, size)
+                raise
 
     def read_new(self) -> list[dict]:
         try:
             if self.path.stat().st_size <= self.offset:
                 return []
+            with open(self.path, "rb") as fh:
+                # Shared: an append in progress may still be rolled back, so it is never read.
+                fcntl.flock(fh, fcntl.LOCK_SH)
+                fh.seek(self.offset)
+                data = fh.read()
         except FileNotFoundError:
             return []
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offset)
-            data = fh.read()
-        end = data.rfind(b"\n") + 1  # a line still being written is left for the next read
+        end = data.rfind(b"\n") + 1  # a torn last line is left (the next append cuts it off)
         self.offset += end
-        entries = (_parse(line, str(self.path)) for line in data[:end].splitlines() if line.strip())
-        return [e for e in entries if e is not None]
+        return _readable([(line, str(self.path)) for line in data[:end].splitlines() if line.strip()], self)
 
 
 class GcsJournal:
@@ -146,6 +213,7 @@ class GcsJournal:
         self.prefix_uri = prefix_uri.rstrip("/") + "/"
         self.bucket_name, self.prefix = io.split_gcs(self.prefix_uri)
         self._seen: set[str] = set()
+        self.skipped = 0
         self._horizon = ""  # names before this are never listed again
         if since is not None:
             self._horizon = f"{self.prefix}{max(0, int((since - LATE_ENTRY_WINDOW_SECONDS) * 1e9)):020d}"
@@ -182,6 +250,5 @@ class GcsJournal:
             horizon_ns = max(0, max(written_ns) - int(LATE_ENTRY_WINDOW_SECONDS * 1e9))
             self._horizon = f"{self.prefix}{horizon_ns:020d}"
             self._seen = {n for n in self._seen if n >= self._horizon}
-        entries = (_parse(data, f"gs://{self.bucket_name}/{name}") for name, data in zip(new, payloads))
-        return [e for e in entries if e is not None]
+        return _readable([(data, f"gs://{self.bucket_name}/{name}") for name, data in zip(new, payloads)], self)
 

@@ -302,3 +302,19 @@ def init_models(out_dir: str | Path, listings_uri: str | None = None,
         paths[kind] = io.join(str(out), kind)
     log.info("created tiny random models (tokenizer on %d titles): %s", len(titles), paths)
     return paths
+
+
+def encoder_input_size(model_dir: str | Path) -> int | None:
+    """The side, in pixels, of the images the encoder saved in `model_dir` is fed (its image
+    processor's resize target), or None when its config does not say: what an image needs to be
+    decoded at, at most, for it (`visrec.images.decode_image(target_size=...)`)."""
+    try:
+        config = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    sides = []
+    for key in ("size", "crop_size"):
+        value = config.get(key)
+        sides += [value] if isinstance(value, int) else [v for v in (value or {}).values() if isinstance(v, int)]
+    return max(sides) if sides else None
+

@@ -478,15 +478,18 @@ def champion_embeddings_uri(registry: str) -> str | None:
     return io.join(release_uri(registry, version), "embeddings") if version else None
 
 
-def load_release(dir_or_registry: str, cache_dir: str | None = None) -> Release:
-    """A verified release: a release directory, or a registry's CURRENT one.
+def load_release(dir_or_registry: str, cache_dir: str | None = None, version: str | None = None) -> Release:
+    """A verified release: a release directory, or a registry's CURRENT one (`version`: that
+    release of the registry instead).
 
     `gs://` releases are downloaded (into `cache_dir`, default a new temp directory)
     first, then every checksum listed in `release.json` is verified. A copy already in
     `cache_dir` that verifies is used as it is (worker processes, restarts, reloads).
     """
     uri = registry = str(dir_or_registry)
-    if io.exists(io.join(uri, CURRENT)):
+    if version is not None:
+        uri = release_uri(uri, version)
+    elif io.exists(io.join(uri, CURRENT)):
         uri = release_uri(uri, current_version(uri))
     elif io.exists(io.join(uri, RELEASES)) and not io.exists(io.join(uri, MANIFEST)):
         raise UserError(f"registry {uri} has no release in production yet ({CURRENT} is missing)")
@@ -616,6 +619,13 @@ def _release_versions(registry: str) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file())
+
+
+def fallback_versions(registry: str) -> list[str]:
+    """The releases that were in production before CURRENT, newest first (the rolled-back ones
+    left out): what to serve, in order, when CURRENT does not verify."""
+    stack = _deployed_stack(registry)
+    return list(reversed(stack[:-1])) if stack else []
 
 
 def _deployed_stack(registry: str) -> list[str]:

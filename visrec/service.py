@@ -44,8 +44,10 @@ import numpy as np
 from visrec import io
 from visrec.errors import UserError
 from visrec.handover import Handover, HandoverStatus, encoder_fingerprint
+from visrec.images import MAX_PIXELS
 from visrec.journal import Journal, new_entry_id, open_journal, store_image
 from visrec.ranking import ON_SALE, ItemCatalog, RankedList, RankingConfig, label_index_with_catalog, recommend
+from visrec.writes import METADATA_FIELDS, WriteRegisters
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,17 @@ class ServingConfig:
 
     max_body_bytes: request bodies above this are refused (413); 10 MiB holds a
         base64 phone photo with room to spare.
+    max_predict_neighbours: the most neighbours one `/predict` may ask for, summed over its
+        instances (1,000 instances x k 10); more is refused (422).
+    max_concurrent_predicts: `/predict` requests running at once per process; more are
+        answered 429. Each runs off the event loop, so reads and health probes keep answering.
+    max_image_pixels: an upserted image larger than this (width x height, from its header) is
+        refused (422) before any pixel is decoded; smaller ones are decoded at no more than the
+        encoder's input size needs (a JPEG at 1/2 to 1/8 scale), so an upload costs megabytes.
+    header_timeout_seconds: a connection that has not sent a request's headers this long after
+        it opened (or after the previous answer) is closed. keep_alive_seconds: an idle
+        connection is closed this long after an answer. max_connections: concurrent
+        connections per process; beyond, new requests are answered 503 (uvicorn).
     journal_poll_seconds: how often the journal is re-read for writes made by other
         worker processes; well under the one-second "recommendable" promise.
     image_root: local directory that `image_uri` values may point into; `gs://` URIs
@@ -84,6 +97,12 @@ class ServingConfig:
 
     ranking: RankingConfig = field(default_factory=RankingConfig)
     max_body_bytes: int = 10 * 1024 * 1024
+    max_predict_neighbours: int = 10_000
+    max_concurrent_predicts: int = 4
+    max_image_pixels: int = MAX_PIXELS
+    header_timeout_seconds: float = 10.0
+    keep_alive_seconds: int = 5
+    max_connections: int = 1000
     journal_poll_seconds: float = 0.5
     image_root: str | None = None
     cache_dir: str | None = None
@@ -102,15 +121,25 @@ class ServingState:
     pca: Any | None
     journal: Journal
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # Write time of the newest applied entry per item, for its metadata and for its vector.
-    metadata_at: dict[str, float] = field(default_factory=dict)
-    vector_at: dict[str, float] = field(default_factory=dict)
+    # Per item: the newest write of each metadata field, of the vector, and of its existence.
+    writes: WriteRegisters = field(default_factory=WriteRegisters)
+    pending_vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    image_size: int | None = None  # the encoder's input side: what upserted images are decoded at
+    # Set when CURRENT did not verify at start-up and an earlier release serves instead:
+    # {"wanted": CURRENT's version, "reason": why it was refused}.
+    degraded: dict | None = None
+    # Journal entries that could not be applied (wrong vector size, missing fields): skipped, counted.
+    skipped_entries: int = 0
     handover: Handover | None = None  # from the predecessor
     successor_handover: Handover | None = None  # from the release that replaced this one, once it has
     successor_checked_at: float = -np.inf
     # Several worker processes of one machine: one follows the predecessor (a gs:// state needs
     # no lock: every replica follows it, and a write already applied is never carried again).
     handover_lock: ProcessLock = field(default_factory=lambda: ProcessLock(None))
+
+    def entries_skipped(self) -> int:
+        """Journal entries skipped so far: unreadable lines and entries that could not be applied."""
+        return self.journal.skipped + self.skipped_entries
 
     def close(self) -> None:
         """This state is no longer served: stop following other releases."""
@@ -156,14 +185,15 @@ def read_catalog(items_path: str) -> ItemCatalog:
     )
 
 
-def load_state(release_uri: str, config: ServingConfig) -> ServingState:
-    """Load a release: verified files, index, catalog, PCA, replayed journal; the encoder starts
+def load_state(release_uri: str, config: ServingConfig, version: str | None = None) -> ServingState:
+    """Load a release (`version`: that release of the registry `release_uri` instead of its
+    CURRENT): verified files, index, catalog, PCA, replayed journal; the encoder starts
     loading in the background (`ServingState.encoder()` waits for it)."""
     from visrec.index import SimilarityIndex
     from visrec.release import load_release
 
     started = time.monotonic()
-    release = load_release(release_uri, config.cache_dir)
+    release = load_release(release_uri, config.cache_dir, version=version)
     index = SimilarityIndex.load(str(release.index_dir))
     catalog = read_catalog(str(release.items_path))
     label_index_with_catalog(index, catalog, index.ids())
@@ -179,8 +209,11 @@ def load_state(release_uri: str, config: ServingConfig) -> ServingState:
         from visrec.pca import PcaProjection
 
         pca = PcaProjection.load(str(release.pca_path))
+    from visrec.models import encoder_input_size
+
     state = ServingState(version=release.version, release=release, index=index, catalog=catalog,
                          encoder_future=encoder_future, pca=pca, journal=open_journal(release.state_uri),
+                         image_size=encoder_input_size(release.model_dir),
                          handover_lock=ProcessLock(None if io.is_gcs(release.state_uri)
                                                    else Path(release.state_uri) / "handover.lock"))
     replayed = sync_journal(state)
@@ -252,14 +285,9 @@ def poll_handover(state: ServingState) -> int:
 
 
 def _applied(state: ServingState, entry: dict) -> bool:
-    """Whether `state` has this write, or a newer one for the item (newest write wins)."""
-    item, at = entry.get("item_id"), float(entry.get("at", 0.0))
+    """Whether `state` has this write, or newer ones for everything it says (newest write wins)."""
     with state.lock:
-        if state.metadata_at.get(item, -np.inf) < at:
-            return False
-        if entry.get("op") == "upsert" and entry.get("vector") is None:
-            return True
-        return state.vector_at.get(item, -np.inf) >= at
+        return state.writes.has(entry)
 
 
 def _batch_embedder(state: ServingState) -> Any:
@@ -267,7 +295,9 @@ def _batch_embedder(state: ServingState) -> Any:
     from visrec.images import decode_image
 
     encoder = state.usable_encoder()
-    return lambda batch: embed_images(encoder, state.pca, [decode_image(data) for data in batch])
+    # Decoded as upserts decode them, so a carried listing gets the vector an upsert would give it.
+    return lambda batch: embed_images(encoder, state.pca, [decode_image(data, target_size=state.image_size)
+                                                           for data in batch])
 
 
 class ProcessLock:
@@ -309,58 +339,72 @@ def _load_encoder(model_dir: str, kind: str, future: Future) -> None:
 def sync_journal(state: ServingState) -> int:
     """Apply the journal entries `state` has not seen yet; returns how many changed something.
 
-    An entry older (by write time) than what was already applied for its item is
-    skipped, separately for metadata and vector: entries from several replicas may
-    arrive out of order, and "newest wins" makes every reader end in the same state.
-    Index writes are batched (the last vector operation per item wins), so replaying a
-    long journal costs one index upsert and one delete rather than one per entry.
+    Per item and field the newest write wins (`visrec.writes`): entries from several worker
+    processes and replicas may arrive in any order, and every reader ends in the same state.
+    An entry that cannot be applied (a vector of the wrong size, a missing field) is skipped,
+    logged and counted (`skipped_entries`), never an outage. Index writes are batched (the
+    newest vector per item wins), so replaying a long journal costs one index upsert and one
+    delete rather than one per entry.
     """
     entries = state.journal.read_new()
     if not entries:
         return 0
-    upserts: dict[str, np.ndarray] = {}
-    deletes: set[str] = set()
-    catalog_upserts: set[str] = set()
+    vectors: dict[str, np.ndarray] = {}
+    touched: set[str] = set()
     applied = 0
     with state.lock:
         for entry in entries:
             try:
-                item_id, at = entry["item_id"], float(entry.get("at", 0.0))
-                newer_metadata = at >= state.metadata_at.get(item_id, -np.inf)
-                newer_vector = at >= state.vector_at.get(item_id, -np.inf)
-                if entry["op"] == "delete":
-                    if newer_metadata:
-                        state.catalog.delete(item_id)
-                        state.metadata_at[item_id] = at
-                    if newer_vector:
-                        upserts.pop(item_id, None)
-                        deletes.add(item_id)
-                        state.vector_at[item_id] = at
-                else:
-                    has_vector = entry.get("vector") is not None
-                    if newer_metadata:
-                        state.catalog.upsert(item_id, float(entry["price"]), entry["category"], entry["status"])
-                        catalog_upserts.add(item_id)
-                        state.metadata_at[item_id] = at
-                    if has_vector and newer_vector:
-                        upserts[item_id] = np.asarray(entry["vector"], dtype=np.float32)
-                        deletes.discard(item_id)
-                        state.vector_at[item_id] = at
-                    newer_vector = newer_vector and has_vector
+                vector = entry.get("vector")
+                if vector is not None:
+                    vector = np.asarray(vector, dtype=np.float32)
+                    if vector.shape != (state.index.dims,):
+                        raise ValueError(f"vector of shape {vector.shape}, the index holds {state.index.dims} dims")
+                    entry = {**entry, "vector": vector}
+                change = state.writes.apply(entry)
             except (ValueError, KeyError, TypeError) as exc:
-                log.error("skipping unusable journal entry %r: %s", entry, exc)
+                state.skipped_entries += 1
+                log.error("skipping unusable journal entry %s of item %r: %s", entry.get("id"), entry.get("item_id"),
+                          exc)
                 continue
-            applied += newer_metadata or newer_vector
-        gone = [i for i in deletes if i in state.index]
-        if gone:
-            state.index.delete(gone)
-        if upserts:
-            state.index.upsert(list(upserts), np.stack(list(upserts.values())))
-        # New index entries start unlabelled, and a new catalog entry may belong to an
-        # already indexed item: both need their catalog row as label.
-        label_index_with_catalog(state.index, state.catalog,
-                                 [i for i in catalog_upserts | set(upserts) if i in state.index])
+            if change is None:
+                continue
+            applied += 1
+            touched.add(change.item_id)
+            if change.vector is not None:
+                vectors[change.item_id] = change.vector
+        _materialise(state, touched, vectors)
     return applied
+
+
+def _materialise(state: ServingState, items: set[str], vectors: dict[str, np.ndarray]) -> None:
+    """Bring the catalog and the index of `state` in line with its write registers for `items`
+    (the caller holds `state.lock`)."""
+    gone, upserts, labelled = [], {}, []
+    for item in items:
+        if not state.writes.alive(item, default=item in state.catalog):
+            state.catalog.delete(item)
+            gone.append(item)
+            continue
+        metadata = state.writes.metadata(item, state.catalog.get(item))
+        if metadata is None:
+            # A partial update seen before the item's creation: applied when the creation arrives.
+            if item in vectors:
+                state.pending_vectors[item] = vectors[item]
+            continue
+        state.catalog.upsert(item, float(metadata["price"]), metadata["category"], metadata["status"])
+        vector = vectors.get(item, state.pending_vectors.pop(item, None))
+        if vector is not None:
+            upserts[item] = vector
+        labelled.append(item)
+    gone = [i for i in gone if i in state.index]
+    if gone:
+        state.index.delete(gone)
+    if upserts:
+        state.index.upsert(list(upserts), np.stack(list(upserts.values())))
+    # New index entries start unlabelled, and a new catalog row may belong to an already
+    # indexed item: both need their catalog row as label.
+    label_index_with_catalog(state.index, state.catalog, [i for i in labelled if i in state.index])
 
 
 def embed_images(encoder: Any, pca: Any | None, images: list[Any]) -> np.ndarray:
@@ -413,10 +457,35 @@ class RecommenderService:
         return self._state
 
     def start(self) -> None:
-        """Load the release named at construction."""
-        state = load_state(self.release_uri, self.config)
+        """Load the release named at construction. If it is a registry whose CURRENT release does
+        not verify (corrupt, incomplete), serve the newest earlier release that does, and say so
+        (`ServingState.degraded`), rather than no release at all."""
+        from visrec.release import ReleaseInvalid
+
+        try:
+            state = load_state(self.release_uri, self.config)
+        except ReleaseInvalid as exc:
+            state = self._fall_back(exc)
         with self._write_lock:
             self._state = state
+
+    def _fall_back(self, refused: Exception) -> ServingState:
+        from visrec.release import CURRENT, ReleaseInvalid, current_version, fallback_versions
+
+        if not io.exists(io.join(self.release_uri, CURRENT)):
+            raise refused
+        wanted = current_version(self.release_uri)
+        for version in fallback_versions(self.release_uri):
+            try:
+                state = load_state(self.release_uri, self.config, version=version)
+            except ReleaseInvalid as exc:
+                log.error("release %s does not verify either: %s", version, exc)
+                continue
+            state.degraded = {"wanted": wanted, "reason": str(refused)}
+            log.critical("CURRENT release %s of %s does not verify (%s): serving %s instead until a reload "
+                         "finds a release that does", wanted, self.release_uri, refused, version)
+            return state
+        raise refused
 
     def reload(self, announce: bool = True) -> str:
         """Load the release the URI names now (a registry's CURRENT), then swap; returns its version.
@@ -431,7 +500,10 @@ class RecommenderService:
             new.close()
             raise
         with self._write_lock:
-            sync_journal(new)  # writes that landed while the new release was loading
+            # Writes the old release took while the new one was loading, carried and applied
+            # before the swap: an acknowledged write is never served undone, not even briefly.
+            poll_handover(new)
+            sync_journal(new)
             old, self._state = self._state, new
         if old is not None:
             old.close()
@@ -487,6 +559,33 @@ class RecommenderService:
             except KeyError:
                 raise UnknownItem(item_id) from None
 
+    def item(self, item_id: str) -> dict:
+        """`{"item_id", "release", "price", "category", "status", "indexed"}` of a catalog item;
+        `UnknownItem` if it is not there."""
+        state = self.state
+        with state.lock:
+            row = state.catalog.get(item_id)
+            if row is None:
+                raise UnknownItem(item_id)
+            return {"item_id": item_id, "release": state.version, **row, "indexed": item_id in state.index}
+
+    def similar_many(self, queries: list[tuple[str, int]]) -> tuple[str, list[RankedList | UnknownItem]]:
+        """(release version, one ranked list or `UnknownItem` per (item, k)), all from the same
+        release: the state is read once, so a reload meanwhile cannot mix two releases in one
+        answer. Queries with k outside 1..max_k get `UnknownItem` too (the caller checks k)."""
+        state = self.state
+        results: list[RankedList | UnknownItem] = []
+        for item_id, k in queries:
+            if not 1 <= k <= self.config.ranking.max_k:
+                results.append(UnknownItem(item_id))
+                continue
+            with state.lock:  # per query, so writes interleave with a long request
+                try:
+                    results.append(recommend(item_id, k, state.index, state.catalog, self.config.ranking))
+                except KeyError:
+                    results.append(UnknownItem(item_id))
+        return state.version, results
+
     def sync_journal(self) -> int:
         """Pick up journal lines written by other processes, and the predecessor's new writes."""
         state = self._state
@@ -519,28 +618,37 @@ class RecommenderService:
             if self.state is not state:  # a reload swapped releases meanwhile: use the new encoder
                 state = self.state
                 vector, image_sha256 = embedded(state)
+            # Merge with the newest state of the item, other workers' and replicas' writes included.
+            sync_journal(state)
             with state.lock:
                 current = state.catalog.get(item_id)
                 indexed = item_id in state.index
             if vector is None and not (current and indexed):
                 raise BadItem("a new item needs an image (`image` base64 or `image_uri`)")
+            sent = [name for name in METADATA_FIELDS if fields.get(name) is not None]
+            if current is None:
+                sent = list(METADATA_FIELDS)  # a new listing sets every field (status: on sale)
             merged = {"category": fields.get("category", current and current["category"]),
                       "price": fields.get("price", current and current["price"]),
                       "status": fields.get("status") or (current["status"] if current else ON_SALE)}
             if merged["category"] is None or merged["price"] is None:
                 raise BadItem("a new item needs `category` and `price`")
+            # `sent`: readers take only these fields from the entry (visrec.writes), so a
+            # concurrent update of another field on another worker is never undone.
             entry = {"op": "upsert", "id": new_entry_id(), "item_id": item_id, "title": fields.get("title"),
-                     **merged, "vector": None if vector is None else vector.tolist(),
+                     **merged, "sent": sent, "vector": None if vector is None else vector.tolist(),
                      "image_sha256": image_sha256, "at": time.time()}
             state.journal.append(entry)
             sync_journal(state)
-        return {"item_id": item_id, "release": state.version, "status": merged["status"],
-                "embedded": vector is not None}
+            with state.lock:
+                status = (state.catalog.get(item_id) or merged)["status"]
+        return {"item_id": item_id, "release": state.version, "status": status, "embedded": vector is not None}
 
     def delete(self, item_id: str) -> None:
         """Remove an item from catalog and index; `UnknownItem` if it is not there."""
         with self._write_lock:
             state = self.state
+            sync_journal(state)  # it may have been created a moment ago by another worker
             with state.lock:
                 known = item_id in state.catalog or item_id in state.index
             if not known:
@@ -562,7 +670,8 @@ class RecommenderService:
         else:
             return None, None
         try:
-            return data, decode_image(data)
+            image = decode_image(data, max_pixels=self.config.max_image_pixels, target_size=self.state.image_size)
+            return data, image
         except ImageDecodeError as exc:
             raise BadItem(f"image does not decode: {exc}") from None
 

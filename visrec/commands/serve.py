@@ -10,8 +10,10 @@ HELP = "serve similar items for a release over HTTP (Vertex AI prediction contra
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from visrec.ranking import RankingConfig
+    from visrec.service import ServingConfig
 
     ranking = RankingConfig()
+    limits = ServingConfig()
     parser.add_argument("--release", default=os.environ.get("AIP_STORAGE_URI"),
                         help="release directory or registry, local or gs:// (default: $AIP_STORAGE_URI)")
     parser.add_argument("--host", default=os.environ.get("VISREC_HOST", "127.0.0.1"),
@@ -29,7 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight of category similarity in the re-rank score")
     parser.add_argument("--image-root", help="local directory PUT image_uri paths may point into")
     parser.add_argument("--cache-dir", help="where a gs:// release is downloaded")
-    parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--access-log", action="store_true", help="log every request (secret query values blanked)")
+    parser.add_argument("--header-timeout", type=float, default=limits.header_timeout_seconds,
+                        help="close a connection that sent no complete request headers for this long (s)")
+    parser.add_argument("--keep-alive", type=int, default=limits.keep_alive_seconds,
+                        help="close an idle connection this long after an answer (s)")
+    parser.add_argument("--max-connections", type=int, default=limits.max_connections,
+                        help="concurrent connections per process; beyond, 503")
+    parser.add_argument("--max-predict-neighbours", type=int, default=limits.max_predict_neighbours,
+                        help="the most neighbours one /predict may ask for (sum of k)")
+    parser.add_argument("--max-concurrent-predicts", type=int, default=limits.max_concurrent_predicts,
+                        help="/predict requests at once per process; beyond, 429")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,8 +65,19 @@ def run(args: argparse.Namespace) -> int:
                                 category_weight=args.category_weight)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    config = ServingConfig(ranking=ranking, image_root=args.image_root, cache_dir=args.cache_dir)
-    options = dict(host=args.host, port=args.port, access_log=args.access_log, log_level="info")
+    # A bad admin token stops the server here, once, not in a restart loop of every worker.
+    from serving.app import HEADER_TIMEOUT_ENV, configured_admin_token
+
+    configured_admin_token()
+    config = ServingConfig(ranking=ranking, image_root=args.image_root, cache_dir=args.cache_dir,
+                           max_predict_neighbours=args.max_predict_neighbours,
+                           max_concurrent_predicts=args.max_concurrent_predicts,
+                           header_timeout_seconds=args.header_timeout, keep_alive_seconds=args.keep_alive,
+                           max_connections=args.max_connections)
+    os.environ[HEADER_TIMEOUT_ENV] = str(config.header_timeout_seconds)  # read by every worker's protocol
+    options = dict(host=args.host, port=args.port, access_log=args.access_log, log_level="info",
+                   http="serving.app:HeaderTimeoutProtocol", timeout_keep_alive=config.keep_alive_seconds,
+                   limit_concurrency=config.max_connections)
 
     if args.workers == 1:
         from serving.app import create_app
