@@ -18,9 +18,15 @@ architecture), both random. Also measured: preprocessing per image vs per batch
 fixed batch size, PCA inside the pipeline, and the PCA fit on 100k and 1M vectors
 of 768 dims (the production sample size).
 
+Both loops run on the same device (`--device`, default the GPU when there is one) at
+the same precision (`--precision`, default `visrec embed`'s: bf16 autocast on a GPU with
+bf16 tensor cores, fp32 on CPU), so the ratio compares Beam with plain PyTorch, not a
+GPU with a CPU.
+
     python bench/embed.py                    # ViT-S/16-sized SigLIP at 224 px + MobileNetV2 1.4, 512 images
     python bench/embed.py --images 200 --repeats 1 --pca-sizes 100000   # quick
     python bench/embed.py --full-size        # SigLIP ViT-B/16 at 256 px (the real architecture): GPU machines
+    python bench/embed.py --full-size --kinds siglip --images 64 --repeats 1 --pca-sizes   # the same on CPU
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from visrec.embed import EmbedConfig, run_embed  # noqa: E402
+from visrec.models import resolve_precision  # noqa: E402
 from visrec.embeddings import read_embeddings  # noqa: E402
 from visrec.pca import PcaProjection, l2_normalise  # noqa: E402
 from visrec.schema import PREPARED_SHARDS  # noqa: E402
@@ -91,9 +98,10 @@ def make_prepared(out: Path, images: int) -> Path:
     return data
 
 
-def bare_loop(data: Path, model_dir: Path, kind: str,
-              batch_size: int) -> tuple[float, float, dict[str, np.ndarray]]:
-    """Wall and CPU seconds for the plain PyTorch loop over the same shards, and its embeddings."""
+def bare_loop(data: Path, model_dir: Path, kind: str, batch_size: int, device: str,
+              precision: str) -> tuple[float, float, dict[str, np.ndarray]]:
+    """Wall and CPU seconds for the plain PyTorch loop over the same shards on `device` (`cpu`/`cuda`) at
+    `precision`, and its embeddings."""
     import pyarrow.parquet as pq
     import torch
 
@@ -101,15 +109,17 @@ def bare_loop(data: Path, model_dir: Path, kind: str,
     from visrec.models import load_image_encoder, preprocess_images
 
     start, cpu = time.perf_counter(), time.process_time()
-    encoder = load_image_encoder(str(model_dir), kind)
+    encoder = load_image_encoder(str(model_dir), kind).to(device)
     out: dict[str, np.ndarray] = {}
     for f in sorted(data.glob(PREPARED_SHARDS)):
         table = pq.read_table(f)
         ids, blobs = table["item_id"].to_pylist(), table["image"].to_pylist()
         for begin in range(0, len(ids), batch_size):
             images = [decode_image(b) for b in blobs[begin:begin + batch_size]]
-            with torch.inference_mode():
-                features = encoder(preprocess_images(encoder, images))
+            pixels = preprocess_images(encoder, images).to(device)
+            with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16,
+                                                        enabled=precision == "bf16"):
+                features = encoder(pixels).float().cpu()  # .cpu() waits for the GPU: the timing is honest
             out.update(zip(ids[begin:begin + batch_size], l2_normalise(features.numpy())))
     return time.perf_counter() - start, time.process_time() - cpu, out
 
@@ -140,14 +150,34 @@ def preprocessing_ms(data: Path, model_dir: Path, batch_size: int) -> dict[str, 
 
 
 def beam_run(data: Path, model_dir: Path, kind: str, out: Path, batch_size: int, min_batch_size: int,
-             pca_dims: int) -> tuple[float, float, dict[str, Any], dict[str, np.ndarray]]:
-    """Wall and CPU seconds of `run_embed` (the DirectRunner runs in this process), stats, embeddings."""
+             pca_dims: int, device: str,
+             precision: str) -> tuple[float, float, dict[str, Any], dict[str, np.ndarray]]:
+    """Wall and CPU seconds of `run_embed` (the DirectRunner runs in this process) on `device` (`cpu`/`cuda`)
+    at `precision`, stats, embeddings."""
     start, cpu = time.perf_counter(), time.process_time()
     stats = run_embed(EmbedConfig(data_uri=str(data), model_uri=str(model_dir), kind=kind, out_dir=str(out),
-                                  pca_dims=pca_dims, batch_size=batch_size, min_batch_size=min_batch_size))
+                                  pca_dims=pca_dims, batch_size=batch_size, min_batch_size=min_batch_size,
+                                  device="gpu" if device == "cuda" else "cpu", precision=precision))
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     ids, vectors = read_embeddings(str(out))
     return seconds, cpu_seconds, stats, dict(zip(ids, vectors))
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model name (`platform.processor()` is only `x86_64` on Linux)."""
+    import platform
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def timing(seconds: float, cpu_seconds: float, images: int) -> dict[str, float]:
@@ -155,18 +185,18 @@ def timing(seconds: float, cpu_seconds: float, images: int) -> dict[str, float]:
             "images_per_cpu_second": images / cpu_seconds}
 
 
-def paired_runs(data: Path, model_dir: Path, kind: str, work: Path, batch_size: int,
-                repeats: int) -> dict[str, Any]:
+def paired_runs(data: Path, model_dir: Path, kind: str, work: Path, batch_size: int, repeats: int,
+                device: str, precision: str) -> dict[str, Any]:
     """Bare loop and `visrec embed` (fixed batches, no PCA) alternated `repeats` times after a warm-up."""
-    bare_loop(data, model_dir, kind, batch_size)  # warm-up: file cache, lazy imports, allocator
+    bare_loop(data, model_dir, kind, batch_size, device, precision)  # warm-up: file cache, imports, allocator, CUDA
     bare_runs, beam_runs = [], []
     bare: dict[str, np.ndarray] = {}
     beam: dict[str, np.ndarray] = {}
     for repeat in range(repeats):
-        seconds, cpu_seconds, bare = bare_loop(data, model_dir, kind, batch_size)
+        seconds, cpu_seconds, bare = bare_loop(data, model_dir, kind, batch_size, device, precision)
         bare_runs.append(timing(seconds, cpu_seconds, len(bare)))
         seconds, cpu_seconds, _, beam = beam_run(data, model_dir, kind, work / f"{kind}-{repeat}", batch_size,
-                                                 batch_size, 0)
+                                                 batch_size, 0, device, precision)
         beam_runs.append(timing(seconds, cpu_seconds, len(beam)))
         log.info("%s repeat %d: bare %.1f s, visrec embed %.1f s", kind, repeat + 1, bare_runs[-1]["seconds"],
                  beam_runs[-1]["seconds"])
@@ -210,6 +240,11 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="encoders to time")
     parser.add_argument("--full-size", action="store_true",
                         help="SigLIP ViT-B/16 at 256 px (the production architecture, random weights)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where both loops run (default: auto = cuda when available)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"),
+                        help="both loops' precision (default: visrec embed's: bf16 autocast on a GPU with bf16 "
+                             "tensor cores, fp32 otherwise)")
     parser.add_argument("--pca-sizes", type=int, nargs="*", default=[100_000, 1_000_000],
                         help="numbers of 768-d vectors to time the PCA fit on (default: 100000 1000000)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "embed.json", help="results JSON")
@@ -222,10 +257,15 @@ def main() -> None:
     import torch
 
     size = "full" if args.full_size else "small"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
+    precision = resolve_precision(args.precision, device)
     results: dict[str, Any] = {
-        "machine": machine_info(device=device, torch_threads=torch.get_num_threads(),
+        "machine": machine_info(device=device, device_name=device_name(device),
+                                torch_threads=torch.get_num_threads(),
                                 gpu=torch.cuda.get_device_name(0) if device == "cuda" else None),
+        "precision": precision,
         "models": {"siglip": {"size": size, **SIZES[size]}, "mobilenet_v2": MOBILENET},
         "images": args.images, "batch_size": args.batch_size, "repeats": args.repeats, "ratio_goal": 0.8,
     }
@@ -236,13 +276,15 @@ def main() -> None:
         models = make_models(tmp_path / "models", size)
         results["preprocessing"] = {kind: preprocessing_ms(data, models[kind], args.batch_size)
                                     for kind in args.kinds}
-        results["encoders"] = {kind: paired_runs(data, models[kind], kind, tmp_path, args.batch_size, args.repeats)
+        results["encoders"] = {kind: paired_runs(data, models[kind], kind, tmp_path, args.batch_size, args.repeats,
+                                                 device, precision)
                                for kind in args.kinds}
         variants = {}
         if "siglip" in args.kinds:
             for name, min_batch, pca_dims in VARIANTS:
                 seconds, cpu_seconds, _, vectors = beam_run(data, models["siglip"], "siglip", tmp_path / name,
-                                                            args.batch_size, min_batch or args.batch_size, pca_dims)
+                                                            args.batch_size, min_batch or args.batch_size, pca_dims,
+                                                            device, precision)
                 variants[name] = {**timing(seconds, cpu_seconds, len(vectors)),
                                   "min_batch_size": min_batch or args.batch_size, "pca_dims": pca_dims}
                 log.info("%s: %.1f s", name, seconds)
@@ -259,7 +301,8 @@ def main() -> None:
 
 def print_report(results: dict[str, Any]) -> None:
     machine, siglip = results["machine"], results["models"]["siglip"]
-    print(f"\nstage 3 on {machine['cpus']} CPUs ({machine['device']}), {results['images']} images, "
+    print(f"\nstage 3 on {machine['device']} ({machine['device_name']}; {machine['cpus']} CPUs), both loops "
+          f"{results['precision']}, {results['images']} images, "
           f"batch {results['batch_size']}, medians of {results['repeats']} paired runs; SigLIP {siglip['size']} "
           f"({siglip['hidden_size']}-d, {siglip['num_layers']} layers, {siglip['image_size']} px), "
           f"MobileNetV2 1.4 at 224 px")

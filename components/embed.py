@@ -17,6 +17,7 @@ def embed(
     batch_size: int,
     shards: int,
     device: str,
+    precision: str,
     share_model: bool,
     runner: str,
     beam_options: list,
@@ -34,7 +35,7 @@ def embed(
     directory, or a model directory itself), or `model_uri` when that is non-empty: the
     baseline `google/mobilenet_v2_1.4_224` (or a `gs://` copy) is a parameter, not an
     artifact. Other settings are `EmbedConfig`'s: `device` (`auto`: the GPU when the worker has
-    one), `share_model` (one model copy per machine, i.e. per GPU, instead of one per SDK
+    one), `precision` (`""`: bf16 autocast on a GPU with bf16 tensor cores, else fp32), `share_model` (one model copy per machine, i.e. per GPU, instead of one per SDK
     process), `shards`. `beam_options`: extra pipeline options, e.g. the Dataflow project,
     region, GPU worker accelerator and custom container (docs/embedding.md); on Dataflow the
     job is named after `pipeline_job` and `pipeline_task` (`visrec.dataflow`). `data_fingerprint` (the resolver's) is the data's cache key and is
@@ -59,7 +60,7 @@ def embed(
         data_uri=location(data), model_uri=encoder, out_dir=out, kind=kind, runner=runner,
         beam_options=task_options(runner, beam_options, pipeline_job, pipeline_task),
         **from_kfp(EmbedConfig, pca_dims=pca_dims, batch_size=batch_size, shards=shards, device=device,
-                   share_model=share_model)))
+                   precision=precision, share_model=share_model)))
     pca_file = io.join(out, "pca", "pca.npz")
     if io.exists(pca_file):
         io.write_bytes(io.join(location(pca), "pca.npz"), io.read_bytes(pca_file))

@@ -17,6 +17,10 @@ def train(
     precision: str,
     max_steps: int,
     seed: int,
+    device: str,
+    gradient_checkpointing: str,
+    freeze_token_embedding: bool,
+    gradient_compression: str,
     model: Output[Model],
     metrics: Output[Metrics],
 ):
@@ -24,7 +28,8 @@ def train(
 
     Settings are `TrainConfig`'s; unset values are KFP's stand-ins for None
     (`visrec.pipeline_config.from_kfp`: warmup_steps -1 = 5% of the steps, max_steps 0 =
-    no limit, precision "" = bf16 on GPU / fp32 on CPU). `model` receives the whole stage-2
+    no limit, precision "" = bf16 on GPU / fp32 on CPU, device "" = the GPU when CUDA is
+    usable; "cuda" fails at once when it is not). `model` receives the whole stage-2
     directory (`model/`, `last/`, `checkpoints/`, `train_metrics.json`, `loss_curve.png`).
     Always resumes: a retried task gets the same output URI and continues from its newest
     checkpoint. Uses every GPU of the machine (one DDP process each).
@@ -37,11 +42,15 @@ def train(
     values = train_on_all_devices(TrainConfig(
         data_uri=location(dataset), out_dir=out, model_uri=model_uri, resume=True, progress=False,
         **from_kfp(TrainConfig, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                   precision=precision, max_steps=max_steps, seed=seed)))
+                   precision=precision, max_steps=max_steps, seed=seed, device=device,
+                   gradient_checkpointing=gradient_checkpointing, freeze_token_embedding=freeze_token_embedding,
+                   gradient_compression=gradient_compression)))
     summary = {key: values[key] for key in ("global_step", "epochs_completed", "best_epoch", "samples_per_second",
                                             "final_train_loss", "logit_scale", "logit_bias") if values[key] is not None}
     summary["best_val"] = values["best_val"] or {}
     summary["initial_val"] = values["initial_val"] or {}
+    summary["peak_memory_estimate_gib"] = values["memory_plan"]["total_gib"]
+    summary["gradient_checkpointing"] = values["memory_plan"]["checkpointing"]
     log_metrics(metrics, summary)
     model.metadata.update({"framework": "transformers", "architecture": "SiglipModel", "base_model": model_uri,
                            "model_dir": f"{out.rstrip('/')}/model", "best_epoch": values["best_epoch"]})

@@ -17,7 +17,8 @@ Base images that cannot be pulled get stand-ins, reported as such:
 Checks: base (`visrec --help`, `visrec compile` as its user), serving (`visrec serve` on a tiny
 release built in the image answers `/healthz` and a similar-items query over HTTP), the beam and
 trainer worker images (boot entrypoint, the SDK worker module and visrec import as the image's
-user, the boot's environment step), trainer (`import torch`, a CUDA build, `visrec train --help`).
+user, the boot's environment step), trainer (`import torch`, a CUDA build, `visrec train --help`,
+`--device gpu` failing fast without a GPU).
 Prints a table; exit status 1 if any check failed.
 """
 
@@ -393,6 +394,11 @@ def check_trainer(engine: Engine, image: str, report: Report) -> None:
                                          "'GPU here:', torch.cuda.is_available())"])
         report.add(image, "import torch (a CUDA build; no GPU needed to check)", *ok(torch))
         report.add(image, "visrec train --help", *ok(box.run(["visrec", "train", "--help"])))
+        # A GPU that CUDA cannot use (none here) must stop the run at once, not train on the CPU.
+        gpu = box.run(["visrec", "train", "--data", "/nonexistent", "--out", "/tmp/smoke-train", "--device", "gpu"])
+        message = (gpu.stdout or "").strip().splitlines()[-1:] or [""]
+        report.add(image, "visrec train --device gpu without a usable GPU fails at once, naming the driver",
+                   gpu.returncode == 2 and "CUDA is not usable" in message[0], message[0][:160])
 
 
 # ---- main ------------------------------------------------------------------------------------

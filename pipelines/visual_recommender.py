@@ -77,6 +77,10 @@ def visual_recommender(
     warmup_steps: int = kfp_default(TrainConfig, "warmup_steps"),
     max_steps: int = kfp_default(TrainConfig, "max_steps"),
     precision: str = kfp_default(TrainConfig, "precision"),
+    train_device: str = kfp_default(TrainConfig, "device"),
+    gradient_checkpointing: str = kfp_default(TrainConfig, "gradient_checkpointing"),
+    freeze_token_embedding: bool = kfp_default(TrainConfig, "freeze_token_embedding"),
+    gradient_compression: str = kfp_default(TrainConfig, "gradient_compression"),
     max_pairs: int = kfp_default(PrepareConfig, "max_pairs"),
     val_fraction: float = kfp_default(PrepareConfig, "val_fraction"),
     image_size: int = kfp_default(PrepareConfig, "image_size"),
@@ -84,6 +88,7 @@ def visual_recommender(
     embed_batch_size: int = kfp_default(EmbedConfig, "batch_size"),
     embed_shards: int = kfp_default(EmbedConfig, "shards"),
     embed_device: str = kfp_default(EmbedConfig, "device"),
+    embed_precision: str = kfp_default(EmbedConfig, "precision"),
     embed_share_model: bool = kfp_default(EmbedConfig, "share_model"),
     pca_dims: int = kfp_default(EmbedConfig, "pca_dims"),
     recall_target: float = kfp_default(IndexConfig, "recall_target"),
@@ -150,13 +155,15 @@ def visual_recommender(
 
         trained = train(dataset=prep.outputs["dataset"], model_uri=siglip_model, epochs=epochs,
                         batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
-                        max_steps=max_steps, seed=seed)
+                        max_steps=max_steps, seed=seed, device=train_device,
+                        gradient_checkpointing=gradient_checkpointing, freeze_token_embedding=freeze_token_embedding,
+                        gradient_compression=gradient_compression)
         set_resources(trained, train_cpu, train_memory, train_accelerator_type, train_accelerator_count,
                       retries=TRAIN_RETRIES).set_display_name("fine-tune SigLIP")
 
         # The whole catalog is embedded (not only the training sample): evaluation and serving need every item.
         embedding = dict(batch_size=embed_batch_size, shards=embed_shards, device=embed_device,
-                         share_model=embed_share_model, runner=beam_runner, beam_options=embed_beam_options,
+                         precision=embed_precision, share_model=embed_share_model, runner=beam_runner, beam_options=embed_beam_options,
                          **DATAFLOW_JOB)
         candidate = embed(data=listings.output, data_fingerprint=listings_fingerprint, model=trained.outputs["model"],
                           kind="siglip", pca_dims=pca_dims, **embedding)

@@ -10,7 +10,8 @@ import pytest
 
 from visrec import io
 from visrec.cli import main as cli_main
-from visrec.embed import EmbedConfig, run_embed
+from visrec.embed import EmbedConfig, build_pipeline, encoder_handler, plan_input, run_embed
+from visrec.errors import UserError
 from visrec.embeddings import EMBEDDINGS_SCHEMA, read_embeddings, write_embeddings
 from visrec.pca import PcaProjection, l2_normalise
 
@@ -139,8 +140,10 @@ def test_listings_input_with_an_existing_pca(pca_run, marketplace, tiny_models, 
     listings_file.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     rc = cli_main(["embed", "--data", str(listings_file), "--model", str(tiny_models / "siglip"), "--out", str(out),
-                   "--pca", pca_run[0] + "/pca", "--batch-size", "4", "--shards", "2", "--share-model"])
+                   "--pca", pca_run[0] + "/pca", "--batch-size", "4", "--shards", "2", "--share-model",
+                   "--precision", "fp32"])
     assert rc == 0
+    assert json.loads((out / "embed_stats.json").read_text())["config"]["precision"] == "fp32"
     reused = _by_id(str(out))
     production = _by_id(pca_run[0])
     assert set(reused) == {r["item_id"] for r in listings}
@@ -200,6 +203,55 @@ def test_user_errors(tiny_models, tmp_path, capsys):
                      "--pca", str(tmp_path / "no-pca")]) == 2
     assert cli_main(["embed", "--data", str(tmp_path), "--model", model, "--out", str(tmp_path),
                      "--pca-dims", "-1"]) == 2
+    with pytest.raises(SystemExit) as exc:  # argparse: only bf16 and fp32
+        cli_main(["embed", "--data", str(tmp_path), "--model", model, "--out", str(tmp_path), "--precision", "fp16"])
+    assert exc.value.code == 2
+
+
+def test_precision_is_bf16_fp32_or_the_device_default(tmp_path):
+    config = dict(data_uri=str(tmp_path), model_uri="m", out_dir=str(tmp_path))
+    assert EmbedConfig(**config).precision is None  # bf16 on a GPU worker, fp32 on a CPU one
+    for precision in ("bf16", "fp32", None):
+        EmbedConfig(**config, precision=precision).validate()
+    for precision in ("fp16", "BF16", ""):
+        with pytest.raises(UserError, match="precision"):
+            EmbedConfig(**config, precision=precision).validate()
+
+
+def test_bf16_run_embed_matches_fp32(raw_run, prepared, tiny_models, tmp_path):
+    """`EmbedConfig.precision` reaches the encoder through the pipeline: bf16 vectors, close to fp32's."""
+    out = str(tmp_path / "bf16")
+    stats = run_embed(EmbedConfig(data_uri=str(prepared), model_uri=str(tiny_models / "siglip"), out_dir=out,
+                                  pca_dims=0, batch_size=8, precision="bf16"))
+    assert stats["items"] == ITEMS and stats["config"]["precision"] == "bf16"
+    fp32, bf16 = _by_id(raw_run[0]), _by_id(out)
+    assert set(bf16) == set(fp32)
+    cosine = np.array([bf16[i] @ fp32[i] for i in fp32])
+    assert cosine.min() > 0.99 and not all(np.array_equal(bf16[i], fp32[i]) for i in fp32)
+
+
+@pytest.mark.parametrize("settings, shared", [({"share_model": True}, True), ({}, False)])
+def test_share_model_reaches_the_beam_handler(prepared, tiny_models, tmp_path, settings, shared):
+    """`EmbedConfig.share_model` (the component passes it) becomes Beam's `large_model`: one copy per machine."""
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
+
+    config = EmbedConfig(data_uri=str(prepared), model_uri=str(tiny_models / "siglip"), out_dir=str(tmp_path),
+                         **settings)
+    assert encoder_handler(config).share_model_across_processes() is shared
+
+    # And it is that handler the built pipeline runs (nothing is executed).
+    p = beam.Pipeline()
+    build_pipeline(p, config, plan_input(config.data_uri), image_processor=None, pca=None)
+    handlers = []
+
+    class FindRunInference(beam.pipeline.PipelineVisitor):
+        def enter_composite_transform(self, node) -> None:
+            if isinstance(node.transform, RunInference):
+                handlers.append(node.transform._model_handler)
+
+    p.visit(FindRunInference())
+    assert [h.share_model_across_processes() for h in handlers] == [shared]
 
 
 @pytest.mark.integration
@@ -214,7 +266,7 @@ def test_component_under_kfp_local(prepared, tiny_models, tmp_path):
         data = dsl.importer(artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=False)
         trained = dsl.importer(artifact_uri=trained_uri, artifact_class=dsl.Model, reimport=False)
         settings = dict(data=data.output, data_fingerprint="sha256:x", batch_size=16, shards=4, device="auto",
-                        share_model=False, runner="DirectRunner", beam_options=[], pipeline_job="run",
+                        precision="", share_model=False, runner="DirectRunner", beam_options=[], pipeline_job="run",
                         pipeline_task="embed")
         embed_component(model=trained.output, kind="siglip", pca_dims=8, **settings)
         embed_component(model_uri=baseline_uri, kind="mobilenet_v2", pca_dims=0, **settings)

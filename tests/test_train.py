@@ -241,10 +241,12 @@ def test_component_trains_into_its_model_artifact(small_data, shape_model, tmp_p
     model, metrics = dsl.Model(uri=str(tmp_path / "model")), dsl.Metrics(uri=str(tmp_path / "metrics"))
     train_component.python_func(dataset=dsl.Dataset(uri=str(small_data)), model_uri=shape_model, model=model,
                                 metrics=metrics, epochs=1, batch_size=16, lr=1e-3, warmup_steps=-1, precision="",
-                                max_steps=2, seed=0)
+                                max_steps=2, seed=0, device="", gradient_checkpointing="auto",
+                                freeze_token_embedding=False, gradient_compression="none")
     assert (tmp_path / "model" / "model" / "config.json").exists()
     assert model.metadata["model_dir"] == str(tmp_path / "model" / "model")
     assert metrics.metadata["global_step"] == 2.0 and "initial_val.image_to_text_recall@5" in metrics.metadata
+    assert metrics.metadata["gradient_checkpointing"] == 0.0 and metrics.metadata["peak_memory_estimate_gib"] >= 0
 
 
 def test_train_resources_are_set_on_the_task():
@@ -261,7 +263,9 @@ def test_train_resources_are_set_on_the_task():
     def pipeline():
         data = dsl.importer(artifact_uri="gs://bucket/prepared", artifact_class=dsl.Dataset)
         task = train_component(dataset=data.output, model_uri="google/siglip-base-patch16-256-multilingual",
-                               epochs=5, batch_size=256, lr=5e-5, warmup_steps=-1, precision="", max_steps=0, seed=0)
+                               epochs=5, batch_size=256, lr=5e-5, warmup_steps=-1, precision="", max_steps=0, seed=0,
+                               device="cuda", gradient_checkpointing="auto", freeze_token_embedding=False,
+                               gradient_compression="none")
         set_resources(task, "16", "64G", "NVIDIA_TESLA_A100", 2, retries=3)
 
     with tempfile.TemporaryDirectory() as tmp:

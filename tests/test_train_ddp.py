@@ -24,7 +24,7 @@ import json, math, sys
 import torch, torch.distributed as dist, torch.nn.functional as F
 torch.set_num_threads(1)
 from visrec.siglip_loss import distributed_sigmoid_loss, sigmoid_loss
-from visrec.train import SiglipTrainer, TrainConfig, _setup_processes
+from visrec.train import SiglipTrainer, TrainConfig, _setup_processes, bf16_allreduce_hook
 
 args = json.loads(sys.argv[1])
 report_dir = args.pop("report_dir")
@@ -64,11 +64,28 @@ ref.backward()
 diff = lambda gs: max(float((g - p.grad).abs().max()) for g, p in zip(gs, params))
 report = {"loss": loss, "ref_loss": float(ref), "grad_diff": diff(grads), "local_only_grad_diff": diff(local_only)}
 
-# 2. A few training steps under DDP.
+# 2. The bf16 all-reduce hook: DDP's mean gradient, to bf16 precision (and not exactly: it compressed).
+torch.manual_seed(1)
+plain, hooked = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
+hooked.load_state_dict(plain.state_dict())
+ddp_plain, ddp_hooked = (torch.nn.parallel.DistributedDataParallel(m) for m in (plain, hooked))
+ddp_hooked.register_comm_hook(None, bf16_allreduce_hook)
+x = torch.randn(4, 6) * (rank + 1)
+for m in (ddp_plain, ddp_hooked):
+    m(x).pow(2).sum().backward()
+# Relative to the largest gradient: where the ranks' gradients cancel, any rounding is large relative to the sum.
+report["bf16_rel_err"] = float((hooked.weight.grad - plain.weight.grad).abs().max() / plain.weight.grad.abs().max())
+report["bf16_exact"] = torch.equal(hooked.weight.grad, plain.weight.grad)
+
+# 3. A few training steps under DDP, then the same with the scaling options.
 trainer = SiglipTrainer(TrainConfig(**args), _setup_processes("cpu"))
 metrics = trainer.run()
 torch.save(trainer.model.state_dict(), f"{report_dir}/rank{rank}.pt")
 report.update(world_size=metrics["world_size"], step_loss=metrics["step_loss"])
+options = SiglipTrainer(TrainConfig(**dict(args, out_dir=args["out_dir"] + "-options", freeze_token_embedding=True,
+                                           gradient_compression="bf16")), _setup_processes("cpu"))
+report["options_step_loss"] = options.run()["step_loss"]
+torch.save(options.model.state_dict(), f"{report_dir}/options-rank{rank}.pt")
 with open(f"{report_dir}/rank{rank}.json", "w") as fh:
     json.dump(report, fh)
 dist.destroy_process_group()
@@ -87,7 +104,7 @@ def ddp_run(small_data, shape_model, tmp_path_factory):  # noqa: F811
                            str(script), json.dumps(args)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
-    states = [torch.load(root / f"rank{r}.pt") for r in range(2)]
+    states = [torch.load(root / f"{kind}rank{r}.pt") for kind in ("", "options-") for r in range(2)]
     return cfg, reports, states, root
 
 
@@ -106,6 +123,7 @@ def test_ddp_ranks_end_identical_and_match_one_process(ddp_run, tmp_path):
     assert len(reports[0]["step_loss"]) == 4 and reports[0]["step_loss"] == reports[1]["step_loss"]
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+        assert torch.equal(states[2][key], states[3][key]), key
     # The same global batches on one process: the same training, up to float summation order.
     single = train(_config(Path(cfg.data_uri), tmp_path / "single", cfg.model_uri, epochs=1, max_steps=4,
                            checkpoint_every_steps=0))
@@ -118,3 +136,21 @@ def test_ddp_ranks_end_identical_and_match_one_process(ddp_run, tmp_path):
     assert len(compared) > 0.9 * len(one_weights)
     for key in compared:
         torch.testing.assert_close(ddp_weights[key], one_weights[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_bf16_gradient_compression_all_reduces_the_mean_in_bf16(ddp_run):
+    _, reports, _, _ = ddp_run
+    for r in reports:
+        assert r["bf16_rel_err"] < 2 ** -7 and not r["bf16_exact"]
+
+
+def test_freezing_the_token_embedding_keeps_it_and_trains_the_rest(ddp_run):
+    cfg, reports, states, _ = ddp_run
+    initial = _weights(Path(cfg.model_uri))
+    options = states[2]
+    key = "text_model.embeddings.token_embedding.weight"
+    assert torch.equal(options[key], initial[key])
+    assert not torch.equal(states[0][key], initial[key])  # unfrozen, it moves
+    assert not torch.equal(options["vision_model.post_layernorm.weight"], initial["vision_model.post_layernorm.weight"])
+    # Compressed gradients, frozen vocabulary: a close but different training.
+    assert reports[0]["options_step_loss"] == pytest.approx(reports[0]["step_loss"], rel=0.05)

@@ -7,10 +7,10 @@ through Beam's `RunInference` with a keyed model handler: item ids travel as key
 the model is loaded once per worker process and shared by its threads (or by all
 of a machine's processes with `share_model`), batches are sized by
 `BatchElements` between `min_batch_size` and `max_batch_size`, and the model runs
-on the GPU when the worker has one. Embeddings are L2-normalised, projected by a
-PCA fitted on a deterministic sample (or by an existing production PCA) and
-L2-normalised again. Images that cannot be read or decoded go to `rejected.jsonl`
-with a reason instead of failing the run.
+on the GPU when the worker has one (under bf16 autocast by default). Embeddings
+are L2-normalised, projected by a PCA fitted on a deterministic sample (or by an
+existing production PCA) and L2-normalised again. Images that cannot be read or
+decoded go to `rejected.jsonl` with a reason instead of failing the run.
 
 The same code runs on the DirectRunner on one machine and on Dataflow (GPU
 workers, custom container: docs/embedding.md); every file access goes through
@@ -37,7 +37,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunIn
 from visrec import io
 from visrec.dataflow import run_pipeline
 from visrec.errors import UserError
-from visrec.models import KINDS, load_image_encoder, preprocess_images
+from visrec.models import KINDS, load_image_encoder, preprocess_images, resolve_precision
 from visrec.embeddings import (EMBEDDINGS_PATTERN, EMBEDDINGS_SCHEMA, ROWS_PER_GROUP, embeddings_name,
                                embeddings_table, write_embeddings)
 from visrec.pca import PCA_FILE, PcaProjection, l2_normalise
@@ -46,6 +46,7 @@ from visrec.schema import PREPARED_SHARDS
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "gpu")
+PRECISIONS = ("bf16", "fp32")
 _PROGRESS_SECONDS = 10.0
 _ROWS_PER_READ = 256
 
@@ -68,6 +69,8 @@ class EmbedConfig:
         smaller minimum lets Beam shrink batches (memory, streaming).
     shards: number of `embeddings-*.parquet` files.
     device: `auto` (GPU when the worker has one), `cpu` or `gpu`.
+    precision: `bf16` (autocast) or `fp32`; None: bf16 on a GPU with bf16 tensor cores, fp32 on
+        CPU (and a T4), decided on the worker. Features leave the encoder as float32 either way.
     share_model: one model copy per machine shared by all its SDK processes
         (Beam's `large_model`), for big models on one GPU.
     seed: selects the PCA sample.
@@ -87,6 +90,7 @@ class EmbedConfig:
     beam_options: list[str] = field(default_factory=list)
     shards: int = 4
     device: str = "auto"
+    precision: str | None = None
     share_model: bool = False
     seed: int = 0
 
@@ -104,6 +108,8 @@ class EmbedConfig:
             raise UserError(f"shards must be >= 1, got {self.shards}")
         if self.device.lower() not in DEVICES:
             raise UserError(f"unknown device {self.device!r}; expected one of {DEVICES}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; expected one of {PRECISIONS}")
 
     @property
     def batch_size_min(self) -> int:
@@ -228,17 +234,20 @@ class EncoderOnDevice:
 
     A plain callable, so it also works through the cross-process proxy Beam puts
     in front of a model shared by all of a machine's processes (`share_model`):
-    the device move and `inference_mode` happen where the model lives.
+    the device move, `inference_mode` and autocast happen where the model lives.
     """
 
-    def __init__(self, encoder: Any, device: str):
+    def __init__(self, encoder: Any, device: str, precision: str = "fp32"):
         self.encoder = encoder
         self.device = device
+        self.precision = precision
 
     def __call__(self, pixel_values: Any) -> Any:
         import torch
 
-        with torch.inference_mode():
+        # Weights stay float32; autocast runs the matmuls and convolutions in bf16.
+        with torch.inference_mode(), torch.autocast(device_type=self.device, dtype=torch.bfloat16,
+                                                    enabled=self.precision == "bf16"):
             return self.encoder(pixel_values.to(self.device)).float().cpu()
 
 
@@ -250,12 +259,13 @@ class ImageEncoderHandler(ModelHandler):
     dir and a `gs://` dir load exactly as in every other stage.
     """
 
-    def __init__(self, model_uri: str, kind: str, device: str = "auto", *, min_batch_size: int = 1,
-                 max_batch_size: int = 64, share_model: bool = False):
+    def __init__(self, model_uri: str, kind: str, device: str = "auto", *, precision: str | None = None,
+                 min_batch_size: int = 1, max_batch_size: int = 64, share_model: bool = False):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size, large_model=share_model)
         self.model_uri = model_uri
         self.kind = kind
         self.device = device.lower()
+        self.precision = precision
 
     def _torch_device(self) -> str:
         import torch
@@ -267,9 +277,11 @@ class ImageEncoderHandler(ModelHandler):
 
     def load_model(self) -> "EncoderOnDevice":
         device = self._torch_device()
+        precision = resolve_precision(self.precision, device)
         encoder = load_image_encoder(self.model_uri, self.kind).to(device)
-        log.info("loaded %s encoder from %s on %s (%d dims)", self.kind, self.model_uri, device, encoder.dims)
-        return EncoderOnDevice(encoder, device)
+        log.info("loaded %s encoder from %s on %s, %s (%d dims)", self.kind, self.model_uri, device, precision,
+                 encoder.dims)
+        return EncoderOnDevice(encoder, device, precision)
 
     def run_inference(self, batch: Sequence[Any], model: "EncoderOnDevice",
                       inference_args: dict | None = None) -> list[np.ndarray]:
@@ -390,6 +402,13 @@ def load_image_processor(model_uri: str) -> Any:
         raise UserError(f"cannot load the image processor of {model_uri}: {exc}") from exc
 
 
+def encoder_handler(config: EmbedConfig) -> KeyedModelHandler:
+    """The RunInference handler `build_pipeline` uses: keyed by item id, sized, placed and shared per `config`."""
+    return KeyedModelHandler(ImageEncoderHandler(
+        config.model_uri, config.kind, config.device, precision=config.precision,
+        min_batch_size=config.batch_size_min, max_batch_size=config.batch_size_max, share_model=config.share_model))
+
+
 def build_pipeline(p: beam.Pipeline, config: EmbedConfig, plan: tuple[str, list[Any]], image_processor: Any,
                    pca: PcaProjection | None) -> None:
     """Add the stage-3 transforms to `p`: read `plan` (from `plan_input`), decode, embed, (fit and) project,
@@ -413,10 +432,7 @@ def build_pipeline(p: beam.Pipeline, config: EmbedConfig, plan: tuple[str, list[
                .with_outputs("rejected", main="pixels"))
     dead_letters.append(decoded.rejected)
 
-    handler = KeyedModelHandler(ImageEncoderHandler(
-        config.model_uri, config.kind, config.device, min_batch_size=config.batch_size_min,
-        max_batch_size=config.batch_size_max, share_model=config.share_model))
-    vectors = (decoded.pixels | "Embed" >> RunInference(handler)
+    vectors = (decoded.pixels | "Embed" >> RunInference(encoder_handler(config))
                | "Progress" >> beam.ParDo(LogProgress()))
 
     pca_uri = io.join(config.out_dir, "pca", PCA_FILE)

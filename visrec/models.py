@@ -7,6 +7,10 @@ very same classes (`SiglipModel`, `MobileNetV2Model`), a tokenizer trained on th
 catalog's titles and matching image processors, saved with `save_pretrained`. They
 load back through exactly the code path the real checkpoints use; only the sizes and
 the (random) weights differ.
+
+Every loader asks for float32 weights: transformers 5 defaults to `dtype="auto"`,
+which would keep a bf16 checkpoint in bf16 (training needs fp32 master weights;
+inference picks its precision with autocast, `visrec.embed`).
 """
 
 from __future__ import annotations
@@ -62,11 +66,12 @@ def resolve_model_dir(uri: str, workdir: str | Path | None = None) -> str:
 
 def load_siglip(uri: str = SIGLIP_HUB_ID) -> tuple[Any, Any]:
     """A `SiglipModel` and its `AutoProcessor` (image processor + tokenizer) from a hub id or directory."""
+    import torch
     from transformers import AutoProcessor, SiglipModel
 
     path = resolve_model_dir(uri)
     try:
-        model = SiglipModel.from_pretrained(path)
+        model = SiglipModel.from_pretrained(path, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(path)
     except OSError as exc:
         raise UserError(f"cannot load a SigLIP model from {uri}: {exc}") from exc
@@ -89,14 +94,33 @@ def text_features(model: Any, input_ids: Any) -> Any:
     return getattr(out, "pooler_output", out)
 
 
+def resolve_precision(precision: str | None, device_type: str) -> str:
+    """The precision a model runs at on torch device type `device_type` (`cuda`/`cpu`).
+
+    Unset means bf16 on a GPU with bf16 tensor cores (compute capability 8+: L4, A100,
+    H100) and fp32 elsewhere: on CPU, and on a T4, where bf16 is only emulated and slower.
+    fp16 needs a GPU (training's loss scaler does).
+    """
+    import torch
+
+    if precision == "fp16" and device_type != "cuda":
+        raise UserError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if precision:
+        return precision
+    if device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    return "fp32"
+
+
 def _image_encoder_class():
     import torch
 
     class ImageEncoder(torch.nn.Module):
         """`pixel_values (n, 3, H, W) -> (n, d)` pooled image features of either model kind.
 
-        One interface for the fine-tuned SigLIP image tower and the MobileNetV2
-        baseline, so embedding, evaluation and serving treat them alike.
+        One interface for the fine-tuned SigLIP image tower (a `SiglipVisionModel`: its
+        pooled output is what `SiglipModel.get_image_features` returns) and the
+        MobileNetV2 baseline, so embedding, evaluation and serving treat them alike.
         """
 
         def __init__(self, model: Any, image_processor: Any, kind: str):
@@ -107,36 +131,56 @@ def _image_encoder_class():
 
         @property
         def dims(self) -> int:
-            cfg = self.model.config
             if self.kind == "siglip":
-                return int(cfg.vision_config.hidden_size)
+                return int(self.model.config.hidden_size)
             return int(self.model.conv_1x1.convolution.out_channels)
 
         def forward(self, pixel_values: Any) -> Any:
-            if self.kind == "siglip":
-                return image_features(self.model, pixel_values)
             return self.model(pixel_values=pixel_values).pooler_output
 
     return ImageEncoder
 
 
+def _load_siglip_vision_tower(path: str, uri: str) -> Any:
+    """The float32 `SiglipVisionModel` of the full `SiglipModel` checkpoint at `path` (fetched from `uri`).
+
+    transformers maps the checkpoint's `vision_model.*` weights onto the tower; the text
+    tower and the logit scale/bias are skipped on purpose, so their "unexpected keys"
+    report is silenced, while a missing vision weight (which transformers would fill
+    with random values) is an error.
+    """
+    import torch
+    from transformers import SiglipVisionModel
+
+    class SiglipVisionTower(SiglipVisionModel):
+        _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^logit_(scale|bias)$"]
+
+    model, info = SiglipVisionTower.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    if info["missing_keys"]:
+        raise UserError(f"{uri} is not a SigLIP checkpoint with a vision tower: missing "
+                        f"{sorted(info['missing_keys'])[:5]}")
+    return model
+
+
 def load_image_encoder(uri: str, kind: str = "siglip") -> Any:
-    """An `ImageEncoder` (eval mode) for `kind` in `KINDS`, from a hub id, local or `gs://` directory."""
+    """An `ImageEncoder` (eval mode, float32) for `kind` in `KINDS`, from a hub id, local or `gs://` directory.
+
+    For SigLIP only the vision tower is loaded (a quarter of the production checkpoint),
+    so every embedding worker and serving replica holds just what it runs.
+    """
     if kind not in KINDS:
         raise UserError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+    import torch
     from transformers import AutoImageProcessor
 
     path = resolve_model_dir(uri)
     try:
         if kind == "siglip":
-            from transformers import SiglipModel
-
-            model = SiglipModel.from_pretrained(path)
-            model.text_model = None  # the image encoder never needs the text tower
+            model = _load_siglip_vision_tower(path, uri)
         else:
             from transformers import MobileNetV2Model
 
-            model = MobileNetV2Model.from_pretrained(path)
+            model = MobileNetV2Model.from_pretrained(path, dtype=torch.float32)
         image_processor = AutoImageProcessor.from_pretrained(path)
     except OSError as exc:
         raise UserError(f"cannot load a {kind} model from {uri}: {exc}") from exc

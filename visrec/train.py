@@ -13,6 +13,7 @@ Output (docs/artifacts.md section 2): `model/` (best epoch by validation recall)
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -33,18 +34,25 @@ import torch.nn.functional as F
 
 from visrec import io
 from visrec.errors import UserError
-from visrec.models import SIGLIP_HUB_ID, image_features, load_siglip, text_features
+from visrec.models import (SIGLIP_HUB_ID, TEXT_MAX_LENGTH, image_features, load_siglip, resolve_precision,
+                           text_features)
 from visrec.siglip_loss import distributed_sigmoid_loss, sigmoid_loss
-from visrec.train_data import Augment, Collate, EpochBatchSampler, PairDataset, read_prepared
+from visrec.train_data import Augment, Collate, PairDataset, RunBatchSampler, read_prepared
+from visrec.train_resources import (CHECKPOINTING, MemoryPlan, check_memory, choose_checkpointing,
+                                    default_num_workers, disable_nccl_shared_memory_if_short, measure_activations,
+                                    model_sizes, nccl_shared_memory_needed, plan_shared_memory, resolve_device,
+                                    shared_memory_free, usable_memory)
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+GRADIENT_COMPRESSION = ("none", "bf16")
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_MARKER = "COMPLETE"  # written last: a checkpoint without it is incomplete and ignored
 STATE_FILE = "state.pt"
 SELECTION_METRIC = "recall@5_mean"  # mean of image->text and text->image recall@5
 RECALL_KS = (1, 5)
+LOSS_READBACK_STEPS = 10  # step losses are read back (a device sync) every this many steps
 
 
 @dataclass
@@ -65,7 +73,7 @@ class TrainConfig:
     # None: 5% of all optimizer steps; -1 stands for None in KFP parameters, where 0 means no warmup.
     warmup_steps: int | None = field(default=None, metadata={"kfp_unset": -1})
     weight_decay: float = 0.1
-    precision: str | None = None  # None: bf16 on GPU, fp32 on CPU
+    precision: str | None = None  # None: bf16 on a GPU with bf16 tensor cores (L4, A100, H100), else fp32
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     resume: bool = False
@@ -76,9 +84,21 @@ class TrainConfig:
     augment: bool = True
     augment_min_crop_area: float = 0.8
     augment_hflip: bool = True
-    num_workers: int = 4
+    # None: the machine's CPUs shared out over its training processes (-1 in KFP parameters).
+    num_workers: int | None = field(default=None, metadata={"kfp_unset": -1})
     val_max_items: int = 10_000  # recall is O(n^2): a fixed seeded subset of larger val splits
-    device: str | None = None  # None: cuda:LOCAL_RANK when available, else cpu
+    # None: cuda:LOCAL_RANK when usable, else cpu. "cuda"/"gpu": fail at once if CUDA is not usable.
+    device: str | None = None
+    # "auto": on only when the run would not fit the device without it (train_resources.CHECKPOINTING).
+    gradient_checkpointing: str = "auto"
+    memory_check: bool = True  # refuse at start a run whose estimated peak memory exceeds the device's
+    # The multilingual vocabulary is half the model (192M of 371M parameters): freezing it halves
+    # gradients, optimizer state and each step's all-reduce.
+    freeze_token_embedding: bool = False
+    gradient_compression: str = "none"  # "bf16": all-reduce gradients in bf16 (half the traffic)
+    # Collectives wait this long, e.g. while process 0 validates and writes ~7 GB of checkpoint and
+    # models to GCS at an epoch end (torch's default of 10 minutes does not cover a slow upload).
+    process_group_timeout_minutes: int = 60
     progress: bool = True
 
 
@@ -109,35 +129,57 @@ def _check_config(config: TrainConfig) -> None:
         raise UserError(f"--lr must be positive, got {config.lr}")
     if config.max_steps is not None and config.max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, got {config.max_steps}")
+    if config.gradient_checkpointing not in CHECKPOINTING:
+        raise UserError(f"--gradient-checkpointing must be one of {CHECKPOINTING}, "
+                        f"got {config.gradient_checkpointing!r}")
+    if config.gradient_compression not in GRADIENT_COMPRESSION:
+        raise UserError(f"--gradient-compression must be one of {GRADIENT_COMPRESSION}, "
+                        f"got {config.gradient_compression!r}")
+    if config.num_workers is not None and config.num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0, got {config.num_workers}")
 
 
-def _setup_processes(device: str | None) -> _Processes:
-    """Join the torchrun process group if the environment describes one (NCCL on GPU, gloo on CPU)."""
+def _local_processes() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def _setup_processes(device: str | None, timeout_minutes: int = 60) -> _Processes:
+    """Resolve the device (failing fast when a requested GPU is not usable) and join the torchrun
+    process group if the environment describes one (NCCL on GPU, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     owns = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if dev.type == "cuda":
+            disable_nccl_shared_memory_if_short(_local_processes(), shared_memory_free())
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
         owns = True
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
-    if use_cuda:
-        dev = torch.device(device if device and ":" in device else f"cuda:{local_rank}")
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     return _Processes(rank, world, dev, owns)
 
 
-def resolve_precision(precision: str | None, device: torch.device) -> str:
-    """bf16 on GPU, fp32 on CPU unless asked otherwise; fp16 needs a GPU (its loss scaler does)."""
-    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return precision
+def bf16_allreduce_hook(process_group, bucket):  # no annotations: DDP checks them, and they are strings here
+    """DDP communication hook: all-reduce each gradient bucket in bf16, half the bytes of fp32.
+
+    What torch's `default_hooks.bf16_compress_hook` does, for every backend: torch's
+    refuses gloo, and the CPU tests and quality measurement must run this very code.
+    """
+    group = process_group or dist.group.WORLD
+    compressed = bucket.buffer().to(torch.bfloat16).div_(group.size())
+    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def decompress(fut: Any) -> torch.Tensor:
+        buffer = bucket.buffer()
+        buffer.copy_(fut.value()[0])
+        return buffer
+
+    return future.then(decompress)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -235,9 +277,9 @@ def validate(encoder: PairEncoder, dataset: PairDataset, collate: Collate, batch
                                 for s in range(0, len(dataset), batch_size)],
         collate_fn=collate, num_workers=num_workers)
     images, texts, loss_sum = [], [], 0.0
-    for pixel_values, input_ids in loader:
+    for pixels, input_ids in loader:
         with _autocast(device, precision):
-            img, txt, scale, bias = encoder(pixel_values.to(device), input_ids.to(device))
+            img, txt, scale, bias = encoder(collate.normalise(_on(device, pixels)), _on(device, input_ids))
         loss_sum += float(sigmoid_loss(img, txt, scale, bias)) * len(img)
         images.append(img.cpu())
         texts.append(txt.cpu())
@@ -245,6 +287,11 @@ def validate(encoder: PairEncoder, dataset: PairDataset, collate: Collate, batch
     out = {"loss": loss_sum / len(dataset)}
     out.update(retrieval_recall(torch.cat(images), torch.cat(texts), dataset.titles))
     return out
+
+
+def _on(device: torch.device, batch: Any) -> torch.Tensor:
+    """A loader's tensor (or NumPy array, when batches come through pipes) on `device`."""
+    return torch.as_tensor(batch).to(device, non_blocking=True)
 
 
 # ---- checkpoints and outputs -------------------------------------------------------------
@@ -405,7 +452,7 @@ def _broadcast(obj: Any, procs: _Processes) -> Any:
 def train(config: TrainConfig) -> dict:
     """Fine-tune `config.model_uri` on `config.data_uri`; write stage-2 outputs; return the train metrics."""
     _check_config(config)
-    procs = _setup_processes(config.device)
+    procs = _setup_processes(config.device, config.process_group_timeout_minutes)
     try:
         return SiglipTrainer(config, procs).run()
     finally:
@@ -423,7 +470,7 @@ class SiglipTrainer:
     def __init__(self, config: TrainConfig, procs: _Processes):
         self.config, self.procs = config, procs
         self.device = device = procs.device
-        self.precision = resolve_precision(config.precision, device)
+        self.precision = resolve_precision(config.precision, device.type)
         self.group = config.batch_size // config.grad_accum
         if config.batch_size % config.grad_accum or self.group % procs.world_size:
             raise UserError(f"--batch-size {config.batch_size} must split evenly into --grad-accum "
@@ -431,6 +478,8 @@ class SiglipTrainer:
         _seed_everything(config.seed)
 
         self.model, self.processor = load_siglip(config.model_uri)
+        if config.freeze_token_embedding:
+            self.model.text_model.embeddings.token_embedding.weight.requires_grad_(False)
         train_table, val_table = read_prepared(config.data_uri)
         val_table = _subset(val_table, config.val_max_items, config.seed)
         if len(val_table) == 0:
@@ -443,15 +492,31 @@ class SiglipTrainer:
         augment = Augment(config.augment_min_crop_area, hflip=config.augment_hflip) if config.augment else None
         self.train_set = PairDataset(train_table, augment=augment, seed=config.seed)
         self.val_set = PairDataset(val_table)
-        self.collate = Collate(self.processor)
+        self.num_workers = config.num_workers if config.num_workers is not None else \
+            default_num_workers(_local_processes())
+        micro = self.group // procs.world_size
+        nccl_shm = 0 if os.environ.get("NCCL_SHM_DISABLE") == "1" or device.type != "cuda" else \
+            nccl_shared_memory_needed(_local_processes())
+        collate = Collate(self.processor)
+        self.shared_memory = plan_shared_memory(self.num_workers, collate.batch_bytes(micro), _local_processes(),
+                                                nccl_shm, shared_memory_free())
+        if not self.shared_memory.batches_in_shared_memory:
+            log.warning("%s", self.shared_memory.advice())
+        self.collate = Collate(self.processor, as_numpy=not self.shared_memory.batches_in_shared_memory)
 
         self.model.to(device)
         self.encoder = PairEncoder(self.model)
+        self.memory_plan = self._plan_memory(micro)
+        if self.memory_plan.checkpointing:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        log.info("memory plan per process: %s", self.memory_plan.describe())
         self.step_encoder: torch.nn.Module = self.encoder
         if procs.distributed:
             self.step_encoder = torch.nn.parallel.DistributedDataParallel(
                 self.encoder, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False)
+            if config.gradient_compression == "bf16":
+                self.step_encoder.register_comm_hook(None, bf16_allreduce_hook)
         self.optimizer = torch.optim.AdamW(_param_groups(self.encoder, config.weight_decay), lr=config.lr,
                                            fused=device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
@@ -464,6 +529,44 @@ class SiglipTrainer:
         self.resumed_from = self._resume() if config.resume else None
         self._pending: list[torch.Tensor] = []  # step losses not read back yet (no device sync per step)
         self._run_samples, self._run_seconds = 0, 0.0  # this invocation's throughput, validation excluded
+        # (optimizer steps, seconds) between loss read-backs (each a device sync), checkpoints excluded:
+        # the windows after the first give the throughput past warm-up.
+        self._windows: list[tuple[int, float]] = []
+        self._batches = None  # one loader for the whole run (see RunBatchSampler)
+
+    def _plan_memory(self, micro: int) -> MemoryPlan:
+        """Measure activations on a probe batch, choose checkpointing, refuse what cannot fit."""
+        config, device = self.config, self.device
+        vision = self.model.config.vision_config
+
+        def probe(pairs: int):
+            pixels = torch.randn(pairs, 3, vision.image_size, vision.image_size, device=device)
+            ids = torch.zeros(pairs, TEXT_MAX_LENGTH, dtype=torch.long, device=device)
+            with _autocast(device, self.precision):
+                return self.encoder(pixels, ids)
+
+        was_training = self.encoder.training
+        self.encoder.train()
+        profile = measure_activations(self.model, probe)
+        self.encoder.train(was_training)
+        sizes = model_sizes(self.model)
+        held = sizes["parameters"] * 4 if device.type == "cpu" else 0
+        usable, name = usable_memory(device, held, _local_processes() if device.type == "cpu" else 1)
+        plan = choose_checkpointing(config.gradient_checkpointing, profile, usable, **sizes,
+                                    pairs_per_process=micro, world_size=self.procs.world_size)
+        if config.memory_check:
+            check_memory(plan, usable, name, profile, self.group)
+        return plan
+
+    def _loader(self):
+        """The run's batches from the current position on, through one DataLoader (workers kept)."""
+        config, progress = self.config, self.progress
+        sampler = RunBatchSampler(len(self.train_set), config.batch_size, config.grad_accum, self.procs.rank,
+                                  self.procs.world_size, config.seed, progress["epoch"],
+                                  progress["step_in_epoch"], config.epochs)
+        return iter(torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda" and self.shared_memory.batches_in_shared_memory))
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -517,7 +620,7 @@ class SiglipTrainer:
         result = None
         if self.procs.main:
             result = validate(self.encoder, self.val_set, self.collate, self.group, self.device,
-                              self.precision, self.config.num_workers)
+                              self.precision, self.num_workers)
         if self.procs.distributed:
             dist.barrier()
         return _broadcast(result, self.procs)
@@ -529,9 +632,9 @@ class SiglipTrainer:
         config, device = self.config, self.device
         step_loss = torch.zeros((), device=device)
         for micro in range(config.grad_accum):
-            pixel_values, input_ids = next(batches)
-            pixel_values = pixel_values.to(device, non_blocking=True)
-            input_ids = input_ids.to(device, non_blocking=True)
+            pixels, input_ids = next(batches)
+            pixel_values = self.collate.normalise(_on(device, pixels))
+            input_ids = _on(device, input_ids)
             # DDP all-reduces gradients only on the last micro-batch of the step.
             sync = micro == config.grad_accum - 1 or not self.procs.distributed
             with contextlib.nullcontext() if sync else self.step_encoder.no_sync():
@@ -552,23 +655,24 @@ class SiglipTrainer:
         """Train the rest of the current epoch; False when `max_steps` stopped it before its end."""
         config, progress = self.config, self.progress
         epoch = progress["epoch"]
-        sampler = EpochBatchSampler(len(self.train_set), config.batch_size, config.grad_accum, self.procs.rank,
-                                    self.procs.world_size, config.seed, epoch, progress["step_in_epoch"])
-        loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate,
-                                             num_workers=config.num_workers,
-                                             pin_memory=self.device.type == "cuda")
-        batches = iter(loader)
+        if self._batches is None:
+            self._batches = self._loader()
         self.step_encoder.train()
         started, samples = time.perf_counter(), 0
+        window_start, window_steps = started, 0
         for step in range(progress["step_in_epoch"], self.steps_per_epoch):
-            self._pending.append(self._optimizer_step(batches))
+            self._pending.append(self._optimizer_step(self._batches))
             samples += config.batch_size
+            window_steps += 1
             progress["global_step"] += 1
             progress["step_in_epoch"] = step + 1
             last_in_epoch = step + 1 == self.steps_per_epoch
             stop = config.max_steps is not None and progress["global_step"] >= config.max_steps
-            if len(self._pending) >= 10 or last_in_epoch or stop:
+            if len(self._pending) >= LOSS_READBACK_STEPS or last_in_epoch or stop:
                 self._flush_losses()
+                now = time.perf_counter()
+                self._windows.append((window_steps, now - window_start))
+                window_start, window_steps = now, 0
             if bar is not None:
                 bar.update(1)
                 if not self._pending:
@@ -578,6 +682,8 @@ class SiglipTrainer:
             every = config.checkpoint_every_steps
             if not last_in_epoch and (stop or (every and progress["global_step"] % every == 0)):
                 self.save_checkpoint()
+                self._windows.append((window_steps, time.perf_counter() - window_start))
+                window_start, window_steps = time.perf_counter(), 0
             if stop:
                 break
         if self.device.type == "cuda":
@@ -630,6 +736,7 @@ class SiglipTrainer:
             while more() and self._train_epoch(bar):
                 pass
         finally:
+            self._batches = None  # ends the loader's workers
             if bar is not None:
                 bar.close()
         metrics = self.metrics()
@@ -663,12 +770,21 @@ class SiglipTrainer:
             "best_val": best["val"] if best else None, "initial_val": progress["initial_val"],
             "final_train_loss": progress["step_loss"][-1] if progress["step_loss"] else None,
             "samples_per_second": self._run_samples / self._run_seconds if self._run_seconds > 0 else None,
+            "steady_samples_per_second": self._steady_samples_per_second(),
             "train_seconds": round(self._run_seconds, 3),
+            "num_workers": self.num_workers, "memory_plan": self.memory_plan.as_dict(),
+            "shared_memory": self.shared_memory.as_dict(),
             "logit_scale": float(self.model.logit_scale.detach().exp()),
             "logit_bias": float(self.model.logit_bias.detach()),
             "epochs": progress["epochs"],
             "step_loss": progress["step_loss"],
         }
+
+    def _steady_samples_per_second(self) -> float | None:
+        """Throughput past warm-up: the loss read-back windows after this invocation's first."""
+        steps = sum(n for n, _ in self._windows[1:])
+        seconds = sum(t for _, t in self._windows[1:])
+        return steps * self.config.batch_size / seconds if steps and seconds > 0 else None
 
 
 def _fmt(val: dict) -> str:

@@ -107,24 +107,51 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 class Collate:
-    """Samples -> (pixel_values, input_ids) with the model's own image processor and tokenizer.
+    """Samples -> (pixels, input_ids) with the model's own image processor and tokenizer.
 
     Using the checkpoint's processor keeps training inputs identical to what the
-    embedding and serving stages feed the image encoder. Titles are padded to
-    `max_length` (64), as SigLIP was trained: its text tower pools the last position.
+    embedding and serving stages feed the image encoder. The processor only resizes
+    here: pixels leave the loader as uint8 (4x less to pass between processes than
+    float32) and `normalise` finishes its rescale and normalisation on the training
+    device. Titles are padded to `max_length` (64), as SigLIP was trained: its text
+    tower pools the last position. `as_numpy` returns NumPy arrays, which loader workers
+    send through their pipes instead of shared memory (for a too small /dev/shm).
     """
 
-    def __init__(self, processor: Any, max_length: int = TEXT_MAX_LENGTH):
+    def __init__(self, processor: Any, max_length: int = TEXT_MAX_LENGTH, as_numpy: bool = False):
         self.image_processor = processor.image_processor
         self.tokenizer = processor.tokenizer
         self.max_length = max_length
+        self.as_numpy = as_numpy
+        ip = self.image_processor
+        self._scale = float(ip.rescale_factor) if ip.do_rescale else 1.0
+        self._mean = tuple(ip.image_mean) if ip.do_normalize else (0.0, 0.0, 0.0)
+        self._std = tuple(ip.image_std) if ip.do_normalize else (1.0, 1.0, 1.0)
 
-    def __call__(self, samples: list[tuple[Image.Image, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, samples: list[tuple[Image.Image, str]]) -> tuple[Any, Any]:
         images, titles = zip(*samples)
-        pixel_values = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        kind = "np" if self.as_numpy else "pt"
+        pixels = self.image_processor(images=list(images), do_rescale=False, do_normalize=False,
+                                      return_tensors=kind)["pixel_values"]
         input_ids = self.tokenizer(list(titles), padding="max_length", max_length=self.max_length,
-                                   truncation=True, return_tensors="pt")["input_ids"]
-        return pixel_values, input_ids
+                                   truncation=True, return_tensors=kind)["input_ids"]
+        return (pixels.astype("uint8", copy=False) if self.as_numpy else pixels.to(torch.uint8)), input_ids
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (n, 3, H, W), on any device -> exactly the processor's float32 `pixel_values`.
+
+        The same arithmetic as transformers' NumPy processor: the rescale is a float64
+        product rounded to float32, then (x - mean) / std in float32. Bit for bit, so a run
+        trains exactly as it did with the processor's own float batches.
+        """
+        mean = torch.tensor(self._mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(self._std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+        return ((pixels.double() * self._scale).float() - mean) / std
+
+    def batch_bytes(self, pairs: int) -> int:
+        """Bytes of one batch of `pairs` as the loader hands it over (uint8 pixels, int64 ids)."""
+        size = self.image_processor.size
+        return pairs * (3 * size["height"] * size["width"] + 8 * self.max_length)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -159,3 +186,24 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             for a in range(self.grad_accum):
                 start = step * self.batch_size + a * self.group + self.rank * self.micro
                 yield [(self.epoch, row) for row in perm[start:start + self.micro]]
+
+
+class RunBatchSampler(torch.utils.data.Sampler):
+    """The micro-batches of a whole run, from (`first_epoch`, `start_step`) to the last epoch.
+
+    One sampler for the run lets one DataLoader, and its workers, live across epochs:
+    no worker restart and no empty prefetch queue at each epoch boundary.
+    """
+
+    def __init__(self, rows: int, batch_size: int, grad_accum: int, rank: int, world_size: int,
+                 seed: int, first_epoch: int, start_step: int, epochs: int):
+        self.epochs = [EpochBatchSampler(rows, batch_size, grad_accum, rank, world_size, seed, epoch,
+                                         start_step if epoch == first_epoch else 0)
+                       for epoch in range(first_epoch, epochs)]
+
+    def __len__(self) -> int:
+        return sum(len(e) for e in self.epochs)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch in self.epochs:
+            yield from epoch

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, default=4, help="number of embeddings-*.parquet files (default: 4)")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="where the model runs on each worker (default: auto = GPU when present)")
+    # No default here: None is EmbedConfig's (bf16 on a GPU worker, fp32 on CPU, decided on the worker).
+    parser.add_argument("--precision", choices=("bf16", "fp32"),
+                        help="bf16 autocast or fp32 on each worker (default: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--share-model", action="store_true",
                         help="one model copy per worker machine shared by its processes (big model, one GPU)")
     parser.add_argument("--runner", default="DirectRunner", help="Beam runner (default: DirectRunner)")
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         data_uri=args.data, model_uri=args.model, out_dir=args.out, kind=args.kind, pca_dims=args.pca_dims,
         pca_uri=args.pca, pca_sample_size=args.pca_sample, batch_size=args.batch_size,
         min_batch_size=args.min_batch_size, runner=args.runner, beam_options=beam_options, shards=args.shards,
-        device=args.device, share_model=args.share_model, seed=args.seed))
+        device=args.device, precision=args.precision, share_model=args.share_model, seed=args.seed))
     explained = stats["pca_explained_variance"]
     print(f"embedded {stats['items']} items ({stats['rejected']} rejected) to {stats['dims']} dims "
           f"in {stats['seconds']:.1f} s ({stats['items_per_second']:.1f} items/s)"
