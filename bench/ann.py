@@ -2,7 +2,7 @@
 
 One run, side by side, on clustered synthetic vectors (default 1M x 128; `--n` to
 shrink) or on real stage-3 embeddings (`--embeddings URI`). The ScaNN index goes
-through the real stage: Parquet shards -> `visrec.index.build_index` (build, tune to
+through the real stage: Parquet shards -> `visrec.stages.index.build_index` (build, tune to
 recall@10 >= 0.95, measure, gate, save) -> `SimilarityIndex.load`. faiss baselines are
 tuned on the benchmark's own queries to the same recall (a small advantage to them).
 
@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from visrec.embeddings import read_embeddings  # noqa: E402
-from visrec.index import IndexConfig, SimilarityIndex, build_index, exact_top_k, normalize  # noqa: E402
+from visrec.data.embeddings import read_embeddings  # noqa: E402
+from visrec.stages.index import IndexConfig, SimilarityIndex, build_index, exact_top_k, normalize  # noqa: E402
 from benchkit import RESULTS_DIR, machine_info, print_table, write_results  # noqa: E402
 
 log = logging.getLogger("bench.ann")

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from visrec.demo_data import DemoDataConfig, generate_marketplace
-from visrec.study import cpu_seconds
+from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
+from visrec.sim.study import cpu_seconds
 from benchkit import RESULTS_DIR, machine_info, write_results
 
 RESULTS = RESULTS_DIR / "demo_data.json"

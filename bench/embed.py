@@ -45,11 +45,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from visrec.embed import EmbedConfig, run_embed  # noqa: E402
-from visrec.models import resolve_precision  # noqa: E402
-from visrec.embeddings import read_embeddings  # noqa: E402
-from visrec.pca import PcaProjection, l2_normalise  # noqa: E402
-from visrec.schema import PREPARED_SHARDS  # noqa: E402
+from visrec.stages.embed import EmbedConfig, run_embed  # noqa: E402
+from visrec.model.encoders import resolve_precision  # noqa: E402
+from visrec.data.embeddings import read_embeddings  # noqa: E402
+from visrec.model.pca import PcaProjection, l2_normalise  # noqa: E402
+from visrec.data.schema import PREPARED_SHARDS  # noqa: E402
 from benchkit import RESULTS_DIR, machine_info, print_table, write_results  # noqa: E402
 
 log = logging.getLogger("bench.embed")
@@ -69,7 +69,7 @@ MOBILENET = dict(mobilenet_depth_multiplier=1.4, image_size=224)
 def make_models(out: Path, size: str) -> dict[str, Path]:
     """Random encoders saved like `visrec init-models` saves its tiny ones: a SigLIP of the given vision
     size and a MobileNetV2 1.4 at 224 px."""
-    from visrec.models import TinyModelConfig, init_models
+    from visrec.model.encoders import TinyModelConfig, init_models
 
     siglip = init_models(out / "siglip", config=TinyModelConfig(**SIZES[size], patch_size=16, vocab_size=500))
     mobilenet = init_models(out / "mobilenet", config=TinyModelConfig(**MOBILENET, vocab_size=500))
@@ -81,7 +81,7 @@ def make_prepared(out: Path, images: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from visrec.demo_data import DemoDataConfig, generate_marketplace
+    from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
 
     market = out / "market"
     generate_marketplace(market, DemoDataConfig(items=images, seed=3, image_size=256))
@@ -105,8 +105,8 @@ def bare_loop(data: Path, model_dir: Path, kind: str, batch_size: int, device: s
     import pyarrow.parquet as pq
     import torch
 
-    from visrec.images import decode_image
-    from visrec.models import load_image_encoder, preprocess_images
+    from visrec.data.images import decode_image
+    from visrec.model.encoders import load_image_encoder, preprocess_images
 
     start, cpu = time.perf_counter(), time.process_time()
     encoder = load_image_encoder(str(model_dir), kind).to(device)
@@ -128,9 +128,9 @@ def preprocessing_ms(data: Path, model_dir: Path, batch_size: int) -> dict[str, 
     """ms per image: the image processor called per image (as the DoFn does) vs on whole batches."""
     import pyarrow.parquet as pq
 
-    from visrec.embed import load_image_processor
-    from visrec.images import decode_image
-    from visrec.models import preprocess_images
+    from visrec.stages.embed import load_image_processor
+    from visrec.data.images import decode_image
+    from visrec.model.encoders import preprocess_images
 
     class Holder:
         image_processor = load_image_processor(str(model_dir))
@@ -251,7 +251,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         force=True)  # Beam configures the root logger on import
-    for noisy in ("apache_beam", "visrec.embed", "visrec.models", "visrec.demo_data", "visrec.pca"):
+    for noisy in ("apache_beam", "visrec.stages.embed", "visrec.model.encoders", "visrec.sim.demo_data", "visrec.model.pca"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     import torch

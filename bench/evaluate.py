@@ -86,7 +86,7 @@ def generate(root: Path, rows: int, items: int, dims: int = 128, seed: int = 0) 
 def _case(queue, kwargs: dict) -> None:
     import logging
 
-    from visrec.evaluate import EvaluateConfig, run_evaluation
+    from visrec.stages.evaluate.evaluation import EvaluateConfig, run_evaluation
 
     logging.basicConfig(level=logging.INFO, format="    %(relativeCreated)6.0f ms %(name)s: %(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)

@@ -36,10 +36,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from benchkit import RESULTS_DIR, machine_info, print_table, write_results  # noqa: E402
 from test_serving import CATEGORIES, COLOURS, build_release, jpeg  # noqa: E402
-from visrec.images import decode_image  # noqa: E402
-from visrec.models import TinyModelConfig, init_models, load_siglip  # noqa: E402
-from visrec.handover import REEMBED_BATCH_SIZE  # noqa: E402
-from visrec.service import RecommenderService, embed_images  # noqa: E402
+from visrec.data.images import decode_image  # noqa: E402
+from visrec.model.encoders import TinyModelConfig, init_models, load_siglip  # noqa: E402
+from visrec.online.handover import REEMBED_BATCH_SIZE  # noqa: E402
+from visrec.online.service import RecommenderService, embed_images  # noqa: E402
 
 log = logging.getLogger("bench.handover")
 SIZES = {"tiny": TinyModelConfig(),
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "handover.json", help="results JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("visrec.service", "visrec.journal", "visrec.release", "visrec.index"):
+    for noisy in ("visrec.online.service", "visrec.online.journal", "visrec.stages.release.registry", "visrec.stages.index"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="visrec-bench-handover-"))
     try:

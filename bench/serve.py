@@ -75,10 +75,10 @@ def build_release(workdir: Path, items: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from visrec.embeddings import write_embeddings
-    from visrec.index import IndexConfig, SimilarityIndex, tune_search_params
-    from visrec.models import TinyModelConfig, init_models
-    from visrec.release import DeployConfig, deploy_release
+    from visrec.data.embeddings import write_embeddings
+    from visrec.stages.index import IndexConfig, SimilarityIndex, tune_search_params
+    from visrec.model.encoders import TinyModelConfig, init_models
+    from visrec.stages.release.registry import DeployConfig, deploy_release
 
     registry = workdir / "registry"
     marker = workdir / "built.json"
@@ -128,8 +128,8 @@ def time_in_process(registry: Path, queries: list[str], fetch: int) -> dict:
     The bare search is `SimilarityIndex.search_labels`, the call `recommend` makes: ScaNN
     plus the index's lock, query normalisation and label gather.
     """
-    from visrec.ranking import RankingConfig, recommend
-    from visrec.service import ServingConfig, load_state
+    from visrec.online.ranking import RankingConfig, recommend
+    from visrec.online.service import ServingConfig, load_state
 
     state = load_state(str(registry), ServingConfig())  # the server's own loading path
     state.encoder()  # loaded in the background: wait, so it does not share the CPU with the timing

@@ -16,8 +16,8 @@ import shlex
 import sys
 
 from benchkit import RESULTS_DIR, write_results
-from visrec.commands.study import add_arguments, config_from_args
-from visrec.study import run_study, summary_lines
+from visrec.cli.study import add_arguments, config_from_args
+from visrec.sim.study import run_study, summary_lines
 
 
 def main() -> None:

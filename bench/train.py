@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visrec.models import (TEXT_MAX_LENGTH, image_features, init_models, load_siglip, text_features,
+from visrec.model.encoders import (TEXT_MAX_LENGTH, image_features, init_models, load_siglip, text_features,
                            train_title_tokenizer)
-from visrec.train import LOSS_READBACK_STEPS, TrainConfig, train
-from visrec.train_data import read_prepared
-from visrec.schema import PREPARED_SHARDS
+from visrec.stages.train.trainer import LOSS_READBACK_STEPS, TrainConfig, train
+from visrec.stages.train.data import read_prepared
+from visrec.data.schema import PREPARED_SHARDS
 from benchkit import RESULTS_DIR, machine_info, print_table, write_results
 
 RESULTS = RESULTS_DIR / "train.json"
@@ -68,8 +68,8 @@ def peak_bf16_tflops(gpu_name: str | None) -> float | None:
 
 def make_data(root: Path, items: int, image_size: int) -> tuple[str, str]:
     """Synthetic marketplace -> prepared dataset (20% validation); returns (listings, prepared dir)."""
-    from visrec.demo_data import DemoDataConfig, generate_marketplace
-    from visrec.prepare import PrepareConfig, run_prepare
+    from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
+    from visrec.stages.prepare import PrepareConfig, run_prepare
 
     generate_marketplace(root / "marketplace", DemoDataConfig(items=items, seed=0,
                                                               image_size=max(64, image_size)))
@@ -119,7 +119,7 @@ GPU_USABLE_GIB = {"L4 (24 GB)": 21.9, "A100 40GB": 38.9, "A100 80GB / H100 80GB"
 
 
 def _probe_forward(model, device: torch.device, precision: str):
-    from visrec.train import PairEncoder, _autocast
+    from visrec.stages.train.trainer import PairEncoder, _autocast
 
     encoder = PairEncoder(model).train()
 
@@ -152,7 +152,7 @@ def rss_probe(pairs: int, checkpointing: bool) -> None:
 def memory_table() -> dict:
     """Activation memory per pair of the full-size model on CPU (bf16 autocast), with and without
     gradient checkpointing, and the memory plan at batch 256 on common GPUs."""
-    from visrec.train_resources import (GiB, MiB, checkpointable_layers, fits, measure_activations, model_sizes,
+    from visrec.stages.train.resources import (GiB, MiB, checkpointable_layers, fits, measure_activations, model_sizes,
                                         plan_memory)
 
     model = siglip_b16_256()
@@ -341,7 +341,7 @@ def scaling_options(model_dir: str, data: str, out: Path, epochs: int, batch: in
         else:
             env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // processes)))
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc_per_node={processes}", "-m", "visrec.train", json.dumps(asdict(config))],
+                            f"--nproc_per_node={processes}", "-m", "visrec.stages.train.trainer", json.dumps(asdict(config))],
                            check=True, env=env, capture_output=True)
             m = json.loads((run_dir / "train_metrics.json").read_text())
         after = m["epochs"][-1]["val"]

@@ -1,7 +1,7 @@
 """Where a component reads/writes a KFP artifact.
 
 On Vertex AI an artifact's `.uri` is `gs://...` and `.path` its `/gcs/...` FUSE mount;
-under `kfp.local` both are local. Beam/Dataflow and `visrec.io` want the `gs://` URI,
+under `kfp.local` both are local. Beam/Dataflow and `visrec.core.io` want the `gs://` URI,
 so components use `location(artifact)` rather than picking one themselves.
 """
 
@@ -19,7 +19,7 @@ def location(artifact) -> str:
 def trained_model_dir(model_artifact) -> str:
     """The model directory inside a `visrec train` output (its `model/`), or the artifact itself
     when it already is a model directory."""
-    from visrec import io
+    from visrec.core import io
 
     root = location(model_artifact)
     best = io.join(root, "model")

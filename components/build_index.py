@@ -16,15 +16,15 @@ def build_index(
     index: Output[Artifact],
     metrics: Output[Metrics],
 ):
-    """Build, tune and gate the index (`visrec.index.build_index`); other settings are
+    """Build, tune and gate the index (`visrec.stages.index.build_index`); other settings are
     `IndexConfig`'s; max_p99_ms 0 = no latency gate. A failed gate logs its metrics and
     fails the task."""
     from components.artifacts import location, log_metrics
-    from visrec import io
-    from visrec.errors import GateFailed
-    from visrec.index import METRICS, IndexConfig
-    from visrec.index import build_index as build
-    from visrec.pipeline_config import from_kfp
+    from visrec.core import io
+    from visrec.core.errors import GateFailed
+    from visrec.stages.index import METRICS, IndexConfig
+    from visrec.stages.index import build_index as build
+    from visrec.orchestration.pipeline_config import from_kfp
 
     config = IndexConfig(**from_kfp(IndexConfig, k=k, recall_target=recall_target, max_p99_ms=max_p99_ms, seed=seed))
     out = location(index)

@@ -18,7 +18,7 @@ def resolve_data(
     resolved: Output[Artifact],
 ) -> NamedTuple("ResolvedData", [("listings_uri", str), ("listings_fingerprint", str),
                                  ("interactions_uri", str), ("interactions_fingerprint", str)]):
-    """Resolve both inputs to what this run reads (`visrec.datasource.resolve_input`): a file, a
+    """Resolve both inputs to what this run reads (`visrec.data.datasource.resolve_input`): a file, a
     prefix, or a prefix's newest complete `<partition_key>=<value>/` partition, and a fingerprint
     of exactly those files. Never cached: the data tasks take the fingerprints as inputs, so
     unchanged data is a cache hit and changed data is recomputed. `resolved` holds both
@@ -27,7 +27,7 @@ def resolve_data(
     import os
     from collections import namedtuple
 
-    from visrec.datasource import ResolveConfig, resolve_input
+    from visrec.data.datasource import ResolveConfig, resolve_input
 
     config = ResolveConfig(partition_key=partition_key, done_marker=done_marker)
     listings = resolve_input(listings_uri, config)
@@ -47,10 +47,10 @@ def resolve_data(
 def record_run(registry: str, listings_uri: str, data_snapshot: str, pipeline_job_name: str,
                status: dsl.PipelineTaskFinalStatus) -> str:
     """The exit handler: append how the run ended (and which tasks failed) to the registry's
-    runs.jsonl (`visrec.runs.record_run`), success or failure, so `visrec runs` shows a failed
+    runs.jsonl (`visrec.orchestration.runs.record_run`), success or failure, so `visrec runs` shows a failed
     scheduled retraining. Returns the final state. `pipeline_job_name` names the run where the
     status has no Vertex AI resource name (kfp.local)."""
-    from visrec.runs import record_run as record
+    from visrec.orchestration.runs import record_run as record
 
     job = status.pipeline_job_resource_name
     record(registry, state=status.state, pipeline_job=job if "/pipelineJobs/" in job else pipeline_job_name,
@@ -61,7 +61,7 @@ def record_run(registry: str, listings_uri: str, data_snapshot: str, pipeline_jo
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def join_experiment(experiment: str, pipeline_job: str):
     """Attach this run to a Vertex AI Experiment, so scheduled retrainings (whose requests cannot
-    name one) line up beside each other with their gate metrics (`visrec.vertex_pipelines`)."""
-    from visrec.vertex_pipelines import associate_with_experiment
+    name one) line up beside each other with their gate metrics (`visrec.orchestration.vertex_pipelines`)."""
+    from visrec.orchestration.vertex_pipelines import associate_with_experiment
 
     associate_with_experiment(pipeline_job, experiment)

@@ -32,7 +32,7 @@ def deploy(
     release: Output[Artifact],
     vertex_model: Output[VertexModel],
 ) -> str:
-    """Run `visrec.release.deploy_release`; return its status (deployed | canary | pending |
+    """Run `visrec.stages.release.registry.deploy_release`; return its status (deployed | canary | pending |
     unchanged | refused).
 
     `decision` is the evaluation component's output; the library re-checks the gate in
@@ -49,9 +49,9 @@ def deploy(
     import os
 
     from components.artifacts import location, trained_model_dir, vertex_model_uri
-    from visrec import io
-    from visrec.release import REFUSED, DeployConfig, deploy_release, release_uri
-    from visrec.vertex import VertexDeployConfig
+    from visrec.core import io
+    from visrec.stages.release.registry import REFUSED, DeployConfig, deploy_release, release_uri
+    from visrec.stages.release.vertex import VertexDeployConfig
 
     log = logging.getLogger("deploy")
     model_dir = trained_model_dir(model)

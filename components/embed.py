@@ -29,7 +29,7 @@ def embed(
     model: Optional[Input[Model]] = None,
     model_uri: str = "",
 ):
-    """Run `visrec.embed.run_embed` on `data` (the resolved listings, or prepared shards).
+    """Run `visrec.stages.embed.run_embed` on `data` (the resolved listings, or prepared shards).
 
     The encoder is the upstream `model` artifact (a `visrec train` output: its `model/`
     directory, or a model directory itself), or `model_uri` when that is non-empty: the
@@ -38,16 +38,16 @@ def embed(
     one), `precision` (`""`: bf16 autocast on a GPU with bf16 tensor cores, else fp32), `share_model` (one model copy per machine, i.e. per GPU, instead of one per SDK
     process), `shards`. `beam_options`: extra pipeline options, e.g. the Dataflow project,
     region, GPU worker accelerator and custom container (docs/embedding.md); on Dataflow the
-    job is named after `pipeline_job` and `pipeline_task` (`visrec.dataflow`). `data_fingerprint` (the resolver's) is the data's cache key and is
+    job is named after `pipeline_job` and `pipeline_task` (`visrec.stages.dataflow`). `data_fingerprint` (the resolver's) is the data's cache key and is
     recorded on the output. `embeddings` receives the whole stage-3 directory; `pca` a copy
     of its `pca.npz`.
     """
     from components.artifacts import location, log_metrics, trained_model_dir
-    from visrec import io
-    from visrec.dataflow import task_options
-    from visrec.embed import EmbedConfig, run_embed
-    from visrec.errors import UserError
-    from visrec.pipeline_config import from_kfp
+    from visrec.core import io
+    from visrec.stages.dataflow import task_options
+    from visrec.stages.embed import EmbedConfig, run_embed
+    from visrec.core.errors import UserError
+    from visrec.orchestration.pipeline_config import from_kfp
 
     if model_uri:
         encoder = model_uri

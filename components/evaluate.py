@@ -19,7 +19,7 @@ def evaluate(
     metrics: Output[Metrics],
     report: Output[HTML],
 ) -> str:
-    """Run `visrec.evaluate.run_evaluation`; return only the decision (`deploy` | `reject`).
+    """Run `visrec.stages.evaluate.evaluation.run_evaluation`; return only the decision (`deploy` | `reject`).
 
     A single plain string output, so the pipeline can branch with `dsl.If` on it
     (kfp.local skips a bare `dsl.If` on a named output of a multi-output component).
@@ -31,9 +31,9 @@ def evaluate(
     import os
 
     from components.artifacts import location, log_metrics
-    from visrec import io
-    from visrec.evaluate import EvaluateConfig, run_evaluation
-    from visrec.pipeline_config import from_kfp
+    from visrec.core import io
+    from visrec.stages.evaluate.evaluation import EvaluateConfig, run_evaluation
+    from visrec.orchestration.pipeline_config import from_kfp
 
     out_dir = location(evaluation)
     policy_uri = None

@@ -15,7 +15,7 @@ from components.images import BASE_IMAGE
 def gate_decision(evaluation: Input[Artifact]) -> str:
     """The gate's decision from the evaluation's metrics.json: `deploy` or `reject` (anything else fails)."""
     from components.artifacts import location
-    from visrec.release import gate_decision_of
+    from visrec.stages.release.registry import gate_decision_of
 
     return gate_decision_of(location(evaluation))
 
@@ -23,7 +23,7 @@ def gate_decision(evaluation: Input[Artifact]) -> str:
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def resolve_champion(registry: str) -> str:
     """URI of the production release's own item embeddings, or '' when nothing is in production yet."""
-    from visrec.release import champion_embeddings_uri
+    from visrec.stages.release.registry import champion_embeddings_uri
 
     return champion_embeddings_uri(registry) or ""
 
@@ -32,6 +32,6 @@ def resolve_champion(registry: str) -> str:
 def record_rejection(evaluation: Input[Artifact], registry: str) -> str:
     """Append the rejected candidate's gate result to the registry's rejection log; returns its path."""
     from components.artifacts import location
-    from visrec.release import record_rejection as record
+    from visrec.stages.release.registry import record_rejection as record
 
     return record(registry, location(evaluation))

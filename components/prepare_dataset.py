@@ -22,20 +22,20 @@ def prepare_dataset(
     dataset: Output[Dataset],
     metrics: Output[Metrics],
 ) -> int:
-    """Run `visrec.prepare.run_prepare` on the resolved `listings` into `dataset`; return the
+    """Run `visrec.stages.prepare.run_prepare` on the resolved `listings` into `dataset`; return the
     number of training pairs. Settings are `PrepareConfig`'s (max_pairs 0 = keep every pair).
 
     `data_fingerprint` (the resolver's fingerprint of the listings) is this task's cache key
     for the data: same data, same key. `beam_options`: extra Beam flags (for Dataflow:
     `--project`, `--region`, `--temp_location`, `--sdk_container_image`). On Dataflow the
     job is named after `pipeline_job` and `pipeline_task`, so a retried task waits on the job
-    it already started (`visrec.dataflow`). `metrics` receives every count of stats.json
+    it already started (`visrec.stages.dataflow`). `metrics` receives every count of stats.json
     (`rejected.<reason>` per rejection reason).
     """
     from components.artifacts import location, log_metrics
-    from visrec.dataflow import task_options
-    from visrec.pipeline_config import from_kfp
-    from visrec.prepare import PrepareConfig, run_prepare
+    from visrec.stages.dataflow import task_options
+    from visrec.orchestration.pipeline_config import from_kfp
+    from visrec.stages.prepare import PrepareConfig, run_prepare
 
     stats = run_prepare(PrepareConfig(
         listings_uri=location(listings), out_dir=location(dataset), runner=runner,

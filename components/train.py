@@ -24,10 +24,10 @@ def train(
     model: Output[Model],
     metrics: Output[Metrics],
 ):
-    """Fine-tune `model_uri` (hub id or gs:// dir) on the prepared `dataset` (`visrec.train`).
+    """Fine-tune `model_uri` (hub id or gs:// dir) on the prepared `dataset` (`visrec.stages.train.trainer`).
 
     Settings are `TrainConfig`'s; unset values are KFP's stand-ins for None
-    (`visrec.pipeline_config.from_kfp`: warmup_steps -1 = 5% of the steps, max_steps 0 =
+    (`visrec.orchestration.pipeline_config.from_kfp`: warmup_steps -1 = 5% of the steps, max_steps 0 =
     no limit, precision "" = bf16 on GPU / fp32 on CPU, device "" = the GPU when CUDA is
     usable; "cuda" fails at once when it is not). `model` receives the whole stage-2
     directory (`model/`, `last/`, `checkpoints/`, `train_metrics.json`, `loss_curve.png`).
@@ -35,8 +35,8 @@ def train(
     checkpoint. Uses every GPU of the machine (one DDP process each).
     """
     from components.artifacts import location, log_metrics
-    from visrec.pipeline_config import from_kfp
-    from visrec.train import TrainConfig, train_on_all_devices
+    from visrec.orchestration.pipeline_config import from_kfp
+    from visrec.stages.train.trainer import TrainConfig, train_on_all_devices
 
     out = location(model)
     values = train_on_all_devices(TrainConfig(

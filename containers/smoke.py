@@ -361,7 +361,7 @@ def stop(engine: Engine, server) -> None:
         sh("docker", "rm", "-f", server.stdout.strip(), check=False)
 
 
-WORKER_IMPORTS = "import apache_beam.runners.worker.sdk_worker_main, visrec.embed, visrec.prepare; print('imports ok')"
+WORKER_IMPORTS = "import apache_beam.runners.worker.sdk_worker_main, visrec.stages.embed, visrec.stages.prepare; print('imports ok')"
 VENV_STEP = ("python -m venv --system-site-packages /opt/apache/beam-venv && /opt/apache/beam-venv/bin/python -c "
              "'import visrec, torch, apache_beam; print(\"venv ok\")' && rm -rf /opt/apache/beam-venv")
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 
 def main(out: Path) -> None:
-    from visrec.demo_data import DemoDataConfig, generate_marketplace
-    from visrec.embed import EmbedConfig, run_embed
-    from visrec.index import IndexConfig, build_index
-    from visrec.models import init_models
-    from visrec.release import DeployConfig, deploy_release
+    from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
+    from visrec.stages.embed import EmbedConfig, run_embed
+    from visrec.stages.index import IndexConfig, build_index
+    from visrec.model.encoders import init_models
+    from visrec.stages.release.registry import DeployConfig, deploy_release
 
     data, models = out / "data", out / "models"
     generate_marketplace(data, DemoDataConfig(items=40, seed=0))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from visrec import io
-from visrec.errors import UserError
+from visrec.core import io
+from visrec.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     from pipelines.run_local import format_summary, run_local
-    from visrec.demo_data import DemoDataConfig, generate_marketplace
+    from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
 
     started = time.time()
     work = Path(args.work_dir).resolve()

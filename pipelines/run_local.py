@@ -2,7 +2,7 @@
 
 The very graph that Vertex AI runs is executed by `kfp.local.SubprocessRunner`
 (in this Python environment, no containers). Parameters come from
-`configs/local.yaml`; models named `tiny` are created with `visrec init-models` under
+`visrec/configs/local.yaml`; models named `tiny` are created with `visrec init-models` under
 the work dir, since no checkpoint can be downloaded here.
 """
 
@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from visrec import io
-from visrec.errors import UserError
-from visrec.pipeline_config import load_run_config
+from visrec.core import io
+from visrec.core.errors import UserError
+from visrec.orchestration.pipeline_config import load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def resolve_parameters(listings_uri: str, interactions_uri: str, work_dir: Path,
     params["interactions_uri"] = interactions_uri
     params.setdefault("registry", str(work_dir / "registry"))
     if TINY in (params.get("siglip_model"), params.get("baseline_model")):
-        from visrec.models import init_models
+        from visrec.model.encoders import init_models
 
         models_dir = work_dir / "models"
         if not (models_dir / "siglip" / "config.json").exists():

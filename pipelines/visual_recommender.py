@@ -36,16 +36,16 @@ from components.images import SERVING_IMAGE
 from components.prepare_dataset import prepare_dataset
 from components.resources import TaskResources, set_resources
 from components.train import train
-from visrec.datasource import ResolveConfig
-from visrec.embed import EmbedConfig
-from visrec.evaluate import EvaluateConfig
-from visrec.index import IndexConfig
-from visrec.models import MOBILENET_HUB_ID
-from visrec.pipeline_config import kfp_default
-from visrec.prepare import PrepareConfig
-from visrec.release import DeployConfig
-from visrec.train import TrainConfig
-from visrec.vertex import VertexDeployConfig
+from visrec.data.datasource import ResolveConfig
+from visrec.stages.embed import EmbedConfig
+from visrec.stages.evaluate.evaluation import EvaluateConfig
+from visrec.stages.index import IndexConfig
+from visrec.model.encoders import MOBILENET_HUB_ID
+from visrec.orchestration.pipeline_config import kfp_default
+from visrec.stages.prepare import PrepareConfig
+from visrec.stages.release.registry import DeployConfig
+from visrec.stages.train.trainer import TrainConfig
+from visrec.stages.release.vertex import VertexDeployConfig
 
 PIPELINE_NAME = "visual-recommender"
 

@@ -1,4 +1,4 @@
-"""The HTTP layer of the similar-items service (FastAPI); the logic lives in `visrec.service`."""
+"""The HTTP layer of the similar-items service (FastAPI); the logic lives in `visrec.online.service`."""
 
 from serving.app import create_app
 

@@ -1,6 +1,6 @@
 """FastAPI app: similar items, Vertex AI prediction contract, item writes, hot reload, metrics.
 
-`create_app(release_uri, ...)` builds the app around a `visrec.service.RecommenderService`.
+`create_app(release_uri, ...)` builds the app around a `visrec.online.service.RecommenderService`.
 The release loads in a background thread so the port opens at once and `/healthz`
 answers 503 until it is ready (what Vertex AI and Kubernetes probes expect).
 
@@ -40,8 +40,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from visrec.errors import UserError
-from visrec.service import BadItem, NoEncoder, RecommenderService, ServingConfig, UnknownItem
+from visrec.core.errors import UserError
+from visrec.online.service import BadItem, NoEncoder, RecommenderService, ServingConfig, UnknownItem
 
 HEADER_TIMEOUT_ENV = "VISREC_HEADER_TIMEOUT_SECONDS"  # how `visrec serve` hands it to worker processes
 
@@ -262,7 +262,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
 def _not_durable(exc: OSError) -> HTTPException:
     """A write the journal could not make durable (disk full, a file-size limit): 507, and the
-    journal holds nothing of it (`visrec.journal`), so the client may simply retry."""
+    journal holds nothing of it (`visrec.online.journal`), so the client may simply retry."""
     log.error("a write could not be journaled: %s", exc)
     return HTTPException(507, f"the write was not stored (the journal cannot be written: {exc.strerror or exc})")
 
@@ -349,7 +349,7 @@ def configured_admin_token() -> str | None:
     token = os.environ.get("VISREC_ADMIN_TOKEN") or None
     uri = os.environ.get("VISREC_ADMIN_TOKEN_URI")
     if token is None and uri:
-        from visrec import io
+        from visrec.core import io
 
         try:
             token = io.read_text(uri).strip()
@@ -561,7 +561,7 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
 
 def app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory` worker processes: `create_app` with `VISREC_SERVE_CONFIG` (JSON)."""
-    from visrec.ranking import RankingConfig
+    from visrec.online.ranking import RankingConfig
 
     spec = json.loads(os.environ["VISREC_SERVE_CONFIG"])
     config = ServingConfig(**{**spec["config"], "ranking": RankingConfig(**spec["config"]["ranking"])})

@@ -44,7 +44,7 @@ def gcs_emulator():
     """`gcp-storage-emulator` as a real local server; yields a function making a fresh bucket.
 
     Sets `STORAGE_EMULATOR_HOST` so the real `google-cloud-storage` client (and
-    `visrec.io`) talk to it.
+    `visrec.core.io`) talk to it.
     """
     port = free_port()
     exe = Path(sys.executable).with_name("gcp-storage-emulator")
@@ -53,7 +53,7 @@ def gcs_emulator():
     wait_for_port(port, proc=proc)
     old = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    from visrec import io
+    from visrec.core import io
 
     io.gcs_client.cache_clear()
     counter = iter(range(10**6))
@@ -78,7 +78,7 @@ def gcs_emulator():
 @pytest.fixture(scope="session")
 def marketplace(tmp_path_factory) -> Path:
     """A clean 400-item generated marketplace (listings, images, interactions, hidden truth)."""
-    from visrec.demo_data import DemoDataConfig, generate_marketplace
+    from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
 
     out = tmp_path_factory.mktemp("marketplace")
     generate_marketplace(out, DemoDataConfig(items=400, seed=7))
@@ -88,7 +88,7 @@ def marketplace(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, marketplace) -> Path:
     """`visrec init-models` output: `siglip/` and `mobilenet_v2/` tiny random models."""
-    from visrec.models import init_models
+    from visrec.model.encoders import init_models
 
     out = tmp_path_factory.mktemp("models")
     init_models(out, listings_uri=str(marketplace / "listings.jsonl"))

@@ -19,9 +19,9 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import dataflow_v1beta3 as dataflow
 
-from visrec.dataflow import (cancel_on_sigterm, find_active_job, job_name, run_pipeline, task_options,
+from visrec.stages.dataflow import (cancel_on_sigterm, find_active_job, job_name, run_pipeline, task_options,
                              with_job_name)
-from visrec.errors import UserError
+from visrec.core.errors import UserError
 
 PROJECT, REGION = "my-proj", "us-central1"
 IMAGE = "us-docker.pkg.dev/my-proj/visrec/beam:build-42"
@@ -194,7 +194,7 @@ def test_finished_jobs_of_that_name_do_not_block_a_new_launch(fake_dataflow, gcs
 
 def test_sigterm_while_waiting_cancels_the_dataflow_job(fake_dataflow):
     """A cancelled pipeline run stops its task's container with SIGTERM: the job is cancelled too."""
-    from visrec.dataflow import cancel_job
+    from visrec.stages.dataflow import cancel_job
 
     job = fake_dataflow.add_job("visrec-embed-x", State.JOB_STATE_RUNNING)
     with pytest.raises(SystemExit) as stopped:
@@ -215,8 +215,8 @@ def test_a_retried_prepare_task_reports_the_stats_of_the_job_it_attached_to(fake
 
     from PIL import Image
 
-    from visrec import io
-    from visrec.prepare import PrepareConfig, run_prepare
+    from visrec.core import io
+    from visrec.stages.prepare import PrepareConfig, run_prepare
 
     bucket = gcs_emulator()
     rows = []

@@ -1,4 +1,4 @@
-"""`visrec.datasource`: resolving an input to what a run reads, and the fingerprint that keys its data tasks."""
+"""`visrec.data.datasource`: resolving an input to what a run reads, and the fingerprint that keys its data tasks."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from visrec import cli, io
-from visrec.datasource import ResolveConfig, ResolvedInput, resolve_input
-from visrec.errors import UserError
+from visrec import cli
+
+from visrec.core import io
+from visrec.data.datasource import ResolveConfig, ResolvedInput, resolve_input
+from visrec.core.errors import UserError
 
 ROW = '{"item_id": "1", "title": "t", "image_uri": "a.jpg", "category": "c", "price": 1, "status": "on_sale", ' \
       '"listed_at": "2026-11-30T00:00:00Z"}\n'
@@ -84,7 +86,7 @@ def test_the_same_files_elsewhere_are_another_input(tmp_path):
 
 def test_newest_complete_partition_is_chosen_and_newer_incomplete_ones_are_reported(tmp_path, caplog):
     root = partitioned(tmp_path / "logs", complete=("2026-11-29", "2026-11-30"), incomplete=("2026-12-01",))
-    with caplog.at_level(logging.WARNING, logger="visrec.datasource"):
+    with caplog.at_level(logging.WARNING, logger="visrec.data.datasource"):
         r = resolve_input(str(root))
     assert (r.uri, r.partition, r.skipped_partitions, r.files) == (
         str(root / "dt=2026-11-30"), "2026-11-30", ("2026-12-01",), 1)

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from visrec import cli
-from visrec.demo_data import (CATEGORIES, COLOUR_WORDS, CORRUPTION_KINDS, DemoDataConfig, generate_marketplace,
+from visrec.sim.demo_data import (CATEGORIES, COLOUR_WORDS, CORRUPTION_KINDS, DemoDataConfig, generate_marketplace,
                               load_hidden, ranking_baselines, similarity, tap_probability, visual_similarity)
-from visrec.errors import UserError
+from visrec.core.errors import UserError
 
 LISTING_KEYS = {"item_id", "title", "image_uri", "category", "price", "status", "listed_at"}
 INTERACTION_KEYS = {"query_item_id", "item_id", "position", "tapped", "session_id", "ts"}
@@ -256,7 +256,7 @@ def test_cli(tmp_path, capsys):
 
 
 def test_writes_to_gcs(gcs_emulator):
-    from visrec import io
+    from visrec.core import io
 
     uri = f"gs://{gcs_emulator()}/demo"
     generate_marketplace(uri, DemoDataConfig(items=20, seed=5, image_size=48, workers=1))

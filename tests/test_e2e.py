@@ -33,7 +33,7 @@ TRAINING = {"epochs": 20, "lr": 3e-3, "batch_size": 32, "val_fraction": 0.1}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from visrec.demo_data import DemoDataConfig, generate_marketplace
+    from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
 
     out = tmp_path_factory.mktemp("e2e-data")
     generate_marketplace(out, DemoDataConfig(items=ITEMS, seed=SEED, sessions_per_item=3.0))
@@ -43,7 +43,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def corrupted_checkpoint(tmp_path_factory, data) -> Path:
     """The tiny SigLIP saved with an image processor that blanks every image (rescale factor 0)."""
-    from visrec.models import init_models, load_siglip
+    from visrec.model.encoders import init_models, load_siglip
 
     models = tmp_path_factory.mktemp("e2e-models")
     init_models(models, listings_uri=str(data / "listings.jsonl"))

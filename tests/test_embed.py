@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from visrec import io
+from visrec.core import io
 from visrec.cli import main as cli_main
-from visrec.embed import EmbedConfig, build_pipeline, encoder_handler, plan_input, run_embed
-from visrec.errors import UserError
-from visrec.embeddings import EMBEDDINGS_SCHEMA, read_embeddings, write_embeddings
-from visrec.pca import PcaProjection, l2_normalise
+from visrec.stages.embed import EmbedConfig, build_pipeline, encoder_handler, plan_input, run_embed
+from visrec.core.errors import UserError
+from visrec.data.embeddings import EMBEDDINGS_SCHEMA, read_embeddings, write_embeddings
+from visrec.model.pca import PcaProjection, l2_normalise
 
 ITEMS = 24  # marketplace photos per test catalog: enough for batches and shards, fast on 2 cores
 CORRUPT_ID = "corrupt-jpeg"
@@ -41,8 +41,8 @@ def _direct_embeddings(model_dir: Path, kind: str, images: dict[str, bytes]) -> 
     """The reference: the encoder applied to the same images in one plain PyTorch batch."""
     import torch
 
-    from visrec.images import decode_image
-    from visrec.models import load_image_encoder, preprocess_images
+    from visrec.data.images import decode_image
+    from visrec.model.encoders import load_image_encoder, preprocess_images
 
     encoder = load_image_encoder(str(model_dir), kind)
     ids = sorted(images)

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from visrec.evaluate import EvaluateConfig, run_evaluation
+from visrec.stages.evaluate.evaluation import EvaluateConfig, run_evaluation
 
 CATEGORIES = ["Women/Tops/T-shirts", "Men/Shoes/Sneakers", "Home/Kitchen/Mugs"]
 
@@ -220,7 +220,7 @@ def test_parquet_logs_bad_rows_and_determinism(world, tmp_path):
 
 
 def test_gcs_inputs_and_outputs(world, tmp_path, gcs_emulator):
-    from visrec import io
+    from visrec.core import io
 
     bucket = gcs_emulator()
     base = f"gs://{bucket}/eval"

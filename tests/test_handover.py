@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from test_serving import COLOURS, build_release, jpeg
-from visrec.handover import encoder_fingerprint, plan_handover
+from visrec.online.handover import encoder_fingerprint, plan_handover
 
 
 def upsert(item: str, at: float, vector: bool = True, image: bool = True, **meta) -> dict:
@@ -58,7 +58,7 @@ def retrained_models(tmp_path_factory, tiny_models) -> Path:
     """The tiny SigLIP with slightly moved image-tower weights: a new encoder, as retraining gives."""
     import torch
 
-    from visrec.models import load_siglip
+    from visrec.model.encoders import load_siglip
 
     model, processor = load_siglip(str(tiny_models / "siglip"))
     gen = torch.Generator().manual_seed(1)
@@ -94,9 +94,9 @@ def _journal_ids(release: Path) -> list[str]:
 
 def test_writes_after_the_snapshot_reach_the_next_release_and_come_back_on_rollback(
         tmp_path, tiny_models, retrained_models):
-    from visrec.images import decode_image
-    from visrec.release import rollback
-    from visrec.service import RecommenderService, embed_image
+    from visrec.data.images import decode_image
+    from visrec.stages.release.registry import rollback
+    from visrec.online.service import RecommenderService, embed_image
 
     registry = tmp_path / "registry"
     build_release(tiny_models, registry, "v1")
@@ -176,7 +176,7 @@ def test_writes_after_the_snapshot_reach_the_next_release_and_come_back_on_rollb
 
 def test_hand_over_between_gcs_releases(tmp_path, tiny_models, retrained_models, gcs_emulator):
     """Vertex AI: the journal, the kept images and the predecessor all live on GCS."""
-    from visrec.service import RecommenderService
+    from visrec.online.service import RecommenderService
 
     registry = f"gs://{gcs_emulator()}/registry"
     build_release(tiny_models, registry, "v1", work_root=tmp_path)
@@ -194,7 +194,7 @@ def test_hand_over_between_gcs_releases(tmp_path, tiny_models, retrained_models,
     assert service.state.catalog.get("item-0000")["status"] == "sold" and service.similar("new-1", 5)[1].items
     # A Vertex AI replica serves the copy Vertex made of the release (AIP_STORAGE_URI), not the
     # registry: its manifest leads it to the registry's history and to the shared state there.
-    from visrec import io
+    from visrec.core import io
 
     vertex_copy = f"{registry.rsplit('/', 1)[0]}/vertex-managed/model-123/artifacts"
     io.upload_dir(io.download_dir(f"{registry}/releases/v2", tmp_path / "v2-copy", exclude=("state/",)), vertex_copy)
@@ -233,8 +233,8 @@ def test_hand_over_between_gcs_releases(tmp_path, tiny_models, retrained_models,
 
 
 def test_reembedding_sets_bad_images_apart_and_keeps_going(tmp_path):
-    from visrec.handover import HandoverStatus, reembed_batch
-    from visrec.journal import open_journal, store_image
+    from visrec.online.handover import HandoverStatus, reembed_batch
+    from visrec.online.journal import open_journal, store_image
 
     source, target = str(tmp_path / "v1-state"), str(tmp_path / "v2-state")
     good = [store_image(source, f"image {i}".encode()) for i in range(5)]
@@ -264,7 +264,7 @@ def test_served_over_http_the_tail_keeps_following_the_old_release(tmp_path, tin
 
     from conftest import free_port
     from test_serving import AUTH, TOKEN, Server
-    from visrec.service import RecommenderService
+    from visrec.online.service import RecommenderService
 
     registry = tmp_path / "registry"
     build_release(tiny_models, registry, "v1")

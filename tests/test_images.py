@@ -13,7 +13,7 @@ import zlib
 import pytest
 from PIL import Image, ImageFile
 
-from visrec.images import (
+from visrec.data.images import (
     MAX_PIXELS,
     ImageDecodeError,
     decode_image,

@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from visrec import io
+from visrec.core import io
 from visrec.cli import main
-from visrec.errors import GateFailed, UserError
-from visrec.embeddings import read_embeddings
-from visrec.index import (MANIFEST, METRICS, IndexConfig, SearchParams, SimilarityIndex, build_index, exact_top_k,
+from visrec.core.errors import GateFailed, UserError
+from visrec.data.embeddings import read_embeddings
+from visrec.stages.index import (MANIFEST, METRICS, IndexConfig, SearchParams, SimilarityIndex, build_index, exact_top_k,
                           tune_search_params)
 
 DIMS = 32

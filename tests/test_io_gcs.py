@@ -1,11 +1,11 @@
-"""`visrec.io` against a real `gcp-storage-emulator` server: the `gs://` half of every stage's storage."""
+"""`visrec.core.io` against a real `gcp-storage-emulator` server: the `gs://` half of every stage's storage."""
 
 from __future__ import annotations
 
 import pytest
 
-from visrec import io
-from visrec.errors import UserError
+from visrec.core import io
+from visrec.core.errors import UserError
 
 
 def test_uri_helpers():

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from visrec import io
-from visrec.journal import FileJournal, GcsJournal, open_journal
+from visrec.core import io
+from visrec.online.journal import FileJournal, GcsJournal, open_journal
 
 
 def test_file_journal_returns_each_complete_line_once(tmp_path):
@@ -49,7 +49,7 @@ def test_append_after_a_torn_tail_cuts_it_off_and_keeps_the_new_entry(tmp_path, 
     with open(writer.path, "ab") as fh:
         fh.write(TORN)
     assert live.read_new() == []
-    with caplog.at_level(logging.WARNING, logger="visrec.journal"):
+    with caplog.at_level(logging.WARNING, logger="visrec.online.journal"):
         writer.append(NEXT)
     assert writer.path.read_bytes() == _line(FIRST) + _line(NEXT)
     assert f"dropping {len(TORN)} bytes" in caplog.text
@@ -65,7 +65,7 @@ def test_append_after_a_torn_tail_cuts_it_off_and_keeps_the_new_entry(tmp_path, 
 def test_opening_a_journal_repairs_a_torn_tail(tmp_path, caplog, kept, torn):
     path = tmp_path / "journal.jsonl"
     path.write_bytes(kept + torn)
-    with caplog.at_level(logging.WARNING, logger="visrec.journal"):
+    with caplog.at_level(logging.WARNING, logger="visrec.online.journal"):
         journal = FileJournal(path)
     assert path.read_bytes() == kept
     assert f"dropping {len(torn)} bytes" in caplog.text
@@ -75,7 +75,7 @@ def test_opening_a_journal_repairs_a_torn_tail(tmp_path, caplog, kept, torn):
 
 def test_opening_an_intact_or_missing_journal_changes_nothing(tmp_path, caplog):
     path = tmp_path / "journal.jsonl"
-    with caplog.at_level(logging.WARNING, logger="visrec.journal"):
+    with caplog.at_level(logging.WARNING, logger="visrec.online.journal"):
         assert FileJournal(path).read_new() == [] and not path.exists()
         path.write_bytes(_line(FIRST))
         assert FileJournal(path).read_new() == [FIRST]
@@ -85,7 +85,7 @@ def test_opening_an_intact_or_missing_journal_changes_nothing(tmp_path, caplog):
 _APPENDER = """
 import sys
 from pathlib import Path
-from visrec.journal import FileJournal
+from visrec.online.journal import FileJournal
 
 path, writer, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 journal = FileJournal(path)
@@ -104,7 +104,7 @@ def test_processes_appending_at_once_never_interleave(tmp_path, caplog):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     writers = [subprocess.Popen([sys.executable, "-c", _APPENDER, str(path), w, "40"], env=env) for w in "abcd"]
     reader, seen = FileJournal(path), []
-    with caplog.at_level(logging.ERROR, logger="visrec.journal"):
+    with caplog.at_level(logging.ERROR, logger="visrec.online.journal"):
         while any(w.poll() is None for w in writers):  # a reader never sees half an append either
             seen += reader.read_new()
         seen += reader.read_new()
@@ -155,7 +155,7 @@ def test_gcs_journal_sees_every_writer_once_including_late_arrivals(gcs_emulator
 @pytest.mark.parametrize("where", ["local", "gcs"])
 def test_kept_images(where, tmp_path, request):
     """What the hand-over to the next release re-embeds from: an upsert's image bytes, by content."""
-    from visrec.journal import load_image, store_image
+    from visrec.online.journal import load_image, store_image
 
     state = (f"gs://{request.getfixturevalue('gcs_emulator')()}/registry/releases/v1/state"
              if where == "gcs" else str(tmp_path / "state"))
@@ -169,9 +169,9 @@ def test_kept_images(where, tmp_path, request):
 @pytest.fixture
 def tiny_state(tmp_path):
     """Two serving states over the same small catalog and index, each with its own scripted journal."""
-    from visrec.index import SimilarityIndex
-    from visrec.ranking import ItemCatalog, label_index_with_catalog
-    from visrec.service import ServingState
+    from visrec.stages.index import SimilarityIndex
+    from visrec.online.ranking import ItemCatalog, label_index_with_catalog
+    from visrec.online.service import ServingState
 
     class Scripted:
         def __init__(self):
@@ -197,7 +197,7 @@ def tiny_state(tmp_path):
 
 
 def test_replicas_reading_entries_in_different_orders_converge(tiny_state):
-    from visrec.service import sync_journal
+    from visrec.online.service import sync_journal
 
     vec = lambda seed: np.random.default_rng(seed).standard_normal(8).tolist()  # noqa: E731
     entries = [

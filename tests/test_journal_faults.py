@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from visrec.journal import FileJournal
+from visrec.online.journal import FileJournal
 
 # Runs with RLIMIT_FSIZE set (after the imports, so nothing else is written under it): appends
 # until one fails, then prints the ids whose append returned and the errno of the one that failed.
 _APPEND_UNTIL_FULL = """
 import json, resource, sys
 from pathlib import Path
-from visrec.journal import FileJournal
+from visrec.online.journal import FileJournal
 
 path, limit, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 journal = FileJournal(path)

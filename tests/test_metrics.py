@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import ndcg_score
 
-from visrec.evaluate import LOGGED, RANDOM, group_lists, reference_rankings, score_lists
-from visrec.metrics import hit_rate_at_k, ndcg_at_k, precision_at_k
+from visrec.stages.evaluate.evaluation import LOGGED, RANDOM, group_lists, reference_rankings, score_lists
+from visrec.stages.evaluate.metrics import hit_rate_at_k, ndcg_at_k, precision_at_k
 
 
 def test_hand_computed_values():

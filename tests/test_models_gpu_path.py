@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from visrec.embed import ImageEncoderHandler
-from visrec.errors import UserError
-from visrec.images import decode_image
-from visrec.models import image_features, load_image_encoder, load_siglip, preprocess_images
+from visrec.stages.embed import ImageEncoderHandler
+from visrec.core.errors import UserError
+from visrec.data.images import decode_image
+from visrec.model.encoders import image_features, load_image_encoder, load_siglip, preprocess_images
 
 IMAGES = 8
 
@@ -114,7 +114,7 @@ def test_bf16_autocast_features_agree_with_fp32(tiny_models, photos, kind, min_c
 
 def test_default_precision_is_decided_where_the_model_runs(tiny_models, monkeypatch):
     """None: fp32 on a CPU worker (here), bf16 on a GPU one with bf16 tensor cores, fp32 on a T4."""
-    from visrec.models import resolve_precision
+    from visrec.model.encoders import resolve_precision
 
     assert ImageEncoderHandler(str(tiny_models / "siglip"), "siglip", "cpu").load_model().precision == "fp32"
     assert resolve_precision(None, "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-from visrec import io
-from visrec.errors import UserError
-from visrec.pca import PcaProjection, l2_normalise
+from visrec.core import io
+from visrec.core.errors import UserError
+from visrec.model.pca import PcaProjection, l2_normalise
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import yaml
 
 from components.images import IMAGES, REGISTRY, TAG
 from visrec.cli import main
+from visrec.core import io
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +123,7 @@ def test_resources_are_pipeline_parameters_with_retries_and_caching(ir):
 
 
 def test_dataflow_launchers_know_their_run_and_task(ir):
-    """prepare and both embeddings name their Dataflow job after the run and the task (visrec.dataflow)."""
+    """prepare and both embeddings name their Dataflow job after the run and the task (visrec.stages.dataflow)."""
     tasks = _tasks(ir)
     for name in ("prepare-dataset", "embed", "embed-2"):
         params = tasks[name]["inputs"]["parameters"]
@@ -144,45 +145,45 @@ def test_the_data_fingerprint_keys_the_data_tasks(ir):
 # Pipeline parameter -> (stage config, field) whose default it must be: a pipeline run trains,
 # embeds and gates as the documented stage does.
 DEFAULTS_FROM = {
-    "epochs": ("visrec.train", "TrainConfig", "epochs"),
-    "batch_size": ("visrec.train", "TrainConfig", "batch_size"),
-    "lr": ("visrec.train", "TrainConfig", "lr"),
-    "warmup_steps": ("visrec.train", "TrainConfig", "warmup_steps"),
-    "max_steps": ("visrec.train", "TrainConfig", "max_steps"),
-    "precision": ("visrec.train", "TrainConfig", "precision"),
-    "train_device": ("visrec.train", "TrainConfig", "device"),
-    "gradient_checkpointing": ("visrec.train", "TrainConfig", "gradient_checkpointing"),
-    "freeze_token_embedding": ("visrec.train", "TrainConfig", "freeze_token_embedding"),
-    "gradient_compression": ("visrec.train", "TrainConfig", "gradient_compression"),
-    "siglip_model": ("visrec.train", "TrainConfig", "model_uri"),
-    "seed": ("visrec.train", "TrainConfig", "seed"),
-    "max_pairs": ("visrec.prepare", "PrepareConfig", "max_pairs"),
-    "val_fraction": ("visrec.prepare", "PrepareConfig", "val_fraction"),
-    "image_size": ("visrec.prepare", "PrepareConfig", "image_size"),
-    "prepare_shards": ("visrec.prepare", "PrepareConfig", "shards"),
-    "beam_runner": ("visrec.prepare", "PrepareConfig", "runner"),
-    "embed_batch_size": ("visrec.embed", "EmbedConfig", "batch_size"),
-    "pca_dims": ("visrec.embed", "EmbedConfig", "pca_dims"),
-    "embed_shards": ("visrec.embed", "EmbedConfig", "shards"),
-    "embed_device": ("visrec.embed", "EmbedConfig", "device"),
-    "embed_precision": ("visrec.embed", "EmbedConfig", "precision"),
-    "embed_share_model": ("visrec.embed", "EmbedConfig", "share_model"),
-    "recall_target": ("visrec.index", "IndexConfig", "recall_target"),
-    "index_k": ("visrec.index", "IndexConfig", "k"),
-    "max_p99_ms": ("visrec.index", "IndexConfig", "max_p99_ms"),
-    "bootstrap_resamples": ("visrec.evaluate", "EvaluateConfig", "bootstrap_resamples"),
-    "deploy_target": ("visrec.release", "DeployConfig", "target"),
-    "require_approval": ("visrec.release", "DeployConfig", "require_approval"),
-    "vertex_model_id": ("visrec.vertex", "VertexDeployConfig", "model_id"),
-    "vertex_endpoint_id": ("visrec.vertex", "VertexDeployConfig", "endpoint_id"),
-    "serving_machine_type": ("visrec.vertex", "VertexDeployConfig", "machine_type"),
-    "serving_min_replicas": ("visrec.vertex", "VertexDeployConfig", "min_replica_count"),
-    "serving_max_replicas": ("visrec.vertex", "VertexDeployConfig", "max_replica_count"),
-    "canary_percent": ("visrec.vertex", "VertexDeployConfig", "canary_percent"),
-    "serving_service_account": ("visrec.vertex", "VertexDeployConfig", "service_account"),
-    "serving_admin_token_uri": ("visrec.vertex", "VertexDeployConfig", "admin_token_uri"),
-    "partition_key": ("visrec.datasource", "ResolveConfig", "partition_key"),
-    "done_marker": ("visrec.datasource", "ResolveConfig", "done_marker"),
+    "epochs": ("visrec.stages.train.trainer", "TrainConfig", "epochs"),
+    "batch_size": ("visrec.stages.train.trainer", "TrainConfig", "batch_size"),
+    "lr": ("visrec.stages.train.trainer", "TrainConfig", "lr"),
+    "warmup_steps": ("visrec.stages.train.trainer", "TrainConfig", "warmup_steps"),
+    "max_steps": ("visrec.stages.train.trainer", "TrainConfig", "max_steps"),
+    "precision": ("visrec.stages.train.trainer", "TrainConfig", "precision"),
+    "train_device": ("visrec.stages.train.trainer", "TrainConfig", "device"),
+    "gradient_checkpointing": ("visrec.stages.train.trainer", "TrainConfig", "gradient_checkpointing"),
+    "freeze_token_embedding": ("visrec.stages.train.trainer", "TrainConfig", "freeze_token_embedding"),
+    "gradient_compression": ("visrec.stages.train.trainer", "TrainConfig", "gradient_compression"),
+    "siglip_model": ("visrec.stages.train.trainer", "TrainConfig", "model_uri"),
+    "seed": ("visrec.stages.train.trainer", "TrainConfig", "seed"),
+    "max_pairs": ("visrec.stages.prepare", "PrepareConfig", "max_pairs"),
+    "val_fraction": ("visrec.stages.prepare", "PrepareConfig", "val_fraction"),
+    "image_size": ("visrec.stages.prepare", "PrepareConfig", "image_size"),
+    "prepare_shards": ("visrec.stages.prepare", "PrepareConfig", "shards"),
+    "beam_runner": ("visrec.stages.prepare", "PrepareConfig", "runner"),
+    "embed_batch_size": ("visrec.stages.embed", "EmbedConfig", "batch_size"),
+    "pca_dims": ("visrec.stages.embed", "EmbedConfig", "pca_dims"),
+    "embed_shards": ("visrec.stages.embed", "EmbedConfig", "shards"),
+    "embed_device": ("visrec.stages.embed", "EmbedConfig", "device"),
+    "embed_precision": ("visrec.stages.embed", "EmbedConfig", "precision"),
+    "embed_share_model": ("visrec.stages.embed", "EmbedConfig", "share_model"),
+    "recall_target": ("visrec.stages.index", "IndexConfig", "recall_target"),
+    "index_k": ("visrec.stages.index", "IndexConfig", "k"),
+    "max_p99_ms": ("visrec.stages.index", "IndexConfig", "max_p99_ms"),
+    "bootstrap_resamples": ("visrec.stages.evaluate.evaluation", "EvaluateConfig", "bootstrap_resamples"),
+    "deploy_target": ("visrec.stages.release.registry", "DeployConfig", "target"),
+    "require_approval": ("visrec.stages.release.registry", "DeployConfig", "require_approval"),
+    "vertex_model_id": ("visrec.stages.release.vertex", "VertexDeployConfig", "model_id"),
+    "vertex_endpoint_id": ("visrec.stages.release.vertex", "VertexDeployConfig", "endpoint_id"),
+    "serving_machine_type": ("visrec.stages.release.vertex", "VertexDeployConfig", "machine_type"),
+    "serving_min_replicas": ("visrec.stages.release.vertex", "VertexDeployConfig", "min_replica_count"),
+    "serving_max_replicas": ("visrec.stages.release.vertex", "VertexDeployConfig", "max_replica_count"),
+    "canary_percent": ("visrec.stages.release.vertex", "VertexDeployConfig", "canary_percent"),
+    "serving_service_account": ("visrec.stages.release.vertex", "VertexDeployConfig", "service_account"),
+    "serving_admin_token_uri": ("visrec.stages.release.vertex", "VertexDeployConfig", "admin_token_uri"),
+    "partition_key": ("visrec.data.datasource", "ResolveConfig", "partition_key"),
+    "done_marker": ("visrec.data.datasource", "ResolveConfig", "done_marker"),
 }
 
 
@@ -191,7 +192,7 @@ def test_pipeline_defaults_are_the_stage_defaults(ir, parameter):
     import dataclasses
     import importlib
 
-    from visrec.pipeline_config import from_kfp
+    from visrec.orchestration.pipeline_config import from_kfp
 
     module, cls_name, field = DEFAULTS_FROM[parameter]
     cls = getattr(importlib.import_module(module), cls_name)
@@ -221,8 +222,8 @@ def test_components_declare_no_defaults_of_their_own():
 
 
 def test_kfp_unset_values_round_trip():
-    from visrec.pipeline_config import from_kfp, kfp_default
-    from visrec.train import TrainConfig
+    from visrec.orchestration.pipeline_config import from_kfp, kfp_default
+    from visrec.stages.train.trainer import TrainConfig
 
     assert kfp_default(TrainConfig, "warmup_steps") == -1  # 0 means "no warmup"
     assert from_kfp(TrainConfig, warmup_steps=-1, max_steps=0, precision="") == {
@@ -266,7 +267,7 @@ def test_every_image_is_built_by_cloud_build(ir):
 
 
 def test_compile_uploads_the_template_to_gcs(gcs_emulator, tmp_path):
-    from visrec import io
+    from visrec.core import io
 
     bucket = gcs_emulator()
     dest = f"gs://{bucket}/templates/abc123/pipeline.yaml"
@@ -279,5 +280,5 @@ def test_compile_uploads_the_template_to_gcs(gcs_emulator, tmp_path):
 def test_config_files_only_name_pipeline_parameters(ir, name):
     """A typo in a config key would otherwise be a silently ignored (or rejected-at-submit) parameter."""
     params = set(ir["root"]["inputDefinitions"]["parameters"])
-    config = yaml.safe_load((ROOT / "configs" / name).read_text())
+    config = yaml.safe_load(io.packaged_config(name))
     assert set(config["parameters"]) <= params

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from visrec import io
-from visrec.errors import UserError
-from visrec.prepare import OUTPUT_SCHEMA, PrepareConfig, accounted_rows, run_prepare, sample_key, split_of
+from visrec.core import io
+from visrec.core.errors import UserError
+from visrec.stages.prepare import OUTPUT_SCHEMA, PrepareConfig, accounted_rows, run_prepare, sample_key, split_of
 
 IMAGE_SIZE = 32
 MULTI_PROCESS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
@@ -261,7 +261,7 @@ CORRUPTION_OUTCOME = {
 
 @pytest.mark.integration
 def test_generated_marketplace_every_injected_corruption_is_caught(tmp_path):
-    from visrec.demo_data import DemoDataConfig, generate_marketplace
+    from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
 
     generate_marketplace(tmp_path / "m", DemoDataConfig(items=160, seed=5, corrupt_fraction=0.1, workers=1))
     corruptions = [json.loads(line) for line in (tmp_path / "m" / "hidden" / "corruptions.jsonl").open()]

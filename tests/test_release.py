@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from visrec.cli import main
-from visrec.errors import UserError
-from visrec.release import (CURRENT, DEPLOYED, PENDING, REFUSED, UNCHANGED, DeployConfig, ReleaseInvalid,
+from visrec.core.errors import UserError
+from visrec.stages.release.registry import (CURRENT, DEPLOYED, PENDING, REFUSED, UNCHANGED, DeployConfig, ReleaseInvalid,
                             approve_release, champion_embeddings_uri, current_version, deploy_release,
                             list_releases, load_release, predecessor, rollback, successor)
 
@@ -43,8 +43,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     import torch
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 
-    from visrec.index import IndexConfig, SimilarityIndex
-    from visrec.pca import PcaProjection
+    from visrec.stages.index import IndexConfig, SimilarityIndex
+    from visrec.model.pca import PcaProjection
 
     root = tmp_path_factory.mktemp("stage-outputs")
     torch.manual_seed(0)
@@ -261,7 +261,7 @@ def test_rollback_survives_a_lost_history_entry(inputs, tmp_path):
 
 _KILL_SCRIPT = """
 import json, os, sys
-import visrec.release as release
+import visrec.stages.release.registry as release
 cfg = release.DeployConfig(**json.loads(sys.argv[1]))
 if sys.argv[2] == "rename":
     release.os.rename = lambda *a: os._exit(9)     # killed just before the release is renamed in
@@ -294,7 +294,7 @@ def test_a_killed_deploy_leaves_the_previous_release_current(inputs, tmp_path, k
 
 
 def test_failed_rename_leaves_nothing_behind(inputs, tmp_path, monkeypatch):
-    import visrec.release as release
+    import visrec.stages.release.registry as release
 
     registry = tmp_path / "registry"
     old = deploy_release(config(inputs, registry))["version"]
@@ -331,7 +331,7 @@ def test_corrupt_release_is_refused(inputs, tmp_path):
 
 
 def test_a_release_that_does_not_work_is_never_published(inputs, tmp_path):
-    from visrec.index import IndexConfig, SimilarityIndex
+    from visrec.stages.index import IndexConfig, SimilarityIndex
 
     # an index over other items than the listings describe: the smoke query's results lack metadata
     rng = np.random.default_rng(1)

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from visrec import schema
-from visrec.errors import UserError
+from visrec.data import schema
+from visrec.core.errors import UserError
 
 GOOD = {"item_id": "m1", "title": "白 ストライプ Tシャツ", "image_uri": "images/m1.jpg", "category": "Women/Tops/T-shirts",
         "price": 1200, "status": "on_sale", "listed_at": "2024-03-01T10:00:00+09:00"}

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from visrec.errors import UserError
+from visrec.core.errors import UserError
 
 from conftest import free_port, wait_for_port
 
@@ -50,13 +50,13 @@ def build_release(models_dir: Path, registry: Path | str, version: str, n_items:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from visrec.embeddings import write_embeddings
-    from visrec.images import decode_image
-    from visrec.index import IndexConfig, SimilarityIndex
-    from visrec.models import load_image_encoder
-    from visrec.pca import PcaProjection
-    from visrec.release import DeployConfig, deploy_release
-    from visrec.service import embed_image
+    from visrec.data.embeddings import write_embeddings
+    from visrec.data.images import decode_image
+    from visrec.stages.index import IndexConfig, SimilarityIndex
+    from visrec.model.encoders import load_image_encoder
+    from visrec.model.pca import PcaProjection
+    from visrec.stages.release.registry import DeployConfig, deploy_release
+    from visrec.online.service import embed_image
 
     encoder = load_image_encoder(str(models_dir / "siglip"), kind="siglip")
     ids = [f"item-{i:04d}" for i in range(n_items)]
@@ -298,7 +298,7 @@ def test_admin_token_from_a_stored_object(monkeypatch, gcs_emulator):
     """On Vertex AI the container reads the token from GCS instead of the model's settings; a
     blank or placeholder token is refused at start-up instead of guarding the writes."""
     from serving.app import configured_admin_token
-    from visrec import io
+    from visrec.core import io
 
     monkeypatch.delenv("VISREC_ADMIN_TOKEN", raising=False)
     assert configured_admin_token() is None
@@ -429,7 +429,7 @@ def test_restart_replays_the_journal_and_writes_need_a_token(server, registry):
 
 def test_vertex_environment_with_a_gcs_release(registry, gcs_emulator):
     """Only AIP_* variables, as Vertex AI sets them: the gs:// registry's CURRENT release is downloaded."""
-    from visrec import io
+    from visrec.core import io
 
     bucket = gcs_emulator()
     io.upload_dir(registry / "releases" / "v2", f"gs://{bucket}/registry/releases/v2")
@@ -449,7 +449,7 @@ def test_gcs_release_writes_reach_other_replicas_and_survive_restarts(registry, 
     """Two replicas of a gs:// release (as behind a Vertex AI endpoint; the second with two worker
     processes sharing one downloaded copy): a write taken by one is served by every process of
     the other within a second or two, and a replica started later replays it."""
-    from visrec import io
+    from visrec.core import io
 
     bucket = gcs_emulator()
     io.upload_dir(registry / "releases" / "v2", f"gs://{bucket}/registry/releases/v2")
@@ -488,8 +488,8 @@ def test_gcs_release_writes_reach_other_replicas_and_survive_restarts(registry, 
 
 
 def test_reloading_a_gcs_release_deletes_the_replaced_download(registry, gcs_emulator):
-    from visrec import io
-    from visrec.service import RecommenderService
+    from visrec.core import io
+    from visrec.online.service import RecommenderService
 
     bucket = gcs_emulator()
     for version in ("v1", "v2"):

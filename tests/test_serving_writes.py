@@ -105,7 +105,7 @@ def test_partial_updates_on_two_workers_never_undo_each_other(registry):
 def test_a_worker_writes_on_the_newest_state_even_before_its_tail_runs(registry):
     """Two services on one journal with no background tail at all: the second still updates and
     deletes what the first created a moment ago (each write reads the journal first)."""
-    from visrec.service import RecommenderService, ServingConfig
+    from visrec.online.service import RecommenderService, ServingConfig
 
     config = ServingConfig(image_root=str(registry.parent / "images"))
     first, second = RecommenderService(str(registry), config), RecommenderService(str(registry), config)
@@ -127,7 +127,7 @@ def test_a_write_racing_another_replicas_keeps_the_other_field(registry):
     """Replicas cannot lock each other (GCS): a price change merged with a row that does not yet
     show another replica's `sold` must still not undo it, because an entry sets only what its
     request sent."""
-    from visrec.service import RecommenderService, ServingConfig
+    from visrec.online.service import RecommenderService, ServingConfig
 
     seller = RecommenderService(str(registry), ServingConfig())
     pricer = RecommenderService(str(registry), ServingConfig())
@@ -274,8 +274,8 @@ def test_a_reload_never_serves_an_acknowledged_delete_undone(registry, tiny_mode
     """A delete the old release answered while the new one loaded is applied before the swap."""
     import datetime as dt
 
-    from visrec import service as service_module
-    from visrec.service import RecommenderService, ServingConfig
+    from visrec.online import service as service_module
+    from visrec.online.service import RecommenderService, ServingConfig
 
     live = RecommenderService(str(registry), ServingConfig())
     live.start()
@@ -302,7 +302,7 @@ def test_a_reload_never_serves_an_acknowledged_delete_undone(registry, tiny_mode
 @pytest.fixture
 def app_and_service(registry):
     from serving.app import create_app
-    from visrec.service import ServingConfig
+    from visrec.online.service import ServingConfig
 
     app = create_app(str(registry), ServingConfig(max_predict_neighbours=500, max_concurrent_predicts=1),
                      admin_token=TOKEN)
@@ -360,7 +360,7 @@ def test_predict_refuses_oversized_and_malformed_requests(app_and_service):
 
 def test_one_prediction_comes_from_one_release(app_and_service, monkeypatch):
     """A reload in the middle of a request cannot mix two releases in one answer."""
-    from visrec import service as service_module
+    from visrec.online import service as service_module
 
     _, service = app_and_service
     first_state, seen = service.state, []
@@ -381,7 +381,7 @@ def test_one_prediction_comes_from_one_release(app_and_service, monkeypatch):
 def test_a_huge_image_is_refused_before_it_is_decoded(app_and_service):
     from PIL import Image
 
-    from visrec.service import BadItem
+    from visrec.online.service import BadItem
 
     _, service = app_and_service
     buf = _bytes_io.BytesIO()

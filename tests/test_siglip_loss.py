@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from visrec.siglip_loss import distributed_sigmoid_loss, sigmoid_loss
+from visrec.model.siglip_loss import distributed_sigmoid_loss, sigmoid_loss
 
 
 def _log_sigmoid(z: float) -> float:

@@ -1,4 +1,4 @@
-"""The offline study (visrec.study): pure parts, and one fast end-to-end run on a tiny marketplace.
+"""The offline study (visrec.sim.study): pure parts, and one fast end-to-end run on a tiny marketplace.
 
 The end-to-end run uses the shared 400-item marketplace and tiny models, 1 epoch, few
 bootstrap resamples and a few dozen simulated users: it checks that every output is
@@ -12,11 +12,11 @@ import json
 import numpy as np
 import pytest
 
-from visrec.demo_data import tap_probability
-from visrec.metrics import METRICS
-from visrec.study import (ARMS, BASELINE, CANDIDATE, RANKING_VARIANTS, Session, StudyConfig, arm_of, make_sessions,
+from visrec.sim.demo_data import tap_probability
+from visrec.stages.evaluate.metrics import METRICS
+from visrec.sim.study import (ARMS, BASELINE, CANDIDATE, RANKING_VARIANTS, Session, StudyConfig, arm_of, make_sessions,
                           ratio_bootstrap, run_study, simulate_taps, summarise_ab, table1_pca_dims, tradeoff_dims)
-from visrec.errors import UserError
+from visrec.core.errors import UserError
 
 
 def test_table1_pca_dims_follow_the_paper_or_the_largest_smaller_size():

@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from visrec.errors import UserError
-from visrec.models import TinyModelConfig, init_models
-from visrec.train import TrainConfig, list_checkpoints, lr_multiplier, retrieval_recall, train
+from visrec.core.errors import UserError
+from visrec.model.encoders import TinyModelConfig, init_models
+from visrec.stages.train.trainer import TrainConfig, list_checkpoints, lr_multiplier, retrieval_recall, train
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (235, 200, 20),
            "black": (20, 20, 20), "purple": (140, 40, 170)}
@@ -124,7 +124,7 @@ def test_lr_warms_up_then_decays_to_zero():
 def test_outputs_follow_the_artifact_contract(small_data, shape_model, tmp_path):
     from transformers import AutoProcessor, SiglipModel
 
-    from visrec.models import load_image_encoder
+    from visrec.model.encoders import load_image_encoder
 
     out = tmp_path / "out"
     metrics = train(_config(small_data, out, shape_model, epochs=1))
@@ -281,7 +281,7 @@ def test_train_resources_are_set_on_the_task():
 
 @pytest.mark.integration
 def test_gcs_data_and_output_with_resume(small_data, shape_model, gcs_emulator):
-    from visrec import io
+    from visrec.core import io
 
     bucket = gcs_emulator()
     data, out = f"gs://{bucket}/prepared", f"gs://{bucket}/train"
@@ -302,7 +302,7 @@ def test_gcs_data_and_output_with_resume(small_data, shape_model, gcs_emulator):
 
 def test_init_models_cli_writes_loadable_stand_ins(tmp_path, capsys):
     from visrec.cli import main
-    from visrec.models import load_image_encoder, load_siglip
+    from visrec.model.encoders import load_image_encoder, load_siglip
 
     listings = tmp_path / "listings.jsonl"
     listings.write_text(json.dumps({"item_id": "1", "title": "赤 Tシャツ red t-shirt", "image_uri": "a.jpg",
@@ -322,11 +322,11 @@ def test_title_tokenizer_is_the_same_in_every_process(tmp_path):
     Each process hashes with its own random seed, which used to shuffle the ids of
     the characters the trainer appends (and so change every training run).
     """
-    from visrec.demo_data import DemoDataConfig, generate_marketplace
+    from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
 
     generate_marketplace(tmp_path, DemoDataConfig(items=300, seed=5))
     script = ("import sys, hashlib\n"
-              "from visrec.models import _catalog_titles, train_title_tokenizer\n"
+              "from visrec.model.encoders import _catalog_titles, train_title_tokenizer\n"
               "tok = train_title_tokenizer(_catalog_titles(sys.argv[1]))\n"
               "print(hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest())\n")
     digests = {subprocess.run([sys.executable, "-c", script, str(tmp_path / "listings.jsonl")], check=True,

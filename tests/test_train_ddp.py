@@ -17,14 +17,14 @@ import pytest
 import torch
 
 from test_train import _config, _weights, shape_model, small_data  # noqa: F401  (shared fixtures)
-from visrec.train import train
+from visrec.stages.train.trainer import train
 
 WORKER = r'''
 import json, math, sys
 import torch, torch.distributed as dist, torch.nn.functional as F
 torch.set_num_threads(1)
-from visrec.siglip_loss import distributed_sigmoid_loss, sigmoid_loss
-from visrec.train import SiglipTrainer, TrainConfig, _setup_processes, bf16_allreduce_hook
+from visrec.model.siglip_loss import distributed_sigmoid_loss, sigmoid_loss
+from visrec.stages.train.trainer import SiglipTrainer, TrainConfig, _setup_processes, bf16_allreduce_hook
 
 args = json.loads(sys.argv[1])
 report_dir = args.pop("report_dir")

@@ -1,4 +1,4 @@
-"""What a training run checks about its machine before the first step (visrec.train_resources):
+"""What a training run checks about its machine before the first step (visrec.stages.train.resources):
 the accelerator it asked for, memory for (model, batch, precision, world size), /dev/shm for
 its loader workers; and the training paths those checks choose (checkpointing, uint8 batches
 through pipes) giving the same training."""
@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from test_train import _config, shape_model, small_data  # noqa: F401  (shared fixtures)
-from visrec import train_resources as tr
-from visrec.errors import UserError
-from visrec.train import PairEncoder, SiglipTrainer, _setup_processes, train
+from visrec.stages.train import resources as tr
+from visrec.core.errors import UserError
+from visrec.stages.train.trainer import PairEncoder, SiglipTrainer, _setup_processes, train
 
 GiB, MiB = tr.GiB, tr.MiB
 
@@ -99,7 +99,7 @@ def test_activation_profile_predicts_what_autograd_keeps():
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
-    from visrec.siglip_loss import sigmoid_loss
+    from visrec.model.siglip_loss import sigmoid_loss
 
     def loss_and_grads(checkpointing: bool):
         model = _tiny_siglip()
@@ -119,7 +119,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 
 def test_training_refuses_at_start_what_the_device_cannot_hold(small_data, shape_model, tmp_path, monkeypatch):
-    monkeypatch.setattr("visrec.train.usable_memory", lambda device, held, processes: (100_000, "fake 100 kB"))
+    monkeypatch.setattr("visrec.stages.train.trainer.usable_memory", lambda device, held, processes: (100_000, "fake 100 kB"))
     with pytest.raises(UserError, match="fake 100 kB has 0.0 GiB usable"):
         train(_config(small_data, tmp_path / "out", shape_model, epochs=1))
     assert not (tmp_path / "out" / "checkpoints").exists()  # refused before the first step
@@ -136,7 +136,7 @@ def test_auto_checkpointing_trains_where_only_checkpointing_fits(small_data, sha
         return real(setting, profile, int((low + high) / 2 * (1 + tr.MEMORY_HEADROOM)), **args)
 
     plain = train(_config(small_data, tmp_path / "plain", shape_model, epochs=1, gradient_checkpointing="off"))
-    monkeypatch.setattr("visrec.train.choose_checkpointing", device_in_between)
+    monkeypatch.setattr("visrec.stages.train.trainer.choose_checkpointing", device_in_between)
     trainer = SiglipTrainer(_config(small_data, tmp_path / "auto", shape_model, epochs=1), _setup_processes("cpu"))
     layers = tr.checkpointable_layers(trainer.model)
     assert layers and all(layer.gradient_checkpointing for layer in layers)
@@ -218,7 +218,7 @@ def test_nccl_shared_memory_is_turned_off_when_short(monkeypatch):
 def test_uint8_batches_normalised_on_device_are_the_processors_bit_for_bit(shape_model):  # noqa: F811
     from transformers import AutoProcessor
 
-    from visrec.train_data import Collate
+    from visrec.stages.train.data import Collate
 
     processor = AutoProcessor.from_pretrained(shape_model)
     rng = np.random.default_rng(0)
@@ -235,7 +235,7 @@ def test_uint8_batches_normalised_on_device_are_the_processors_bit_for_bit(shape
 def test_batches_through_pipes_train_exactly_as_through_shared_memory(small_data, shape_model, tmp_path,  # noqa: F811
                                                                       monkeypatch):
     shm = train(_config(small_data, tmp_path / "shm", shape_model, epochs=2, num_workers=1))
-    monkeypatch.setattr("visrec.train.shared_memory_free", lambda: 1024)
+    monkeypatch.setattr("visrec.stages.train.trainer.shared_memory_free", lambda: 1024)
     pipes = train(_config(small_data, tmp_path / "pipes", shape_model, epochs=2, num_workers=1))
     assert shm["shared_memory"]["batches_in_shared_memory"] is True
     assert pipes["shared_memory"]["batches_in_shared_memory"] is False

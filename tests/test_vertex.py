@@ -17,13 +17,13 @@ import requests
 from test_release import config, inputs  # noqa: F401  (the stage-output fixture)
 from vertex_fake import PROJECT, REGION
 
-from visrec import io
+from visrec.core import io
 from visrec.cli import main
-from visrec.errors import UserError
-from visrec.release import (CANARY_STATUS, DEPLOYED, PENDING, BakePolicy, active_canary, approve_release,
+from visrec.core.errors import UserError
+from visrec.stages.release.registry import (CANARY_STATUS, DEPLOYED, PENDING, BakePolicy, active_canary, approve_release,
                             auto_promote, current_version, deploy_release, list_releases, load_release,
                             predecessor, promote_release, release_uri, rollback, successor)
-from visrec.vertex import (VertexDeployConfig, deploy_kwargs, endpoint_kwargs, release_alias, to_undeploy,
+from visrec.stages.release.vertex import (VertexDeployConfig, deploy_kwargs, endpoint_kwargs, release_alias, to_undeploy,
                            upload_kwargs)
 
 IMAGE = "us-docker.pkg.dev/my-proj/visrec/serving:abc123"

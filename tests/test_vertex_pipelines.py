@@ -15,8 +15,8 @@ from google.protobuf import json_format
 from vertex_fake import PROJECT, REGION
 
 from visrec.cli import main
-from visrec.errors import UserError
-from visrec.vertex_pipelines import (VertexPipelineConfig, associate_with_experiment, pipeline_job_kwargs,
+from visrec.core.errors import UserError
+from visrec.orchestration.vertex_pipelines import (VertexPipelineConfig, associate_with_experiment, pipeline_job_kwargs,
                                      schedule_kwargs, validate_cron)
 
 # Tasks that decide (never cached) and tasks that compute from the data (cached by its fingerprint).
@@ -139,7 +139,7 @@ def test_a_scheduled_run_joins_its_experiment(vertex_api, run_config):
 
 
 def test_a_failed_run_is_recorded_with_its_failed_task(vertex_api, run_config, tmp_path, capsys):
-    from visrec.runs import list_runs, record_run
+    from visrec.orchestration.runs import list_runs, record_run
 
     assert main(["submit", "--config", run_config]) == 0
     name = next(iter(vertex_api.pipeline_jobs))
@@ -213,7 +213,7 @@ def test_schedule_kwargs_default_to_one_concurrent_run():
 
 
 def test_default_config_names_the_paper_defaults(vertex_api, template):
-    """Without --config, configs/vertex.yaml supplies the run: paper hyper-parameters, real checkpoints."""
+    """Without --config, visrec/configs/vertex.yaml supplies the run: paper hyper-parameters, real checkpoints."""
     assert main(["submit", "--template", template, "--pipeline-root", "gs://x/root", "--project", PROJECT,
                  "--region", REGION]) == 0
     [request] = vertex_api.requests_of("create_pipeline_job")

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from visrec.writes import WriteRegisters
+from visrec.online.writes import WriteRegisters
 
 
 def upsert(item: str, at: float, vector: bool = False, sent: list[str] | None = None, **fields) -> dict:

@@ -1,1 +1,0 @@
-"""One module per `visrec` subcommand: `HELP`, `add_arguments(parser)`, `run(args)`."""

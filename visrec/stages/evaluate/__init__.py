@@ -1,0 +1,3 @@
+"""Stage 5: offline evaluation from impression-and-tap logs, the release gate (may this
+candidate ship?) and the HTML report.
+"""

@@ -1,0 +1,815 @@
+"""Stage 2: fine-tune SigLIP on the prepared image-title pairs with the pairwise sigmoid loss.
+
+One function, `train(TrainConfig)`, serves the CLI (`visrec train`), the KFP
+component and the tests. It runs as a single process or under `torchrun` (DDP:
+NCCL on GPU, gloo on CPU; `RANK`/`WORLD_SIZE`/`LOCAL_RANK` from the environment),
+and is preemption-safe: resumable checkpoints are written atomically every N steps
+and at each epoch end, and a resumed run ends with the weights of an uninterrupted one.
+
+Output (docs/artifacts.md section 2): `model/` (best epoch by validation recall),
+`last/`, `checkpoints/step-*/`, `train_metrics.json`, `loss_curve.png`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from visrec.core import io
+from visrec.core.errors import UserError
+from visrec.model.encoders import (SIGLIP_HUB_ID, TEXT_MAX_LENGTH, image_features, load_siglip, resolve_precision,
+                           text_features)
+from visrec.model.siglip_loss import distributed_sigmoid_loss, sigmoid_loss
+from visrec.stages.train.data import Augment, Collate, PairDataset, RunBatchSampler, read_prepared
+from visrec.stages.train.resources import (CHECKPOINTING, MemoryPlan, check_memory, choose_checkpointing,
+                                    default_num_workers, disable_nccl_shared_memory_if_short, measure_activations,
+                                    model_sizes, nccl_shared_memory_needed, plan_shared_memory, resolve_device,
+                                    shared_memory_free, usable_memory)
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+GRADIENT_COMPRESSION = ("none", "bf16")
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_MARKER = "COMPLETE"  # written last: a checkpoint without it is incomplete and ignored
+STATE_FILE = "state.pt"
+SELECTION_METRIC = "recall@5_mean"  # mean of image->text and text->image recall@5
+RECALL_KS = (1, 5)
+LOSS_READBACK_STEPS = 10  # step losses are read back (a device sync) every this many steps
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning settings; defaults are the paper's (5 epochs, batch 256, lr 5e-5).
+
+    `batch_size` is the global batch per optimizer step, over all processes and
+    accumulation steps; the sigmoid loss sees `batch_size / grad_accum` pairs at once
+    (negatives are shared across processes), so results do not depend on the GPU count.
+    """
+
+    data_uri: str
+    out_dir: str
+    model_uri: str = SIGLIP_HUB_ID
+    epochs: int = 5
+    batch_size: int = 256
+    lr: float = 5e-5
+    # None: 5% of all optimizer steps; -1 stands for None in KFP parameters, where 0 means no warmup.
+    warmup_steps: int | None = field(default=None, metadata={"kfp_unset": -1})
+    weight_decay: float = 0.1
+    precision: str | None = None  # None: bf16 on a GPU with bf16 tensor cores (L4, A100, H100), else fp32
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    resume: bool = False
+    seed: int = 0
+    max_steps: int | None = None  # stop (resumably) after this many optimizer steps
+    checkpoint_every_steps: int = 500  # 0: only at epoch ends
+    keep_checkpoints: int = 2
+    augment: bool = True
+    augment_min_crop_area: float = 0.8
+    augment_hflip: bool = True
+    # None: the machine's CPUs shared out over its training processes (-1 in KFP parameters).
+    num_workers: int | None = field(default=None, metadata={"kfp_unset": -1})
+    val_max_items: int = 10_000  # recall is O(n^2): a fixed seeded subset of larger val splits
+    # None: cuda:LOCAL_RANK when usable, else cpu. "cuda"/"gpu": fail at once if CUDA is not usable.
+    device: str | None = None
+    # "auto": on only when the run would not fit the device without it (train_resources.CHECKPOINTING).
+    gradient_checkpointing: str = "auto"
+    memory_check: bool = True  # refuse at start a run whose estimated peak memory exceeds the device's
+    # The multilingual vocabulary is half the model (192M of 371M parameters): freezing it halves
+    # gradients, optimizer state and each step's all-reduce.
+    freeze_token_embedding: bool = False
+    gradient_compression: str = "none"  # "bf16": all-reduce gradients in bf16 (half the traffic)
+    # Collectives wait this long, e.g. while process 0 validates and writes ~7 GB of checkpoint and
+    # models to GCS at an epoch end (torch's default of 10 minutes does not cover a slow upload).
+    process_group_timeout_minutes: int = 60
+    progress: bool = True
+
+
+@dataclass
+class _Processes:
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _check_config(config: TrainConfig) -> None:
+    if config.epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {config.epochs}")
+    if config.grad_accum < 1 or config.batch_size < 2:
+        raise UserError("--batch-size must be >= 2 and --grad-accum >= 1")
+    if config.precision is not None and config.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {PRECISIONS}, got {config.precision!r}")
+    if config.lr <= 0:
+        raise UserError(f"--lr must be positive, got {config.lr}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {config.max_steps}")
+    if config.gradient_checkpointing not in CHECKPOINTING:
+        raise UserError(f"--gradient-checkpointing must be one of {CHECKPOINTING}, "
+                        f"got {config.gradient_checkpointing!r}")
+    if config.gradient_compression not in GRADIENT_COMPRESSION:
+        raise UserError(f"--gradient-compression must be one of {GRADIENT_COMPRESSION}, "
+                        f"got {config.gradient_compression!r}")
+    if config.num_workers is not None and config.num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0, got {config.num_workers}")
+
+
+def _local_processes() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def _setup_processes(device: str | None, timeout_minutes: int = 60) -> _Processes:
+    """Resolve the device (failing fast when a requested GPU is not usable) and join the torchrun
+    process group if the environment describes one (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            disable_nccl_shared_memory_if_short(_local_processes(), shared_memory_free())
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        owns = True
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    return _Processes(rank, world, dev, owns)
+
+
+def bf16_allreduce_hook(process_group, bucket):  # no annotations: DDP checks them, and they are strings here
+    """DDP communication hook: all-reduce each gradient bucket in bf16, half the bytes of fp32.
+
+    What torch's `default_hooks.bf16_compress_hook` does, for every backend: torch's
+    refuses gloo, and the CPU tests and quality measurement must run this very code.
+    """
+    group = process_group or dist.group.WORLD
+    compressed = bucket.buffer().to(torch.bfloat16).div_(group.size())
+    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def decompress(fut: Any) -> torch.Tensor:
+        buffer = bucket.buffer()
+        buffer.copy_(fut.value()[0])
+        return buffer
+
+    return future.then(decompress)
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+class PairEncoder(torch.nn.Module):
+    """`(pixel_values, input_ids) -> (image_emb, text_emb, logit_scale, logit_bias)`, embeddings L2-normalised.
+
+    One forward for both towers so DDP sees every parameter used in its own forward.
+    The text tower gets no attention mask: SigLIP was trained on max-length padded
+    text without one and pools the last position.
+    """
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor):
+        img = image_features(self.model, pixel_values)
+        txt = text_features(self.model, input_ids)
+        return (F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
+                self.model.logit_scale, self.model.logit_bias)
+
+
+def lr_multiplier(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warmup from 0 to 1 over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return multiplier
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on biases, norms, or the logit scale/bias."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, titles: list[str],
+                     ks: tuple[int, ...] = RECALL_KS, chunk: int = 4096) -> dict[str, float]:
+    """Image->text and text->image recall@k of matching pairs (row i of both is one item).
+
+    Items with identical titles share one text in the gallery (as captions of one image
+    do), so an image counts as found when its title is among the top k distinct titles
+    and a title when any of its images is among the top k images.
+    """
+    groups: dict[str, int] = {}
+    first: list[int] = []  # row of each distinct title's first occurrence
+    rows_group = []
+    for i, title in enumerate(titles):
+        if title not in groups:
+            groups[title] = len(first)
+            first.append(i)
+        rows_group.append(groups[title])
+    group = torch.tensor(rows_group)
+    texts = text_emb[first]
+    k_max = max(ks)
+    i2t_hits = {k: 0 for k in ks}
+    for s in range(0, len(image_emb), chunk):
+        top = (image_emb[s:s + chunk] @ texts.T).topk(min(k_max, len(texts)), dim=1).indices
+        match = top == group[s:s + chunk, None]
+        for k in ks:
+            i2t_hits[k] += int(match[:, :k].any(dim=1).sum())
+    t2i_hits = {k: 0 for k in ks}
+    for s in range(0, len(texts), chunk):
+        top = (texts[s:s + chunk] @ image_emb.T).topk(min(k_max, len(image_emb)), dim=1).indices
+        match = group[top] == torch.arange(s, s + len(top))[:, None]
+        for k in ks:
+            t2i_hits[k] += int(match[:, :k].any(dim=1).sum())
+    out = {}
+    for k in ks:
+        out[f"image_to_text_recall@{k}"] = i2t_hits[k] / len(image_emb)
+        out[f"text_to_image_recall@{k}"] = t2i_hits[k] / len(texts)
+    out[SELECTION_METRIC] = (out["image_to_text_recall@5"] + out["text_to_image_recall@5"]) / 2
+    return out
+
+
+@torch.no_grad()
+def validate(encoder: PairEncoder, dataset: PairDataset, collate: Collate, batch_size: int,
+             device: torch.device, precision: str, num_workers: int = 0) -> dict[str, float]:
+    """Sigmoid loss (over consecutive groups of `batch_size` pairs) and retrieval recall on `dataset`."""
+    was_training = encoder.training
+    encoder.eval()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=[[(0, i) for i in range(s, min(s + batch_size, len(dataset)))]
+                                for s in range(0, len(dataset), batch_size)],
+        collate_fn=collate, num_workers=num_workers)
+    images, texts, loss_sum = [], [], 0.0
+    for pixels, input_ids in loader:
+        with _autocast(device, precision):
+            img, txt, scale, bias = encoder(collate.normalise(_on(device, pixels)), _on(device, input_ids))
+        loss_sum += float(sigmoid_loss(img, txt, scale, bias)) * len(img)
+        images.append(img.cpu())
+        texts.append(txt.cpu())
+    encoder.train(was_training)
+    out = {"loss": loss_sum / len(dataset)}
+    out.update(retrieval_recall(torch.cat(images), torch.cat(texts), dataset.titles))
+    return out
+
+
+def _on(device: torch.device, batch: Any) -> torch.Tensor:
+    """A loader's tensor (or NumPy array, when batches come through pipes) on `device`."""
+    return torch.as_tensor(batch).to(device, non_blocking=True)
+
+
+# ---- checkpoints and outputs -------------------------------------------------------------
+
+def _checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under `out_dir/checkpoints` as (step, uri), oldest first.
+
+    A checkpoint is complete when its marker exists; a directory a crash left
+    half-written (no marker, or a temp name) is never picked.
+    """
+    found = []
+    for marker in io.list_files(io.join(out_dir, CHECKPOINT_DIR), pattern=CHECKPOINT_MARKER):
+        ckpt = io.parent(marker)
+        m = re.fullmatch(r"step-(\d+)", ckpt.rstrip("/").rsplit("/", 1)[-1])
+        if m and io.parent(ckpt).rstrip("/") == io.join(out_dir, CHECKPOINT_DIR).rstrip("/"):
+            found.append((int(m.group(1)), ckpt))
+    return sorted(found)
+
+
+class _Output:
+    """The output directory: written locally (the directory itself, or a temp dir for `gs://`),
+    each finished piece published to `gs://` right away so a preempted job loses nothing."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.remote = io.is_gcs(uri)
+        self.local = Path(tempfile.mkdtemp(prefix="visrec-train-")) if self.remote else Path(uri)
+        self.local.mkdir(parents=True, exist_ok=True)
+        for stale in (self.local / CHECKPOINT_DIR).glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def replace_dir(self, name: str, write: Callable[[Path], None]) -> None:
+        """Write directory `name` via `write(tmp)`, then swap it in by rename (never half-written)."""
+        tmp = self.local / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        old = self.local / f".old-{name}"
+        target = self.local / name
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        if self.remote:
+            io.upload_dir(target, io.join(self.uri, name))
+
+    def write_checkpoint(self, state: dict, step: int, keep: int) -> None:
+        name = _checkpoint_name(step)
+        root = self.local / CHECKPOINT_DIR
+        tmp = root / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / CHECKPOINT_MARKER).write_text(f"{step}\n")
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        if self.remote:  # GCS has no rename: the marker goes up last, after the state it vouches for
+            remote = io.join(self.uri, CHECKPOINT_DIR, name)
+            io.upload_file(final / STATE_FILE, io.join(remote, STATE_FILE))
+            io.upload_file(final / CHECKPOINT_MARKER, io.join(remote, CHECKPOINT_MARKER))
+            shutil.rmtree(final)  # the local copy of a remote run is only a staging area
+        for _, old in list_checkpoints(self.uri)[:-keep] if keep > 0 else []:
+            io.remove_tree(old)
+
+    def write_file(self, name: str, data: bytes) -> None:
+        io.write_bytes(io.join(self.uri, name), data)  # locally `self.local` is `uri` itself
+
+    def close(self) -> None:
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+def _load_state(uri: str) -> dict:
+    # Our own checkpoint (RNG states are plain Python/NumPy objects), hence weights_only=False.
+    import io as bytes_io
+
+    return torch.load(bytes_io.BytesIO(io.read_bytes(io.join(uri, STATE_FILE))), map_location="cpu",
+                      weights_only=False)
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def _save_model(model: Any, processor: Any) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+
+    return write
+
+
+def plot_loss_curve(step_loss: list[float], epochs: list[dict], steps_per_epoch: int) -> bytes:
+    """PNG: per-step training loss (raw and smoothed) with validation loss, and validation recall@5."""
+    from visrec.core.plots import figure_png, pyplot
+
+    fig, (ax_loss, ax_recall) = pyplot().subplots(1, 2, figsize=(11, 4))
+    steps = np.arange(1, len(step_loss) + 1)
+    ax_loss.plot(steps, step_loss, alpha=0.3, label="train (per step)")
+    if len(step_loss) >= 2:
+        window = max(1, min(50, len(step_loss) // 10))
+        smooth = np.convolve(step_loss, np.ones(window) / window, mode="valid")
+        ax_loss.plot(steps[window - 1:], smooth, label=f"train ({window}-step mean)")
+    ep = [e for e in epochs if e.get("val")]
+    if ep:
+        ax_loss.plot([e["epoch"] * steps_per_epoch for e in ep], [e["val"]["loss"] for e in ep], "o-",
+                     label="validation")
+        for key in ("image_to_text_recall@5", "text_to_image_recall@5"):
+            ax_recall.plot([e["epoch"] for e in ep], [e["val"][key] for e in ep], "o-", label=key)
+    ax_loss.set(xlabel="optimizer step", ylabel="sigmoid loss", title="loss")
+    ax_recall.set(xlabel="epoch", ylabel="recall", title="validation recall@5", ylim=(0, 1))
+    ax_loss.legend()
+    if ep:
+        ax_recall.legend()
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+# ---- the training run ----------------------------------------------------------------------
+
+def _subset(table, max_items: int, seed: int):
+    if max_items <= 0 or len(table) <= max_items:
+        return table
+    rows = torch.randperm(len(table), generator=torch.Generator().manual_seed(seed))[:max_items]
+    return table.take(sorted(rows.tolist()))
+
+
+def _broadcast(obj: Any, procs: _Processes) -> Any:
+    if not procs.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train(config: TrainConfig) -> dict:
+    """Fine-tune `config.model_uri` on `config.data_uri`; write stage-2 outputs; return the train metrics."""
+    _check_config(config)
+    procs = _setup_processes(config.device, config.process_group_timeout_minutes)
+    try:
+        return SiglipTrainer(config, procs).run()
+    finally:
+        if procs.owns_group:
+            dist.destroy_process_group()
+
+
+class SiglipTrainer:
+    """One training run: model, data, optimizer and the resumable `progress` state.
+
+    Everything a preemption must not lose is in `progress` plus the model, optimizer,
+    scheduler, loss-scaler and RNG states, which `save_checkpoint` writes together.
+    """
+
+    def __init__(self, config: TrainConfig, procs: _Processes):
+        self.config, self.procs = config, procs
+        self.device = device = procs.device
+        self.precision = resolve_precision(config.precision, device.type)
+        self.group = config.batch_size // config.grad_accum
+        if config.batch_size % config.grad_accum or self.group % procs.world_size:
+            raise UserError(f"--batch-size {config.batch_size} must split evenly into --grad-accum "
+                            f"{config.grad_accum} x {procs.world_size} process(es)")
+        _seed_everything(config.seed)
+
+        self.model, self.processor = load_siglip(config.model_uri)
+        if config.freeze_token_embedding:
+            self.model.text_model.embeddings.token_embedding.weight.requires_grad_(False)
+        train_table, val_table = read_prepared(config.data_uri)
+        val_table = _subset(val_table, config.val_max_items, config.seed)
+        if len(val_table) == 0:
+            raise UserError(f"{config.data_uri} has no validation pairs (split == 'val')")
+        self.steps_per_epoch = len(train_table) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(train_table)} training pairs are fewer than one batch of {config.batch_size}")
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.warmup = config.warmup_steps if config.warmup_steps is not None else round(0.05 * self.total_steps)
+        augment = Augment(config.augment_min_crop_area, hflip=config.augment_hflip) if config.augment else None
+        self.train_set = PairDataset(train_table, augment=augment, seed=config.seed)
+        self.val_set = PairDataset(val_table)
+        self.num_workers = config.num_workers if config.num_workers is not None else \
+            default_num_workers(_local_processes())
+        micro = self.group // procs.world_size
+        nccl_shm = 0 if os.environ.get("NCCL_SHM_DISABLE") == "1" or device.type != "cuda" else \
+            nccl_shared_memory_needed(_local_processes())
+        collate = Collate(self.processor)
+        self.shared_memory = plan_shared_memory(self.num_workers, collate.batch_bytes(micro), _local_processes(),
+                                                nccl_shm, shared_memory_free())
+        if not self.shared_memory.batches_in_shared_memory:
+            log.warning("%s", self.shared_memory.advice())
+        self.collate = Collate(self.processor, as_numpy=not self.shared_memory.batches_in_shared_memory)
+
+        self.model.to(device)
+        self.encoder = PairEncoder(self.model)
+        self.memory_plan = self._plan_memory(micro)
+        if self.memory_plan.checkpointing:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        log.info("memory plan per process: %s", self.memory_plan.describe())
+        self.step_encoder: torch.nn.Module = self.encoder
+        if procs.distributed:
+            self.step_encoder = torch.nn.parallel.DistributedDataParallel(
+                self.encoder, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False)
+            if config.gradient_compression == "bf16":
+                self.step_encoder.register_comm_hook(None, bf16_allreduce_hook)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.encoder, config.weight_decay), lr=config.lr,
+                                           fused=device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_multiplier(self.warmup, self.total_steps))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.output = _Output(config.out_dir) if procs.main else None
+        self.progress: dict[str, Any] = {
+            "epoch": 0, "step_in_epoch": 0, "global_step": 0, "step_loss": [], "epochs": [],
+            "initial_val": None, "best_epoch": None, "best_score": None}
+        self.resumed_from = self._resume() if config.resume else None
+        self._pending: list[torch.Tensor] = []  # step losses not read back yet (no device sync per step)
+        self._run_samples, self._run_seconds = 0, 0.0  # this invocation's throughput, validation excluded
+        # (optimizer steps, seconds) between loss read-backs (each a device sync), checkpoints excluded:
+        # the windows after the first give the throughput past warm-up.
+        self._windows: list[tuple[int, float]] = []
+        self._batches = None  # one loader for the whole run (see RunBatchSampler)
+
+    def _plan_memory(self, micro: int) -> MemoryPlan:
+        """Measure activations on a probe batch, choose checkpointing, refuse what cannot fit."""
+        config, device = self.config, self.device
+        vision = self.model.config.vision_config
+
+        def probe(pairs: int):
+            pixels = torch.randn(pairs, 3, vision.image_size, vision.image_size, device=device)
+            ids = torch.zeros(pairs, TEXT_MAX_LENGTH, dtype=torch.long, device=device)
+            with _autocast(device, self.precision):
+                return self.encoder(pixels, ids)
+
+        was_training = self.encoder.training
+        self.encoder.train()
+        profile = measure_activations(self.model, probe)
+        self.encoder.train(was_training)
+        sizes = model_sizes(self.model)
+        held = sizes["parameters"] * 4 if device.type == "cpu" else 0
+        usable, name = usable_memory(device, held, _local_processes() if device.type == "cpu" else 1)
+        plan = choose_checkpointing(config.gradient_checkpointing, profile, usable, **sizes,
+                                    pairs_per_process=micro, world_size=self.procs.world_size)
+        if config.memory_check:
+            check_memory(plan, usable, name, profile, self.group)
+        return plan
+
+    def _loader(self):
+        """The run's batches from the current position on, through one DataLoader (workers kept)."""
+        config, progress = self.config, self.progress
+        sampler = RunBatchSampler(len(self.train_set), config.batch_size, config.grad_accum, self.procs.rank,
+                                  self.procs.world_size, config.seed, progress["epoch"],
+                                  progress["step_in_epoch"], config.epochs)
+        return iter(torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda" and self.shared_memory.batches_in_shared_memory))
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _resume(self) -> str | None:
+        checkpoints = list_checkpoints(self.config.out_dir)
+        if not checkpoints:
+            log.info("--resume: no complete checkpoint under %s; starting fresh", self.config.out_dir)
+            return None
+        uri = checkpoints[-1][1]
+        state = _load_state(uri)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        _set_rng_state(rng[self.procs.rank] if len(rng) == self.procs.world_size else rng[0], self.device)
+        self.progress = state["progress"]
+        log.info("resumed from %s (epoch %d, step %d)", uri, self.progress["epoch"] + 1,
+                 self.progress["global_step"])
+        return uri
+
+    def save_checkpoint(self) -> None:
+        """Write the resumable state (collective: every process calls it; process 0 writes)."""
+        self._flush_losses()
+        rng = [_rng_state(self.device)]
+        if self.procs.distributed:
+            rng = [None] * self.procs.world_size
+            dist.all_gather_object(rng, _rng_state(self.device))
+        if self.procs.main:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                     "rng": rng, "progress": self.progress, "config": asdict(self.config)}
+            self.output.write_checkpoint(state, self.progress["global_step"], self.config.keep_checkpoints)
+
+    def _save_model(self, name: str) -> None:
+        if self.procs.main:
+            self.output.replace_dir(name, _save_model(self.model, self.processor))
+
+    def _flush_losses(self) -> None:
+        if not self._pending:
+            return
+        values = torch.stack(self._pending)
+        if self.procs.distributed:  # each process holds its share; the global-batch loss is their mean
+            dist.all_reduce(values)
+            values /= self.procs.world_size
+        self.progress["step_loss"].extend(values.tolist())
+        self._pending.clear()
+
+    def validate(self) -> dict:
+        """Validation metrics, computed by process 0 and shared with all (collective)."""
+        result = None
+        if self.procs.main:
+            result = validate(self.encoder, self.val_set, self.collate, self.group, self.device,
+                              self.precision, self.num_workers)
+        if self.procs.distributed:
+            dist.barrier()
+        return _broadcast(result, self.procs)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _optimizer_step(self, batches) -> torch.Tensor:
+        """One optimizer step over `grad_accum` micro-batches; returns this process's loss share."""
+        config, device = self.config, self.device
+        step_loss = torch.zeros((), device=device)
+        for micro in range(config.grad_accum):
+            pixels, input_ids = next(batches)
+            pixel_values = self.collate.normalise(_on(device, pixels))
+            input_ids = _on(device, input_ids)
+            # DDP all-reduces gradients only on the last micro-batch of the step.
+            sync = micro == config.grad_accum - 1 or not self.procs.distributed
+            with contextlib.nullcontext() if sync else self.step_encoder.no_sync():
+                with _autocast(device, self.precision):
+                    img, txt, scale, bias = self.step_encoder(pixel_values, input_ids)
+                loss = distributed_sigmoid_loss(img, txt, scale, bias) / config.grad_accum
+                self.scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return step_loss
+
+    def _train_epoch(self, bar) -> bool:
+        """Train the rest of the current epoch; False when `max_steps` stopped it before its end."""
+        config, progress = self.config, self.progress
+        epoch = progress["epoch"]
+        if self._batches is None:
+            self._batches = self._loader()
+        self.step_encoder.train()
+        started, samples = time.perf_counter(), 0
+        window_start, window_steps = started, 0
+        for step in range(progress["step_in_epoch"], self.steps_per_epoch):
+            self._pending.append(self._optimizer_step(self._batches))
+            samples += config.batch_size
+            window_steps += 1
+            progress["global_step"] += 1
+            progress["step_in_epoch"] = step + 1
+            last_in_epoch = step + 1 == self.steps_per_epoch
+            stop = config.max_steps is not None and progress["global_step"] >= config.max_steps
+            if len(self._pending) >= LOSS_READBACK_STEPS or last_in_epoch or stop:
+                self._flush_losses()
+                now = time.perf_counter()
+                self._windows.append((window_steps, now - window_start))
+                window_start, window_steps = now, 0
+            if bar is not None:
+                bar.update(1)
+                if not self._pending:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{progress['step_loss'][-1]:.4f}",
+                                    samples_s=f"{samples / (time.perf_counter() - started):.1f}", refresh=False)
+            # The epoch-end checkpoint follows the last step; mid-epoch stops checkpoint right away.
+            every = config.checkpoint_every_steps
+            if not last_in_epoch and (stop or (every and progress["global_step"] % every == 0)):
+                self.save_checkpoint()
+                self._windows.append((window_steps, time.perf_counter() - window_start))
+                window_start, window_steps = time.perf_counter(), 0
+            if stop:
+                break
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        self._run_samples += samples
+        self._run_seconds += seconds
+        if progress["step_in_epoch"] < self.steps_per_epoch:
+            return False
+        self._end_epoch(samples, seconds)
+        return True
+
+    def _end_epoch(self, samples: int, seconds: float) -> None:
+        progress, epoch = self.progress, self.progress["epoch"]
+        val = self.validate()
+        entry = {"epoch": epoch + 1, "global_step": progress["global_step"],
+                 "train_loss": float(np.mean(progress["step_loss"][-self.steps_per_epoch:])), "val": val,
+                 "samples": samples, "seconds": round(seconds, 3),
+                 "samples_per_second": samples / seconds if seconds > 0 else None,
+                 "lr": self.scheduler.get_last_lr()[0]}
+        progress["epochs"].append(entry)
+        log.info("epoch %d/%d: train loss %.4f, val %s, %.1f samples/s", epoch + 1, self.config.epochs,
+                 entry["train_loss"], _fmt(val), entry["samples_per_second"] or 0)
+        improved = progress["best_score"] is None or val[SELECTION_METRIC] > progress["best_score"]
+        if improved:
+            progress["best_score"], progress["best_epoch"] = val[SELECTION_METRIC], epoch + 1
+        self._save_model("last")
+        if improved:
+            self._save_model("model")
+        progress["epoch"], progress["step_in_epoch"] = epoch + 1, 0
+        self.save_checkpoint()
+
+    def run(self) -> dict:
+        """Train to the last epoch (or `max_steps`), write the outputs, return the train metrics."""
+        config, progress = self.config, self.progress
+        if progress["initial_val"] is None:
+            progress["initial_val"] = self.validate()
+            log.info("before training: %s", _fmt(progress["initial_val"]))
+        bar = None
+        if self.procs.main and config.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=min(self.total_steps, config.max_steps or self.total_steps),
+                       initial=progress["global_step"], unit="step", desc="train", dynamic_ncols=True)
+        def more() -> bool:
+            return progress["epoch"] < config.epochs and (
+                config.max_steps is None or progress["global_step"] < config.max_steps)
+
+        try:
+            while more() and self._train_epoch(bar):
+                pass
+        finally:
+            self._batches = None  # ends the loader's workers
+            if bar is not None:
+                bar.close()
+        metrics = self.metrics()
+        if progress["step_in_epoch"]:
+            # Stopped mid-epoch by max_steps: validate what we have; `last/` (and `model/` while no
+            # epoch has finished) get these weights. Not part of `progress`: a resumed run redoes it.
+            metrics["stopped_at"] = {"epoch": progress["epoch"] + 1, "global_step": progress["global_step"],
+                                     "val": self.validate()}
+            self._save_model("last")
+            if progress["best_epoch"] is None:
+                self._save_model("model")
+        if self.procs.main:
+            self.output.write_file("train_metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+            self.output.write_file("loss_curve.png", plot_loss_curve(
+                progress["step_loss"], progress["epochs"], self.steps_per_epoch))
+            self.output.close()
+        return metrics
+
+    def metrics(self) -> dict:
+        """`train_metrics.json`: settings, per-epoch loss/recall/throughput, best epoch, loss per step."""
+        config, progress = self.config, self.progress
+        best = next((e for e in progress["epochs"] if e["epoch"] == progress["best_epoch"]), None)
+        return {
+            "model_uri": config.model_uri, "data_uri": config.data_uri, "out_dir": config.out_dir,
+            "config": asdict(config), "precision": self.precision, "device": str(self.device),
+            "world_size": self.procs.world_size, "train_pairs": len(self.train_set),
+            "val_pairs": len(self.val_set), "steps_per_epoch": self.steps_per_epoch,
+            "warmup_steps": self.warmup, "global_step": progress["global_step"],
+            "epochs_completed": len(progress["epochs"]), "resumed_from": self.resumed_from,
+            "selection_metric": SELECTION_METRIC, "best_epoch": progress["best_epoch"],
+            "best_val": best["val"] if best else None, "initial_val": progress["initial_val"],
+            "final_train_loss": progress["step_loss"][-1] if progress["step_loss"] else None,
+            "samples_per_second": self._run_samples / self._run_seconds if self._run_seconds > 0 else None,
+            "steady_samples_per_second": self._steady_samples_per_second(),
+            "train_seconds": round(self._run_seconds, 3),
+            "num_workers": self.num_workers, "memory_plan": self.memory_plan.as_dict(),
+            "shared_memory": self.shared_memory.as_dict(),
+            "logit_scale": float(self.model.logit_scale.detach().exp()),
+            "logit_bias": float(self.model.logit_bias.detach()),
+            "epochs": progress["epochs"],
+            "step_loss": progress["step_loss"],
+        }
+
+    def _steady_samples_per_second(self) -> float | None:
+        """Throughput past warm-up: the loss read-back windows after this invocation's first."""
+        steps = sum(n for n, _ in self._windows[1:])
+        seconds = sum(t for _, t in self._windows[1:])
+        return steps * self.config.batch_size / seconds if steps and seconds > 0 else None
+
+
+def _fmt(val: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+
+
+def train_on_all_devices(config: TrainConfig) -> dict:
+    """`train` on every GPU of this machine: one DDP process per GPU via torchrun when there are
+    several (and we are not already one of torchrun's processes), else in this process."""
+    import subprocess
+    import sys
+
+    gpus = torch.cuda.device_count()
+    if gpus <= 1 or "WORLD_SIZE" in os.environ or (config.device or "cuda").startswith("cpu"):
+        return train(config)
+    _check_config(config)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           "-m", "visrec.stages.train.trainer", json.dumps(asdict(config))]
+    log.info("training on %d GPUs: %s", gpus, " ".join(cmd[:6]))
+    subprocess.run(cmd, check=True)
+    return io.read_json(io.join(config.out_dir, "train_metrics.json"))
+
+
+if __name__ == "__main__":  # what torchrun starts in each process (see train_on_all_devices)
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train(TrainConfig(**json.loads(sys.argv[1])))
