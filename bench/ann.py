@@ -2,7 +2,7 @@
 
 One run, side by side, on clustered synthetic vectors (default 1M x 128; `--n` to
 shrink) or on real stage-3 embeddings (`--embeddings URI`). The ScaNN index goes
-through the real stage: Parquet shards -> `visrec.stages.index.build_index` (build, tune to
+through the real stage: Parquet shards -> `visrec.stages.index.build.build_index` (build, tune to
 recall@10 >= 0.95, measure, gate, save) -> `SimilarityIndex.load`. faiss baselines are
 tuned on the benchmark's own queries to the same recall (a small advantage to them).
 
@@ -31,7 +31,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from visrec.data.embeddings import read_embeddings  # noqa: E402
-from visrec.stages.index import IndexConfig, SimilarityIndex, build_index, exact_top_k, normalize  # noqa: E402
+from visrec.model.pca import l2_normalise  # noqa: E402
+from visrec.stages.index.build import build_index  # noqa: E402
+from visrec.stages.index.config import IndexConfig  # noqa: E402
+from visrec.stages.index.searcher import SimilarityIndex  # noqa: E402
+from visrec.stages.index.tuning import exact_top_k  # noqa: E402
 from benchkit import RESULTS_DIR, machine_info, print_table, write_results  # noqa: E402
 
 log = logging.getLogger("bench.ann")
@@ -46,7 +50,7 @@ def clustered(n: int, dims: int, seed: int) -> np.ndarray:
         stop = min(n, start + 100_000)
         out[start:stop] = centers[rng.integers(0, len(centers), stop - start)]
         out[start:stop] += rng.standard_normal((stop - start, dims), dtype=np.float32)
-    return normalize(out)
+    return l2_normalise(out, np.float32)
 
 
 def rss_bytes() -> int:
@@ -121,7 +125,7 @@ def bench_scann(data: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int
     started = time.perf_counter()
     config = IndexConfig(k=k, recall_target=args.target, reorder_dtype=args.reorder_dtype,
                          tuning_queries=args.tuning_queries, max_p99_ms=None)
-    metrics = build_index(args.embeddings or str(emb), str(work / "index"), config)
+    result = build_index(args.embeddings or str(emb), str(work / "index"), config)
     stage_s = time.perf_counter() - started
     rss_growth = rss_bytes() - rss0
     started = time.perf_counter()
@@ -130,15 +134,15 @@ def bench_scann(data: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int
     found, _ = index.search(queries, k)
     got = [[position[i] for i in row] for row in found]
     scann_bytes = dir_bytes(work / "index" / "scann")
-    return {"method": "visrec index (ScaNN, tuned)", "build_s": metrics["build_seconds"], "recall": recall(got, truth),
+    return {"method": "visrec index (ScaNN, tuned)", "build_s": result.build_seconds, "recall": recall(got, truth),
             **latency(lambda q: index.search(q[None, :], k), queries, args.single),
             "qps_batched": batched_qps(lambda qs: index.search(qs, k), queries),
             "index_bytes": scann_bytes, "rss_growth_bytes": rss_growth,
-            "params": {key: metrics["params"].get(key) for key in ("num_leaves", "leaves_to_search",
-                                                                  "pre_reorder_num_neighbors", "reorder_dtype")},
-            "stage": {"total_s": stage_s, "tune_s": metrics["tuning"]["seconds"], "load_s": load_s,
-                      "tuned_recall_on_items": metrics["recall_at_k"], "p99_ms_stage": metrics["p99_ms"],
-                      "index_dir_bytes": dir_bytes(work / "index"), "frontier": metrics["tuning"]["frontier"]}}
+            "params": {key: result.params.get(key) for key in ("num_leaves", "leaves_to_search",
+                                                              "pre_reorder_num_neighbors", "reorder_dtype")},
+            "stage": {"total_s": stage_s, "tune_s": result.tuning["seconds"], "load_s": load_s,
+                      "tuned_recall_on_items": result.recall_at_k, "p99_ms_stage": result.p99_ms,
+                      "index_dir_bytes": dir_bytes(work / "index"), "frontier": result.tuning["frontier"]}}
 
 
 def _tune(search: Callable[[np.ndarray, Any], np.ndarray], grid: list[Any], queries: np.ndarray,
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.embeddings:
         ids, data = read_embeddings(args.embeddings)
-        data = normalize(data)
+        data = l2_normalise(data, np.float32)
         rows = np.random.default_rng(7).choice(len(data), min(args.queries, len(data)), replace=False)
         queries, dataset = data[rows], f"embeddings {args.embeddings}"
     else:

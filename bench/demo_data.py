@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
-from visrec.sim.study import cpu_seconds
+from visrec.sim.study.stages import cpu_seconds
 from benchkit import RESULTS_DIR, machine_info, write_results
 
 RESULTS = RESULTS_DIR / "demo_data.json"

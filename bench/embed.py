@@ -45,7 +45,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from visrec.stages.embed import EmbedConfig, run_embed  # noqa: E402
+from visrec.stages.configs import EmbedConfig  # noqa: E402
+from visrec.stages.embed import EmbedResult, run_embed  # noqa: E402
 from visrec.model.encoders import resolve_precision  # noqa: E402
 from visrec.data.embeddings import read_embeddings  # noqa: E402
 from visrec.model.pca import PcaProjection, l2_normalise  # noqa: E402
@@ -151,7 +152,7 @@ def preprocessing_ms(data: Path, model_dir: Path, batch_size: int) -> dict[str, 
 
 def beam_run(data: Path, model_dir: Path, kind: str, out: Path, batch_size: int, min_batch_size: int,
              pca_dims: int, device: str,
-             precision: str) -> tuple[float, float, dict[str, Any], dict[str, np.ndarray]]:
+             precision: str) -> tuple[float, float, EmbedResult, dict[str, np.ndarray]]:
     """Wall and CPU seconds of `run_embed` (the DirectRunner runs in this process) on `device` (`cpu`/`cuda`)
     at `precision`, stats, embeddings."""
     start, cpu = time.perf_counter(), time.process_time()

@@ -86,7 +86,8 @@ def generate(root: Path, rows: int, items: int, dims: int = 128, seed: int = 0) 
 def _case(queue, kwargs: dict) -> None:
     import logging
 
-    from visrec.stages.evaluate.evaluation import EvaluateConfig, run_evaluation
+    from visrec.stages.configs import EvaluateConfig
+    from visrec.stages.evaluate.evaluation import run_evaluation
 
     logging.basicConfig(level=logging.INFO, format="    %(relativeCreated)6.0f ms %(name)s: %(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
@@ -95,9 +96,9 @@ def _case(queue, kwargs: dict) -> None:
     result = run_evaluation(EvaluateConfig(**kwargs))
     seconds = time.perf_counter() - t
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"seconds": seconds, "peak_rss_mb": peak_mb, "lists_used": result["lists_used"],
-               "lists_skipped": result["lists_skipped"], "decision": result["decision"],
-               "candidate_ndcg@5": result["candidate"]["ndcg@5"], "baseline_ndcg@5": result["baseline"]["ndcg@5"]})
+    queue.put({"seconds": seconds, "peak_rss_mb": peak_mb, "lists_used": result.lists_used,
+               "lists_skipped": result.lists_skipped, "decision": result.decision,
+               "candidate_ndcg@5": result.candidate["ndcg@5"], "baseline_ndcg@5": result.baseline["ndcg@5"]})
 
 
 def run_case(kwargs: dict) -> dict:

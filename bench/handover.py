@@ -37,9 +37,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from benchkit import RESULTS_DIR, machine_info, print_table, write_results  # noqa: E402
 from test_serving import CATEGORIES, COLOURS, build_release, jpeg  # noqa: E402
 from visrec.data.images import decode_image  # noqa: E402
+from visrec.model.encode import encode_images  # noqa: E402
 from visrec.model.encoders import TinyModelConfig, init_models, load_siglip  # noqa: E402
 from visrec.online.handover import REEMBED_BATCH_SIZE  # noqa: E402
-from visrec.online.service import RecommenderService, embed_images  # noqa: E402
+from visrec.online.service import RecommenderService  # noqa: E402
 
 log = logging.getLogger("bench.handover")
 SIZES = {"tiny": TinyModelConfig(),
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     encoder = state.encoder()
     started = time.perf_counter()
     for start in range(0, len(images), REEMBED_BATCH_SIZE):
-        embed_images(encoder, state.pca, [decode_image(d) for d in images[start:start + REEMBED_BATCH_SIZE]])
+        encode_images(encoder, [decode_image(d) for d in images[start:start + REEMBED_BATCH_SIZE]], state.pca)
     bare_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -135,7 +136,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "handover.json", help="results JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("visrec.online.service", "visrec.online.journal", "visrec.stages.release.registry", "visrec.stages.index"):
+    for noisy in ("visrec.online.service", "visrec.online.journal", "visrec.stages.release", "visrec.stages.index"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="visrec-bench-handover-"))
     try:

@@ -35,15 +35,14 @@ import os
 import random
 import secrets
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 from benchkit import RESULTS_DIR, machine_info, write_results
+
+from visrec.core.servers import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = RESULTS_DIR / "serve.json"
@@ -76,9 +75,11 @@ def build_release(workdir: Path, items: int) -> Path:
     import pyarrow.parquet as pq
 
     from visrec.data.embeddings import write_embeddings
-    from visrec.stages.index import IndexConfig, SimilarityIndex, tune_search_params
+    from visrec.stages.index.config import IndexConfig
+    from visrec.stages.index.searcher import SimilarityIndex
+    from visrec.stages.index.tuning import tune_search_params
     from visrec.model.encoders import TinyModelConfig, init_models
-    from visrec.stages.release.registry import DeployConfig, deploy_release
+    from visrec.stages.release.deploy import DeployConfig, deploy_release
 
     registry = workdir / "registry"
     marker = workdir / "built.json"
@@ -129,7 +130,8 @@ def time_in_process(registry: Path, queries: list[str], fetch: int) -> dict:
     plus the index's lock, query normalisation and label gather.
     """
     from visrec.online.ranking import RankingConfig, recommend
-    from visrec.online.service import ServingConfig, load_state
+    from visrec.online.config import ServingConfig
+    from visrec.online.loading import load_state
 
     state = load_state(str(registry), ServingConfig())  # the server's own loading path
     state.encoder()  # loaded in the background: wait, so it does not share the CPU with the timing
@@ -304,12 +306,6 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1_000_000)
@@ -332,31 +328,18 @@ def main() -> None:
         journal.unlink()  # earlier runs' upserts: every run starts from the release as built
     in_process = time_in_process(registry, ids, args.fetch)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     token = secrets.token_hex(16)
-    log = args.workdir / "server.log"
     started = time.monotonic()
-    server = subprocess.Popen([sys.executable, "-m", "visrec", "serve", "--release", str(registry),
-                               "--port", str(port), "--fetch", str(args.fetch)],
-                              stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "VISREC_ADMIN_TOKEN": token})
     writes: dict = {}
-    try:
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"server exited; see {log}")
-            try:
-                health = httpx.get(url + "/healthz", timeout=2)
-                # Steady state: also wait for the encoder, whose background import would steal CPU.
-                if health.status_code == 200 and health.json()["encoder"] != "loading":
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+    # A million-item release loads for minutes: wait as long as it takes, within an hour.
+    with ServeProcess(registry, ["--fetch", str(args.fetch)], args.workdir / "server.log",
+                      env={"PYTHONPATH": str(ROOT), "VISREC_ADMIN_TOKEN": token}, timeout=3600.0) as server:
+        # Steady state: also wait for the encoder, whose background import would steal CPU.
+        server.wait_healthy(ready=lambda health: health["encoder"] != "loading")
+        url, port, pid = server.url, server.port, server.proc.pid
         load_seconds = time.monotonic() - started
-        rss_loaded = rss_mb(server.pid)
-        levels = run_levels(port, ids, args.concurrency, args.requests, args.k, server.pid)
+        rss_loaded = rss_mb(pid)
+        levels = run_levels(port, ids, args.concurrency, args.requests, args.k, pid)
         if args.upserts:
             writes = write_phase(url, token, args.upserts)
             stop, background = threading.Event(), []
@@ -365,17 +348,14 @@ def main() -> None:
             try:
                 # Three times the requests: long enough for a few dozen writes to land meanwhile.
                 writes["reads_at_concurrency_8_while_writing"] = run_levels(port, ids, [8], 3 * args.requests,
-                                                                            args.k, server.pid)[0]
+                                                                            args.k, pid)[0]
             finally:
                 stop.set()
                 writer.join()
             writes["background_upserts"] = len(background)
             writes["background_put"] = percentiles_ms([t for t, _ in background]) if background else None
-        rss_after = rss_mb(server.pid)
+        rss_after = rss_mb(pid)
         metrics = httpx.get(url + "/metrics").text
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
     bare_p50 = in_process["bare_search"]["p50_ms"]
     bare_p99 = in_process["bare_search"]["p99_ms"]

@@ -17,7 +17,8 @@ import sys
 
 from benchkit import RESULTS_DIR, write_results
 from visrec.cli.study import add_arguments, config_from_args
-from visrec.sim.study import run_study, summary_lines
+from visrec.sim.study.report import summary_lines
+from visrec.sim.study.run import run_study
 
 
 def main() -> None:

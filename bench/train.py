@@ -43,7 +43,8 @@ from PIL import Image
 
 from visrec.model.encoders import (TEXT_MAX_LENGTH, image_features, init_models, load_siglip, text_features,
                            train_title_tokenizer)
-from visrec.stages.train.trainer import LOSS_READBACK_STEPS, TrainConfig, train
+from visrec.stages.configs import TrainConfig
+from visrec.stages.train.trainer import LOSS_READBACK_STEPS, TrainResult, train
 from visrec.stages.train.data import read_prepared
 from visrec.data.schema import PREPARED_SHARDS
 from benchkit import RESULTS_DIR, machine_info, print_table, write_results
@@ -69,7 +70,8 @@ def peak_bf16_tflops(gpu_name: str | None) -> float | None:
 def make_data(root: Path, items: int, image_size: int) -> tuple[str, str]:
     """Synthetic marketplace -> prepared dataset (20% validation); returns (listings, prepared dir)."""
     from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
-    from visrec.stages.prepare import PrepareConfig, run_prepare
+    from visrec.stages.configs import PrepareConfig
+    from visrec.stages.prepare import run_prepare
 
     generate_marketplace(root / "marketplace", DemoDataConfig(items=items, seed=0,
                                                               image_size=max(64, image_size)))
@@ -297,8 +299,8 @@ def visrec_loop(model_dir: str, data: str, out: Path, batch: int, steps: int, pr
                                 num_workers=num_workers, device=str(device), progress=False, val_max_items=256))
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
-    return {"samples_per_s": metrics["steady_samples_per_second"], "memory_plan": metrics["memory_plan"],
-            "num_workers": metrics["num_workers"],
+    return {"samples_per_s": metrics.steady_samples_per_second, "memory_plan": metrics.memory_plan,
+            "num_workers": metrics.num_workers,
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             if device.type == "cuda" else None}
 
@@ -313,11 +315,11 @@ def must_show(model_dir: str, paired: str, shuffled: str, out: Path, epochs: int
                               batch_size=batch, lr=lr, checkpoint_every_steps=0, num_workers=num_workers,
                               progress=False))
         result[name] = {
-            "seconds": round(time.perf_counter() - started, 1), "train_pairs": m["train_pairs"],
-            "val_pairs": m["val_pairs"], "steps": m["global_step"],
-            "before": m["initial_val"], "after": m["epochs"][-1]["val"],
-            "i2t_recall@5_by_epoch": [m["initial_val"]["image_to_text_recall@5"]]
-            + [e["val"]["image_to_text_recall@5"] for e in m["epochs"]],
+            "seconds": round(time.perf_counter() - started, 1), "train_pairs": m.train_pairs,
+            "val_pairs": m.val_pairs, "steps": m.global_step,
+            "before": m.initial_val, "after": m.epochs[-1]["val"],
+            "i2t_recall@5_by_epoch": [m.initial_val["image_to_text_recall@5"]]
+            + [e["val"]["image_to_text_recall@5"] for e in m.epochs],
         }
     return result
 
@@ -343,11 +345,11 @@ def scaling_options(model_dir: str, data: str, out: Path, epochs: int, batch: in
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             f"--nproc_per_node={processes}", "-m", "visrec.stages.train.trainer", json.dumps(asdict(config))],
                            check=True, env=env, capture_output=True)
-            m = json.loads((run_dir / "train_metrics.json").read_text())
-        after = m["epochs"][-1]["val"]
+            m = TrainResult.from_dict(json.loads((run_dir / "train_metrics.json").read_text()))
+        after = m.epochs[-1]["val"]
         result[name] = {"seconds": round(time.perf_counter() - started, 1), "processes": processes, **options,
                         "i2t_recall@5": after["image_to_text_recall@5"], "t2i_recall@5": after["text_to_image_recall@5"],
-                        "val_loss": after["loss"], "trainable_parameters": m["memory_plan"]["trainable_parameters"]}
+                        "val_loss": after["loss"], "trainable_parameters": m.memory_plan["trainable_parameters"]}
     return result
 
 

@@ -16,24 +16,25 @@ def build_index(
     index: Output[Artifact],
     metrics: Output[Metrics],
 ):
-    """Build, tune and gate the index (`visrec.stages.index.build_index`); other settings are
+    """Build, tune and gate the index (`visrec.stages.index.build.build_index`); other settings are
     `IndexConfig`'s; max_p99_ms 0 = no latency gate. A failed gate logs its metrics and
     fails the task."""
     from components.artifacts import location, log_metrics
     from visrec.core import io
     from visrec.core.errors import GateFailed
-    from visrec.stages.index import METRICS, IndexConfig
-    from visrec.stages.index import build_index as build
+    from visrec.stages.index.build import METRICS
+    from visrec.stages.index.build import build_index as build
+    from visrec.stages.index.config import IndexConfig
     from visrec.orchestration.pipeline_config import from_kfp
 
     config = IndexConfig(**from_kfp(IndexConfig, k=k, recall_target=recall_target, max_p99_ms=max_p99_ms, seed=seed))
     out = location(index)
     try:
-        values = build(location(embeddings), out, config)
+        result = build(location(embeddings), out, config)
     except GateFailed:
         log_metrics(metrics, {key: value for key, value in io.read_json(io.join(out, METRICS)).items()
                               if key != "tuning"})
         raise
-    log_metrics(metrics, {key: value for key, value in values.items() if key != "tuning"})
-    index.metadata.update({"num_items": values["num_items"], "dims": values["dims"],
-                           "recall_at_k": values["recall_at_k"], "p99_ms": values["p99_ms"]})
+    log_metrics(metrics, {key: value for key, value in result.as_dict().items() if key != "tuning"})
+    index.metadata.update({"num_items": result.num_items, "dims": result.dims,
+                           "recall_at_k": result.recall_at_k, "p99_ms": result.p99_ms})

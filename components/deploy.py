@@ -32,7 +32,7 @@ def deploy(
     release: Output[Artifact],
     vertex_model: Output[VertexModel],
 ) -> str:
-    """Run `visrec.stages.release.registry.deploy_release`; return its status (deployed | canary | pending |
+    """Run `visrec.stages.release.deploy.deploy_release`; return its status (deployed | canary | pending |
     unchanged | refused).
 
     `decision` is the evaluation component's output; the library re-checks the gate in
@@ -50,15 +50,17 @@ def deploy(
 
     from components.artifacts import location, trained_model_dir, vertex_model_uri
     from visrec.core import io
-    from visrec.stages.release.registry import REFUSED, DeployConfig, deploy_release, release_uri
+    from visrec.stages.release.deploy import DeployConfig, DeployResult, deploy_release
+    from visrec.stages.release.registry import read_manifest
+    from visrec.stages.release.release import REFUSED
     from visrec.stages.release.vertex import VertexDeployConfig
 
     log = logging.getLogger("deploy")
     model_dir = trained_model_dir(model)
     if decision != "deploy":
-        result = {"status": REFUSED, "version": None, "path": None,
-                  "message": f"the evaluation decided {decision!r}; a rejected candidate is never deployed"}
-        log.error(result["message"])
+        result = DeployResult(status=REFUSED, version=None, path=None,
+                              message=f"the evaluation decided {decision!r}; a rejected candidate is never deployed")
+        log.error(result.message)
     else:
         vertex = None
         if target == "vertex":
@@ -74,13 +76,14 @@ def deploy(
             target=target, vertex=vertex))
     os.makedirs(os.path.dirname(release.path) or ".", exist_ok=True)
     with open(release.path, "w") as fh:
-        json.dump(result, fh, indent=2)
-    release.metadata.update({k: result[k] for k in ("status", "version", "path") if result[k] is not None})
+        json.dump(result.as_dict(), fh, indent=2)
+    release.metadata.update({k: v for k, v in (("status", result.status), ("version", result.version),
+                                               ("path", result.path)) if v is not None})
     registered = None
-    if result["version"] and result["status"] != REFUSED:
-        registered = io.read_json(io.join(release_uri(registry, result["version"]), "release.json")).get("vertex")
+    if result.version and result.status != REFUSED:
+        registered = read_manifest(registry, result.version).get("vertex")
     if registered:
         name = f"{registered['model']}@{registered['model_version_id']}"
         vertex_model.uri = vertex_model_uri(registered["region"], name)
-        vertex_model.metadata.update({"resourceName": name, "release": result["version"]})
-    return result["status"]
+        vertex_model.metadata.update({"resourceName": name, "release": result.version})
+    return result.status

@@ -12,7 +12,6 @@ from components.images import BEAM_IMAGE
 def embed(
     data: Input[Dataset],
     data_fingerprint: str,
-    kind: str,
     pca_dims: int,
     batch_size: int,
     shards: int,
@@ -34,7 +33,8 @@ def embed(
     The encoder is the upstream `model` artifact (a `visrec train` output: its `model/`
     directory, or a model directory itself), or `model_uri` when that is non-empty: the
     baseline `google/mobilenet_v2_1.4_224` (or a `gs://` copy) is a parameter, not an
-    artifact. Other settings are `EmbedConfig`'s: `device` (`auto`: the GPU when the worker has
+    artifact. The encoder's kind (SigLIP or MobileNetV2) is the checkpoint's own, read from its
+    `config.json`. Other settings are `EmbedConfig`'s: `device` (`auto`: the GPU when the worker has
     one), `precision` (`""`: bf16 autocast on a GPU with bf16 tensor cores, else fp32), `share_model` (one model copy per machine, i.e. per GPU, instead of one per SDK
     process), `shards`. `beam_options`: extra pipeline options, e.g. the Dataflow project,
     region, GPU worker accelerator and custom container (docs/embedding.md); on Dataflow the
@@ -44,10 +44,11 @@ def embed(
     """
     from components.artifacts import location, log_metrics, trained_model_dir
     from visrec.core import io
-    from visrec.stages.dataflow import task_options
-    from visrec.stages.embed import EmbedConfig, run_embed
     from visrec.core.errors import UserError
     from visrec.orchestration.pipeline_config import from_kfp
+    from visrec.stages.configs import EmbedConfig
+    from visrec.stages.dataflow import task_options
+    from visrec.stages.embed import run_embed
 
     if model_uri:
         encoder = model_uri
@@ -57,14 +58,13 @@ def embed(
         raise UserError("embed needs a model artifact or a model_uri")
     out = location(embeddings)
     stats = run_embed(EmbedConfig(
-        data_uri=location(data), model_uri=encoder, out_dir=out, kind=kind, runner=runner,
+        data_uri=location(data), model_uri=encoder, out_dir=out, runner=runner,
         beam_options=task_options(runner, beam_options, pipeline_job, pipeline_task),
         **from_kfp(EmbedConfig, pca_dims=pca_dims, batch_size=batch_size, shards=shards, device=device,
                    precision=precision, share_model=share_model)))
     pca_file = io.join(out, "pca", "pca.npz")
     if io.exists(pca_file):
         io.write_bytes(io.join(location(pca), "pca.npz"), io.read_bytes(pca_file))
-    log_metrics(metrics, {k: stats[k] for k in ("items", "rejected", "dims", "pca_explained_variance",
-                                                "seconds", "items_per_second") if stats[k] is not None})
-    embeddings.metadata.update({"items": stats["items"], "dims": stats["dims"], "kind": kind, "model": encoder,
+    log_metrics(metrics, {k: v for k, v in stats.as_dict().items() if k != "config" and v is not None})
+    embeddings.metadata.update({"items": stats.items, "dims": stats.dims, "kind": stats.config.kind, "model": encoder,
                                 "data_fingerprint": data_fingerprint})

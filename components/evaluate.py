@@ -19,10 +19,11 @@ def evaluate(
     metrics: Output[Metrics],
     report: Output[HTML],
 ) -> str:
-    """Run `visrec.stages.evaluate.evaluation.run_evaluation`; return only the decision (`deploy` | `reject`).
+    """Run `visrec.stages.evaluate.evaluation.run_evaluation`; return the decision (`deploy` | `reject`).
 
-    A single plain string output, so the pipeline can branch with `dsl.If` on it
-    (kfp.local skips a bare `dsl.If` on a named output of a multi-output component).
+    The pipeline does not branch on this return value but on the `gate_decision` task, whose
+    single plain-string output it reads from `evaluation`'s metrics.json: kfp.local skips a
+    `dsl.If` on a named output of a multi-output component, and this one also emits artifacts.
     `interactions` / `listings`: the resolved inputs. `champion_uri`: '' when nothing is in
     production. `gate_policy`: the policy's YAML text, '' for the default policy.
     `evaluation` receives metrics.json, report.html and the policy used; `report` is the
@@ -32,8 +33,9 @@ def evaluate(
 
     from components.artifacts import location, log_metrics
     from visrec.core import io
-    from visrec.stages.evaluate.evaluation import EvaluateConfig, run_evaluation
     from visrec.orchestration.pipeline_config import from_kfp
+    from visrec.stages.configs import EvaluateConfig
+    from visrec.stages.evaluate.evaluation import run_evaluation
 
     out_dir = location(evaluation)
     policy_uri = None
@@ -44,10 +46,10 @@ def evaluate(
         interactions_uri=location(interactions), candidate_uri=location(candidate), baseline_uri=location(baseline),
         out_dir=out_dir, champion_uri=champion_uri or None, listings_uri=location(listings), gate_config=policy_uri,
         **from_kfp(EvaluateConfig, bootstrap_resamples=bootstrap_resamples)))
-    log_metrics(metrics, {k: result[k] for k in ("candidate", "baseline", "champion", "uplift",
-                                                  "lists_used", "lists_skipped") if result[k] is not None})
-    metrics.log_metric("deploy", float(result["decision"] == "deploy"))
+    scores = {k: v for k, v in result.as_dict().items() if k not in ("decision", "reasons") and v is not None}
+    log_metrics(metrics, scores)
+    metrics.log_metric("deploy", float(result.decision == "deploy"))
     os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
     with open(report.path, "wb") as fh:
         fh.write(io.read_bytes(io.join(out_dir, "report.html")))
-    return result["decision"]
+    return result.decision

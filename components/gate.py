@@ -15,7 +15,7 @@ from components.images import BASE_IMAGE
 def gate_decision(evaluation: Input[Artifact]) -> str:
     """The gate's decision from the evaluation's metrics.json: `deploy` or `reject` (anything else fails)."""
     from components.artifacts import location
-    from visrec.stages.release.registry import gate_decision_of
+    from visrec.stages.evaluate.gate import gate_decision_of
 
     return gate_decision_of(location(evaluation))
 
@@ -32,6 +32,6 @@ def resolve_champion(registry: str) -> str:
 def record_rejection(evaluation: Input[Artifact], registry: str) -> str:
     """Append the rejected candidate's gate result to the registry's rejection log; returns its path."""
     from components.artifacts import location
-    from visrec.stages.release.registry import record_rejection as record
+    from visrec.stages.evaluate.gate import record_rejection as record
 
     return record(registry, location(evaluation))

@@ -33,16 +33,17 @@ def prepare_dataset(
     (`rejected.<reason>` per rejection reason).
     """
     from components.artifacts import location, log_metrics
-    from visrec.stages.dataflow import task_options
     from visrec.orchestration.pipeline_config import from_kfp
-    from visrec.stages.prepare import PrepareConfig, run_prepare
+    from visrec.stages.configs import PrepareConfig
+    from visrec.stages.dataflow import task_options
+    from visrec.stages.prepare import run_prepare
 
     stats = run_prepare(PrepareConfig(
         listings_uri=location(listings), out_dir=location(dataset), runner=runner,
         beam_options=task_options(runner, beam_options, pipeline_job, pipeline_task),
         **from_kfp(PrepareConfig, max_pairs=max_pairs, val_fraction=val_fraction, seed=seed, image_size=image_size,
                    shards=shards)))
-    log_metrics(metrics, stats)
-    dataset.metadata.update({"data_fingerprint": data_fingerprint, "train_pairs": stats["train_pairs"],
-                             "val_pairs": stats["val_pairs"]})
-    return stats["train_pairs"]
+    log_metrics(metrics, stats.as_dict())
+    dataset.metadata.update({"data_fingerprint": data_fingerprint, "train_pairs": stats.train_pairs,
+                             "val_pairs": stats.val_pairs})
+    return stats.train_pairs

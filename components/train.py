@@ -36,21 +36,25 @@ def train(
     """
     from components.artifacts import location, log_metrics
     from visrec.orchestration.pipeline_config import from_kfp
-    from visrec.stages.train.trainer import TrainConfig, train_on_all_devices
+    from visrec.stages.configs import TrainConfig
+    from visrec.stages.train.trainer import train_on_all_devices
 
     out = location(model)
-    values = train_on_all_devices(TrainConfig(
+    result = train_on_all_devices(TrainConfig(
         data_uri=location(dataset), out_dir=out, model_uri=model_uri, resume=True, progress=False,
         **from_kfp(TrainConfig, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                    precision=precision, max_steps=max_steps, seed=seed, device=device,
                    gradient_checkpointing=gradient_checkpointing, freeze_token_embedding=freeze_token_embedding,
                    gradient_compression=gradient_compression)))
-    summary = {key: values[key] for key in ("global_step", "epochs_completed", "best_epoch", "samples_per_second",
-                                            "final_train_loss", "logit_scale", "logit_bias") if values[key] is not None}
-    summary["best_val"] = values["best_val"] or {}
-    summary["initial_val"] = values["initial_val"] or {}
-    summary["peak_memory_estimate_gib"] = values["memory_plan"]["total_gib"]
-    summary["gradient_checkpointing"] = values["memory_plan"]["checkpointing"]
+    summary = {"global_step": result.global_step, "epochs_completed": result.epochs_completed,
+               "best_epoch": result.best_epoch, "samples_per_second": result.samples_per_second,
+               "final_train_loss": result.final_train_loss, "logit_scale": result.logit_scale,
+               "logit_bias": result.logit_bias}
+    summary = {key: value for key, value in summary.items() if value is not None}
+    summary["best_val"] = result.best_val or {}
+    summary["initial_val"] = result.initial_val or {}
+    summary["peak_memory_estimate_gib"] = result.memory_plan["total_gib"]
+    summary["gradient_checkpointing"] = result.memory_plan["checkpointing"]
     log_metrics(metrics, summary)
     model.metadata.update({"framework": "transformers", "architecture": "SiglipModel", "base_model": model_uri,
-                           "model_dir": f"{out.rstrip('/')}/model", "best_epoch": values["best_epoch"]})
+                           "model_dir": f"{out.rstrip('/')}/model", "best_epoch": result.best_epoch})

@@ -31,17 +31,18 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+from visrec.core.servers import free_port, get_json, stop_process, wait_healthy
+from visrec.core.tables import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_BASE = "python:3.11.10-slim-bookworm"
@@ -69,22 +70,14 @@ class Report:
         print(f"[{status}] {image}: {check}{' - ' + detail if detail else ''}", flush=True)
 
     def table(self) -> str:
-        rows = [("image", "check", "result", "detail")] + [(r.image, r.check, r.status, r.detail[:90])
-                                                           for r in self.results]
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+        return format_table([("image", "check", "result", "detail")]
+                            + [(r.image, r.check, r.status, r.detail[:90]) for r in self.results])
 
 
 def sh(*argv: str, check: bool = True, capture: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), check=check, text=True,
                           stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None,
                           **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- engines ------------------------------------------------------------------------------------
@@ -314,34 +307,19 @@ def check_serving(engine: Engine, image: str, report: Report) -> None:
                           "--port", str(port)], background=True)
         host = box.host(server.stdout if isinstance(server, subprocess.CompletedProcess) else server)
         try:
-            health = wait_http(f"http://{host}:{port}/healthz", 180)
+            try:
+                health = wait_healthy(f"http://{host}:{port}/healthz", timeout=180)
+            except TimeoutError:
+                health = None
             report.add(image, "visrec serve: GET /healthz over HTTP", health is not None,
                        json.dumps(health)[:90] if health else "no answer in 180 s")
             query = read_smoke_file(box, "release/query.txt")
-            answer = get_json(f"http://{host}:{port}/v1/items/{query}/similar?k=3") if health else None
+            answer = get_json(f"http://{host}:{port}/v1/items/{query}/similar?k=3", timeout=5) if health else None
             good = bool(answer and answer.get("items"))
             report.add(image, "visrec serve: GET /v1/items/ID/similar over HTTP", good,
                        f"{len(answer['items'])} items from release {answer['release']}" if good else str(answer))
         finally:
             stop(engine, server)
-
-
-def wait_http(url: str, seconds: float) -> dict | None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        answer = get_json(url)
-        if answer is not None:
-            return answer
-        time.sleep(1)
-    return None
-
-
-def get_json(url: str) -> dict | None:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return json.loads(response.read())
-    except (OSError, ValueError):
-        return None
 
 
 def read_smoke_file(box, name: str) -> str:
@@ -352,11 +330,7 @@ def read_smoke_file(box, name: str) -> str:
 
 def stop(engine: Engine, server) -> None:
     if isinstance(server, subprocess.Popen):
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
     else:
         sh("docker", "rm", "-f", server.stdout.strip(), check=False)
 
@@ -434,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             python_standin(engine)
         if not (engine.exists(BEAM_SDK) or engine.pull(BEAM_SDK)):
             beam_standin(engine)
-        if get_json("https://download.pytorch.org/whl/cpu/") is None and args.torch_wheels.is_dir():
+        if get_json("https://download.pytorch.org/whl/cpu/", timeout=5) is None and args.torch_wheels.is_dir():
             torch_index = TorchIndex(args.torch_wheels)
             build_args["TORCH_INDEX_URL"] = torch_index.url
             report.add("base", "CPU torch from a local index", None,

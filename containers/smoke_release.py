@@ -13,10 +13,12 @@ from pathlib import Path
 
 def main(out: Path) -> None:
     from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
-    from visrec.stages.embed import EmbedConfig, run_embed
-    from visrec.stages.index import IndexConfig, build_index
+    from visrec.stages.configs import EmbedConfig
+    from visrec.stages.embed import run_embed
+    from visrec.stages.index.build import build_index
+    from visrec.stages.index.config import IndexConfig
     from visrec.model.encoders import init_models
-    from visrec.stages.release.registry import DeployConfig, deploy_release
+    from visrec.stages.release.deploy import DeployConfig, deploy_release
 
     data, models = out / "data", out / "models"
     generate_marketplace(data, DemoDataConfig(items=40, seed=0))

@@ -10,73 +10,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from visrec.cli import configure_logging
+from visrec.core.servers import ServeProcess, get_json
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str, timeout: float = 10.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not healthy after {timeout:.0f}s")
-
-
-def ask_for_recommendations(registry: Path, listings: list[dict], queries: int = 3, k: int = 5) -> None:
-    """Serve the registry's current release over HTTP and print recommendations for a few items."""
-    port = _free_port()
-    env = dict(os.environ, VISREC_ADMIN_TOKEN="")
-    proc = subprocess.Popen([sys.executable, "-m", "visrec", "serve", "--release", str(registry),
-                             "--host", "127.0.0.1", "--port", str(port)], env=env)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_healthy(f"{base}/healthz", proc)
+def ask_for_recommendations(registry: Path, listings: list[dict], log_path: Path, queries: int = 3,
+                            k: int = 5) -> None:
+    """Serve the registry's current release over HTTP (the server's output to `log_path`) and print
+    recommendations for a few items."""
+    with ServeProcess(registry, log_path=log_path, env={"VISREC_ADMIN_TOKEN": ""}) as server:
+        server.wait_healthy()
         by_id = {row["item_id"]: row for row in listings}
-        asked = 0
+        asked, release = 0, "?"
         for row in listings:
             if asked == queries:
                 break
             if row.get("status") != "on_sale":
                 continue
-            try:
-                answer = _get_json(f"{base}/v1/items/{row['item_id']}/similar?k={k}")
-            except OSError:
+            answer = get_json(f"{server.url}/v1/items/{row['item_id']}/similar?k={k}", timeout=10.0)
+            if answer is None:
                 continue  # not in the release (e.g. rejected at embedding time)
-            asked += 1
+            asked, release = asked + 1, answer.get("release")
             print(f"\nitem {row['item_id']}  {row['category']}  ¥{row['price']:,}  {row['title']!r}")
             for rank, item in enumerate(answer["items"], 1):
                 title = by_id.get(item["item_id"], {}).get("title", "")
                 print(f"  {rank}. {item['item_id']}  score={item['score']:.3f}  {item['category']}  "
                       f"¥{item['price']:,}  {title!r}")
-        print(f"\n(release {answer.get('release') if asked else '?'} served at {base})")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        print(f"\n(release {release} served at {server.url}; server log {log_path})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + format_summary(summary))
     if summary.get("deployed") and summary.get("deploy_status") == "deployed":
         listings = [json.loads(line) for line in (data / "listings.jsonl").read_text().splitlines()]
-        ask_for_recommendations(Path(summary["parameters"]["registry"]), listings)
+        ask_for_recommendations(Path(summary["parameters"]["registry"]), listings, Path(summary["logs"]) / "serve.log")
     print(f"\nHTML gate report: {summary.get('report')}")
     print(f"demo finished in {time.time() - started:.0f}s (work dir {work})")
     return 0

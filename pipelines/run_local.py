@@ -3,7 +3,8 @@
 The very graph that Vertex AI runs is executed by `kfp.local.SubprocessRunner`
 (in this Python environment, no containers). Parameters come from
 `visrec/configs/local.yaml`; models named `tiny` are created with `visrec init-models` under
-the work dir, since no checkpoint can be downloaded here.
+the work dir, since no checkpoint can be downloaded here. The terminal shows one line per
+task; everything the run prints goes to `WORK_DIR/logs/<time>/` (`pipelines.task_logs`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.task_logs import capture_task_logs
 from visrec.core import io
 from visrec.core.errors import UserError
 from visrec.orchestration.pipeline_config import load_run_config
@@ -46,28 +48,36 @@ def resolve_parameters(listings_uri: str, interactions_uri: str, work_dir: Path,
 
 def run_local(listings_uri: str, interactions_uri: str, work_dir: str | Path,
               config_uri: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the whole pipeline with kfp.local; returns (and writes `work_dir/run_summary.json`) its summary."""
-    from kfp import local
+    """Run the whole pipeline with kfp.local; returns (and writes `work_dir/run_summary.json`) its summary.
 
-    from pipelines.visual_recommender import visual_recommender
+    Prints one line per task as it runs; each task's output is in `summary["logs"]`/<task>.log.
+    """
+    from kfp import local
 
     for uri in (listings_uri, interactions_uri):
         if not io.exists(uri):
             raise UserError(f"input not found: {uri}")
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    params = resolve_parameters(listings_uri, interactions_uri, work, config_uri, overrides or {})
+    logs = work / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    print(f"running the pipeline with kfp.local; the output of each task goes to {logs}/<task>.log", flush=True)
     root = work / "pipeline_root"
     before = set(root.iterdir()) if root.exists() else set()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    started = time.time()
-    visual_recommender(**params)
-    seconds = time.time() - started
+    with capture_task_logs(logs):
+        # Inside the capture: importing the components imports Beam, and creating tiny models
+        # imports transformers, both of which log warnings about optional dependencies.
+        from pipelines.visual_recommender import visual_recommender
+
+        params = resolve_parameters(listings_uri, interactions_uri, work, config_uri, overrides or {})
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+        started = time.time()
+        visual_recommender(**params)
+        seconds = time.time() - started
     new_runs = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
     if not new_runs:
         raise RuntimeError(f"kfp.local wrote no run under {root}")
     summary = summarize_run(new_runs[-1], started)
-    summary.update({"seconds": round(seconds, 1), "parameters": params, "work_dir": str(work)})
+    summary.update({"seconds": round(seconds, 1), "parameters": params, "work_dir": str(work), "logs": str(logs)})
     io.write_json(str(work / "run_summary.json"), summary)
     return summary
 
@@ -153,4 +163,5 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("candidate rejected: not deployed (rejection recorded in the registry)")
     if summary.get("report"):
         lines.append(f"report: {summary['report']}")
+    lines.append(f"logs: {summary['logs']}")
     return "\n".join(lines)

@@ -37,14 +37,11 @@ from components.prepare_dataset import prepare_dataset
 from components.resources import TaskResources, set_resources
 from components.train import train
 from visrec.data.datasource import ResolveConfig
-from visrec.stages.embed import EmbedConfig
-from visrec.stages.evaluate.evaluation import EvaluateConfig
-from visrec.stages.index import IndexConfig
 from visrec.model.encoders import MOBILENET_HUB_ID
 from visrec.orchestration.pipeline_config import kfp_default
-from visrec.stages.prepare import PrepareConfig
-from visrec.stages.release.registry import DeployConfig
-from visrec.stages.train.trainer import TrainConfig
+from visrec.stages.configs import EmbedConfig, EvaluateConfig, PrepareConfig, TrainConfig
+from visrec.stages.index.config import IndexConfig
+from visrec.stages.release.deploy import DeployConfig
 from visrec.stages.release.vertex import VertexDeployConfig
 
 PIPELINE_NAME = "visual-recommender"
@@ -166,13 +163,13 @@ def visual_recommender(
                          precision=embed_precision, share_model=embed_share_model, runner=beam_runner, beam_options=embed_beam_options,
                          **DATAFLOW_JOB)
         candidate = embed(data=listings.output, data_fingerprint=listings_fingerprint, model=trained.outputs["model"],
-                          kind="siglip", pca_dims=pca_dims, **embedding)
+                          pca_dims=pca_dims, **embedding)
         set_resources(candidate, beam_cpu, beam_memory, retries=BEAM_RETRIES).set_display_name(
             "embed candidate (SigLIP + PCA)")
 
         # The baseline needs no training: it runs in parallel with the fine-tuning.
         baseline = embed(data=listings.output, data_fingerprint=listings_fingerprint, model_uri=baseline_model,
-                         kind="mobilenet_v2", pca_dims=0, **embedding)
+                         pca_dims=0, **embedding)
         set_resources(baseline, beam_cpu, beam_memory, retries=BEAM_RETRIES).set_display_name(
             "embed baseline (MobileNetV2)")
 

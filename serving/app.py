@@ -1,8 +1,9 @@
 """FastAPI app: similar items, Vertex AI prediction contract, item writes, hot reload, metrics.
 
 `create_app(release_uri, ...)` builds the app around a `visrec.online.service.RecommenderService`.
-The release loads in a background thread so the port opens at once and `/healthz`
-answers 503 until it is ready (what Vertex AI and Kubernetes probes expect).
+The release loads in a background thread (`visrec.online.workers.serve_release`, which then
+tails the journal) so the port opens at once and `/healthz` answers 503 until it is ready
+(what Vertex AI and Kubernetes probes expect).
 
 Reads (`similar`, `predict`) run on the event loop: a search is a fraction of a
 millisecond of ScaNN plus vectorised filtering, cheaper than a hop to the thread pool.
@@ -41,9 +42,10 @@ from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from visrec.core.errors import UserError
-from visrec.online.service import BadItem, NoEncoder, RecommenderService, ServingConfig, UnknownItem
-
-HEADER_TIMEOUT_ENV = "VISREC_HEADER_TIMEOUT_SECONDS"  # how `visrec serve` hands it to worker processes
+from visrec.online.config import ServingConfig
+from visrec.online.errors import BadItem, NoEncoder, UnknownItem
+from visrec.online.service import RecommenderService
+from visrec.online.workers import WorkerSpec, header_timeout_seconds, serve_release
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +227,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.header_timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, ServingConfig.header_timeout_seconds))
+        self.header_timeout = header_timeout_seconds()
         self._header_timer: asyncio.TimerHandle | None = None
 
     def _arm(self) -> None:
@@ -315,33 +317,6 @@ def _stop_process() -> None:
     os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down gracefully
 
 
-def _start_background(service: RecommenderService, metrics: ServingMetrics, app: FastAPI,
-                      stop: threading.Event, on_load_error: Callable[[], None]) -> None:
-    """Load the release, then tail the journal and the reload signal until `stop` (writes and
-    reloads made through other workers)."""
-
-    def run() -> None:
-        try:
-            service.start()
-        except Exception as exc:  # noqa: BLE001 - any load failure makes this process useless
-            log.critical("cannot load release %s: %s", service.release_uri, exc,
-                         exc_info=not isinstance(exc, UserError))
-            app.state.load_error = str(exc)
-            on_load_error()
-            return
-        metrics.serving(service.state.version)
-        while not stop.wait(service.config.journal_poll_seconds):
-            try:
-                service.sync_journal()
-                version = service.follow_reloads()
-                if version is not None:
-                    metrics.serving(version)
-            except Exception:  # noqa: BLE001 - keep tailing; the error is logged
-                log.exception("journal sync failed")
-
-    threading.Thread(target=run, name="visrec-release", daemon=True).start()
-
-
 def configured_admin_token() -> str | None:
     """`VISREC_ADMIN_TOKEN`, or the token stored at `VISREC_ADMIN_TOKEN_URI` (local or gs://);
     None when neither is set (writes disabled). A token shorter than `MIN_TOKEN_LENGTH`
@@ -383,12 +358,16 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
     stop = threading.Event()
     max_k = config.ranking.max_k
 
+    def load_failed(exc: Exception) -> None:
+        app.state.load_error = str(exc)
+        on_load_error()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         access = logging.getLogger("uvicorn.access")  # configured by uvicorn by now
         if not any(isinstance(f, RedactSecrets) for f in access.filters):
             access.addFilter(RedactSecrets())
-        _start_background(service, metrics, app, stop, on_load_error)
+        serve_release(service, stop, on_release=metrics.serving, on_load_error=load_failed)
         yield
         stop.set()
 
@@ -439,8 +418,9 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
         if not service.ready:
             return _error(503, app.state.load_error or "release is still loading")
         state = service.state
-        return JSONResponse({"status": "ok", "release": state.version, "encoder": state.encoder_status(),
-                             "degraded": state.degraded, "journal_entries_skipped": state.entries_skipped(),
+        return JSONResponse({"status": "ok", "release": state.release.version, "encoder": state.encoder_status(),
+                             "degraded": state.degraded.as_dict() if state.degraded else None,
+                             "journal_entries_skipped": state.entries_skipped(),
                              "handover": state.handover.status.as_dict() if state.handover else None,
                              "handover_from_successor": state.successor_handover.status.as_dict()
                              if state.successor_handover else None})
@@ -541,7 +521,7 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
     async def reload(request: Request) -> JSONResponse:
         require_admin(request)
         require_ready()
-        previous = service.state.version
+        previous = service.state.release.version
         try:
             version = await run_in_threadpool(service.reload)
         except Exception as exc:  # noqa: BLE001 - any failure means: refuse, keep serving the old one
@@ -560,9 +540,7 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
 
 
 def app_from_env() -> FastAPI:
-    """Factory for `uvicorn --factory` worker processes: `create_app` with `VISREC_SERVE_CONFIG` (JSON)."""
-    from visrec.online.ranking import RankingConfig
-
-    spec = json.loads(os.environ["VISREC_SERVE_CONFIG"])
-    config = ServingConfig(**{**spec["config"], "ranking": RankingConfig(**spec["config"]["ranking"])})
-    return create_app(spec["release"], config)
+    """Factory for `uvicorn --factory` worker processes: `create_app` with the `WorkerSpec` that
+    `visrec serve` put in the environment."""
+    spec = WorkerSpec.from_env()
+    return create_app(spec.release_uri, spec.config)

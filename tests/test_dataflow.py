@@ -19,8 +19,8 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import dataflow_v1beta3 as dataflow
 
-from visrec.stages.dataflow import (cancel_on_sigterm, find_active_job, job_name, run_pipeline, task_options,
-                             with_job_name)
+from visrec.stages.dataflow import (cancel_on_sigterm, find_active_job, job_name, make_pipeline, run_pipeline,
+                             task_options, with_job_name)
 from visrec.core.errors import UserError
 
 PROJECT, REGION = "my-proj", "us-central1"
@@ -216,7 +216,8 @@ def test_a_retried_prepare_task_reports_the_stats_of_the_job_it_attached_to(fake
     from PIL import Image
 
     from visrec.core import io
-    from visrec.stages.prepare import PrepareConfig, run_prepare
+    from visrec.stages.configs import PrepareConfig
+    from visrec.stages.prepare import run_prepare
 
     bucket = gcs_emulator()
     rows = []
@@ -235,4 +236,18 @@ def test_a_retried_prepare_task_reports_the_stats_of_the_job_it_attached_to(fake
     retry = run_prepare(PrepareConfig(listings_uri=listings, out_dir=out, val_fraction=0.0, image_size=8, shards=1,
                                       runner="DataflowRunner", beam_options=dataflow_options(bucket, name)))
     assert fake_dataflow.requests_of("create_job") == []
-    assert retry["train_pairs"] == first["train_pairs"] == 4
+    assert retry.train_pairs == first.train_pairs == 4
+
+
+def test_the_direct_runner_runs_in_process_without_reaching_for_prism():
+    """`DirectRunner` is Beam's in-process FnApiRunner: Beam's own DirectRunner would first try to
+    download the Prism runner binary, which these machines cannot."""
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    pipeline = make_pipeline("DirectRunner", ["--direct_num_workers=1"])
+    assert isinstance(pipeline.runner, FnApiRunner)
+    _ = pipeline | beam.Create([1, 2, 3]) | beam.Map(lambda x: x * 2)
+    assert pipeline.run().wait_until_finish() == "DONE"
+    with pytest.raises(UserError, match="NoSuchRunner"):
+        make_pipeline("NoSuchRunner", [])

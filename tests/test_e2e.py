@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port, wait_for_port
+from visrec.core.servers import free_port, wait_for_port
 
 pytestmark = pytest.mark.e2e
 
@@ -96,6 +96,16 @@ def test_every_stage_produced_its_outputs(good_run):
     assert (Path(art["evaluate"]["evaluation"]) / "report.html").stat().st_size > 10_000
     assert _task(good_run, "build-index")["metrics"]["passed"] == 1.0
     assert _task(good_run, "train")["metrics"]["global_step"] > 0
+
+
+def test_every_task_has_its_own_log_and_beam_stays_offline(good_run):
+    logs = Path(good_run["logs"])
+    assert {f"{t['task']}.log" for t in good_run["tasks"]} <= {p.name for p in logs.iterdir()}
+    assert "Got executor_input" in (logs / "train.log").read_text()
+    assert "Executing task 'embed-2'" not in (logs / "embed.log").read_text()
+    # The in-process runner, chosen explicitly: Beam's DirectRunner would try to download Prism first.
+    for task in ("prepare-dataset", "embed", "embed-2"):
+        assert "prism" not in (logs / f"{task}.log").read_text().lower(), task
 
 
 def test_good_candidate_passes_the_gate_and_is_deployed(good_run, registry):

@@ -10,9 +10,11 @@ import pytest
 
 from visrec.core import io
 from visrec.cli import main as cli_main
-from visrec.stages.embed import EmbedConfig, build_pipeline, encoder_handler, plan_input, run_embed
+from visrec.stages.configs import EmbedConfig
+from visrec.stages.embed import build_pipeline, encoder_handler, plan_input, run_embed
 from visrec.core.errors import UserError
 from visrec.data.embeddings import EMBEDDINGS_SCHEMA, read_embeddings, write_embeddings
+from visrec.model.encoders import encoder_kind
 from visrec.model.pca import PcaProjection, l2_normalise
 
 ITEMS = 24  # marketplace photos per test catalog: enough for batches and shards, fast on 2 cores
@@ -87,9 +89,9 @@ def test_beam_embeddings_equal_the_model_run_directly(raw_run, prepared, tiny_mo
     for item_id, vector in expected.items():
         np.testing.assert_allclose(got[item_id], vector, atol=1e-5)
         assert np.linalg.norm(got[item_id]) == pytest.approx(1.0, abs=1e-5)
-    assert stats["items"] == ITEMS and stats["rejected"] == 1
-    assert stats["dims"] == 64 and stats["pca_explained_variance"] is None
-    assert stats["items_per_second"] > 0 and stats["seconds"] > 0
+    assert stats.items == ITEMS and stats.rejected == 1
+    assert stats.dims == 64 and stats.pca_explained_variance is None
+    assert stats.items_per_second > 0 and stats.seconds > 0
     assert json.loads(Path(out, "embed_stats.json").read_text())["items"] == ITEMS
     assert sorted(p.name for p in Path(out).glob("embeddings-*.parquet")) == [
         f"embeddings-0000{i}-of-00003.parquet" for i in range(3)]
@@ -107,9 +109,9 @@ def test_corrupt_image_goes_to_dead_letters(raw_run):
 def test_pca_output_is_the_fitted_projection_of_the_raw_embeddings(pca_run, raw_run):
     out, stats = pca_run
     pca = PcaProjection.load(str(Path(out, "pca")))
-    assert pca.dims == stats["dims"] == 8
-    assert stats["pca_explained_variance"] == pytest.approx(pca.explained_variance)
-    assert 0 < stats["pca_explained_variance"] <= 1
+    assert pca.dims == stats.dims == 8
+    assert stats.pca_explained_variance == pytest.approx(pca.explained_variance)
+    assert 0 < stats.pca_explained_variance <= 1
     raw, reduced = _by_id(raw_run[0]), _by_id(out)
     assert set(raw) == set(reduced)
     ids = sorted(raw)
@@ -173,7 +175,7 @@ def test_baseline_has_the_same_format_and_gcs_works(prepared, tiny_models, gcs_e
     io.write_text(f"{out}/embeddings-00000-of-00009.parquet", "stale output of an earlier run")
     stats = run_embed(EmbedConfig(data_uri=f"gs://{bucket}/prepared", model_uri=str(tiny_models / "mobilenet_v2"),
                                   out_dir=out, kind="mobilenet_v2", pca_dims=16, batch_size=32, shards=2))
-    assert (stats["items"], stats["rejected"], stats["dims"]) == (ITEMS, 1, 16)
+    assert (stats.items, stats.rejected, stats.dims) == (ITEMS, 1, 16)
     files = io.list_files(out, "embeddings-*.parquet")
     assert [f.rsplit("/", 1)[1] for f in files] == ["embeddings-00000-of-00002.parquet",
                                                      "embeddings-00001-of-00002.parquet"]
@@ -208,14 +210,30 @@ def test_user_errors(tiny_models, tmp_path, capsys):
     assert exc.value.code == 2
 
 
+def test_the_encoder_kind_is_the_checkpoints(raw_run, prepared, tiny_models, tmp_path, capsys):
+    """No kind given: the checkpoint's own (its config.json); a kind it is not is refused before any work."""
+    assert encoder_kind(str(tiny_models / "siglip")) == raw_run[1].config.kind == "siglip"
+    assert encoder_kind(str(tiny_models / "mobilenet_v2")) == "mobilenet_v2"
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="mobilenet_v2 checkpoint, not siglip"):
+        run_embed(EmbedConfig(data_uri=str(prepared), model_uri=str(tiny_models / "mobilenet_v2"), out_dir=str(out),
+                              kind="siglip"))
+    assert not out.exists()
+    assert cli_main(["embed", "--data", str(prepared), "--model", str(tiny_models / "siglip"), "--out", str(out),
+                     "--kind", "mobilenet_v2"]) == 2
+    assert "siglip checkpoint, not mobilenet_v2" in capsys.readouterr().err
+    with pytest.raises(UserError, match="cannot read the model config"):
+        encoder_kind(str(tmp_path))
+
+
 def test_precision_is_bf16_fp32_or_the_device_default(tmp_path):
     config = dict(data_uri=str(tmp_path), model_uri="m", out_dir=str(tmp_path))
     assert EmbedConfig(**config).precision is None  # bf16 on a GPU worker, fp32 on a CPU one
     for precision in ("bf16", "fp32", None):
-        EmbedConfig(**config, precision=precision).validate()
+        EmbedConfig(**config, precision=precision)
     for precision in ("fp16", "BF16", ""):
         with pytest.raises(UserError, match="precision"):
-            EmbedConfig(**config, precision=precision).validate()
+            EmbedConfig(**config, precision=precision)
 
 
 def test_bf16_run_embed_matches_fp32(raw_run, prepared, tiny_models, tmp_path):
@@ -223,7 +241,7 @@ def test_bf16_run_embed_matches_fp32(raw_run, prepared, tiny_models, tmp_path):
     out = str(tmp_path / "bf16")
     stats = run_embed(EmbedConfig(data_uri=str(prepared), model_uri=str(tiny_models / "siglip"), out_dir=out,
                                   pca_dims=0, batch_size=8, precision="bf16"))
-    assert stats["items"] == ITEMS and stats["config"]["precision"] == "bf16"
+    assert stats.items == ITEMS and stats.config.precision == "bf16"
     fp32, bf16 = _by_id(raw_run[0]), _by_id(out)
     assert set(bf16) == set(fp32)
     cosine = np.array([bf16[i] @ fp32[i] for i in fp32])
@@ -268,8 +286,8 @@ def test_component_under_kfp_local(prepared, tiny_models, tmp_path):
         settings = dict(data=data.output, data_fingerprint="sha256:x", batch_size=16, shards=4, device="auto",
                         precision="", share_model=False, runner="DirectRunner", beam_options=[], pipeline_job="run",
                         pipeline_task="embed")
-        embed_component(model=trained.output, kind="siglip", pca_dims=8, **settings)
-        embed_component(model_uri=baseline_uri, kind="mobilenet_v2", pca_dims=0, **settings)
+        embed_component(model=trained.output, pca_dims=8, **settings)
+        embed_component(model_uri=baseline_uri, pca_dims=0, **settings)
 
     root = tmp_path / "root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))

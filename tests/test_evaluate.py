@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from visrec.stages.evaluate.evaluation import EvaluateConfig, run_evaluation
+from visrec.stages.configs import EvaluateConfig
+from visrec.stages.evaluate.evaluation import EvaluateResult, run_evaluation
 
 CATEGORIES = ["Women/Tops/T-shirts", "Men/Shoes/Sneakers", "Home/Kitchen/Mugs"]
 
@@ -69,7 +70,7 @@ def world(tmp_path_factory) -> dict:
     }
 
 
-def evaluate(world, tmp_path, candidate, baseline, **kw) -> dict:
+def evaluate(world, tmp_path, candidate, baseline, **kw) -> EvaluateResult:
     kw.setdefault("bootstrap_resamples", 300)
     return run_evaluation(EvaluateConfig(interactions_uri=world["interactions"], candidate_uri=world[candidate],
                                          baseline_uri=world[baseline], out_dir=str(tmp_path / "out"), **kw))
@@ -77,9 +78,9 @@ def evaluate(world, tmp_path, candidate, baseline, **kw) -> dict:
 
 def test_better_candidate_deploys_with_all_outputs(world, tmp_path):
     result = evaluate(world, tmp_path, "good", "random", champion_uri=world["noisy"], listings_uri=world["listings"])
-    assert result["decision"] == "deploy", result["reasons"]
+    assert result.decision == "deploy", result.reasons
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert saved == result
+    assert saved == result.as_dict()
     assert list(saved) == ["candidate", "baseline", "champion", "uplift", "lists_used", "lists_skipped",
                            "decision", "reasons"]
     assert saved["lists_used"] == 300 and saved["lists_skipped"] == 0
@@ -110,42 +111,42 @@ def test_better_candidate_deploys_with_all_outputs(world, tmp_path):
 @pytest.mark.parametrize("candidate, baseline", [("random", "good"), ("good", "good")])
 def test_worse_or_equal_candidate_is_rejected_with_reasons(world, tmp_path, candidate, baseline):
     result = evaluate(world, tmp_path, candidate, baseline)
-    assert result["decision"] == "reject"
-    failed = [r for r in result["reasons"] if not r["passed"]]
+    assert result.decision == "reject"
+    failed = [r for r in result.reasons if not r["passed"]]
     assert any(r["comparison"] == "vs_baseline.ci_lower" for r in failed)
     assert all(r["message"].startswith("ndcg@5 vs baseline") for r in failed)
     if candidate == baseline:
-        assert result["uplift"]["candidate_vs_baseline"]["ndcg@5"]["ci95"] == [0.0, 0.0]
+        assert result.uplift["candidate_vs_baseline"]["ndcg@5"]["ci95"] == [0.0, 0.0]
 
 
 def test_champion_is_scored_with_its_own_embeddings(world, tmp_path):
     # The champion (exact looks) beats the candidate (good): rejected against the champion only.
     result = evaluate(world, tmp_path, "good", "random", champion_uri=world["exact"])
-    assert result["decision"] == "reject"
-    by = {r["comparison"]: r for r in result["reasons"]}
+    assert result.decision == "reject"
+    by = {r["comparison"]: r for r in result.reasons}
     assert by["vs_baseline.absolute"]["passed"] and by["vs_baseline.ci_lower"]["passed"]
     assert not by["vs_champion.relative"]["passed"]
     assert "ndcg@5 vs champion" in by["vs_champion.relative"]["message"]
     # The champion's numbers are those of its own embeddings, not the candidate's.
     alone = evaluate(world, tmp_path / "alone", "exact", "random")
-    assert result["champion"]["ndcg@5"] == alone["candidate"]["ndcg@5"] != result["candidate"]["ndcg@5"]
-    assert result["champion"]["ndcg@5"] == pytest.approx(1.0)
+    assert result.champion["ndcg@5"] == alone.candidate["ndcg@5"] != result.candidate["ndcg@5"]
+    assert result.champion["ndcg@5"] == pytest.approx(1.0)
 
 
 def test_missing_champion_applies_only_baseline_thresholds(world, tmp_path):
     result = evaluate(world, tmp_path, "good", "random")
-    assert result["champion"] is None
-    assert "candidate_vs_champion" not in result["uplift"]
-    assert not [r for r in result["reasons"] if "champion" in r["comparison"]]
-    assert result["decision"] == "deploy"
+    assert result.champion is None
+    assert "candidate_vs_champion" not in result.uplift
+    assert not [r for r in result.reasons if "champion" in r["comparison"]]
+    assert result.decision == "deploy"
 
 
 def test_empty_policy_fails_closed(world, tmp_path):
     policy = tmp_path / "gate.yaml"
     policy.write_text("# nothing configured\n")
     result = evaluate(world, tmp_path, "good", "random", gate_config=str(policy))
-    assert result["decision"] == "reject"
-    assert "fails closed" in result["reasons"][0]["message"]
+    assert result.decision == "reject"
+    assert "fails closed" in result.reasons[0]["message"]
 
 
 def test_slice_policy_with_a_missing_slice(world, tmp_path):
@@ -153,16 +154,16 @@ def test_slice_policy_with_a_missing_slice(world, tmp_path):
     policy.write_text("thresholds:\n  ndcg@5: {vs_baseline: {absolute: 0.0}}\n"
                       "slices:\n  - top_level_category: Women\n  - top_level_category: Kids\n")
     result = evaluate(world, tmp_path, "good", "random", listings_uri=world["listings"], gate_config=str(policy))
-    assert result["decision"] == "reject"
-    failed = [r for r in result["reasons"] if not r["passed"]]
+    assert result.decision == "reject"
+    failed = [r for r in result.reasons if not r["passed"]]
     assert [(r["slice"], r["comparison"]) for r in failed] == [("Kids", "slice.present")]
-    assert any(r["slice"] == "Women" and r["passed"] for r in result["reasons"])
+    assert any(r["slice"] == "Women" and r["passed"] for r in result.reasons)
 
 
 def test_skipped_lists_and_missing_items(tmp_path):
     """Hand-checked: lists without taps and with unembedded queries are skipped; missing items last."""
     def row(q, s, item, pos, tap):
-        return {"query_item_id": q, "item_id": item, "position": pos, "tapped": tap, "session_id": s, "ts": "t"}
+        return {"query_item_id": q, "item_id": item, "position": pos, "tapped": tap, "session_id": s, "ts": "2024-05-01T10:00:00Z"}
 
     rows = [
         # A: the tapped `a` (logged first) has no candidate embedding -> last for the candidate.
@@ -183,19 +184,19 @@ def test_skipped_lists_and_missing_items(tmp_path):
     result = run_evaluation(EvaluateConfig(
         interactions_uri=write_jsonl(tmp_path / "logs.jsonl", rows), candidate_uri=cand, baseline_uri=base,
         out_dir=str(tmp_path / "out"), bootstrap_resamples=0))
-    assert result["lists_used"] == 2 and result["lists_skipped"] == 2
+    assert result.lists_used == 2 and result.lists_skipped == 2
     # Candidate: A ranks b, c, a -> tap at rank 3; D ranks x first.
-    assert result["candidate"]["precision@1"] == pytest.approx(0.5)
-    assert result["candidate"]["ndcg@5"] == pytest.approx((1 / np.log2(4) + 1.0) / 2)
-    assert result["candidate"]["hit_rate@3"] == pytest.approx(1.0)
+    assert result.candidate["precision@1"] == pytest.approx(0.5)
+    assert result.candidate["ndcg@5"] == pytest.approx((1 / np.log2(4) + 1.0) / 2)
+    assert result.candidate["hit_rate@3"] == pytest.approx(1.0)
     # Baseline: the tap last in both lists; the logged order had it first in both.
-    assert result["baseline"]["precision@1"] == 0.0
-    assert result["baseline"]["ndcg@5"] == pytest.approx(1 / np.log2(4))
-    logged = result["uplift"]["logged_order_vs_baseline"]["ndcg@5"]
+    assert result.baseline["precision@1"] == 0.0
+    assert result.baseline["ndcg@5"] == pytest.approx(1 / np.log2(4))
+    logged = result.uplift["logged_order_vs_baseline"]["ndcg@5"]
     assert logged["value"] == 1.0 and logged["absolute"] == pytest.approx(1 - 1 / np.log2(4))
     # No bootstrap -> no interval -> the default gate cannot show an improvement.
-    assert result["uplift"]["candidate_vs_baseline"]["ndcg@5"]["ci95"] is None
-    assert result["decision"] == "reject"
+    assert result.uplift["candidate_vs_baseline"]["ndcg@5"]["ci95"] is None
+    assert result.decision == "reject"
 
 
 def test_parquet_logs_bad_rows_and_determinism(world, tmp_path):
@@ -214,9 +215,22 @@ def test_parquet_logs_bad_rows_and_determinism(world, tmp_path):
     result = run_evaluation(EvaluateConfig(
         interactions_uri=str(tmp_path / "broken.jsonl"), candidate_uri=world["good"],
         baseline_uri=world["random"], out_dir=str(tmp_path / "b"), bootstrap_resamples=200, seed=5))
-    assert result["candidate"] == from_jsonl["candidate"]
+    assert result.candidate == from_jsonl.candidate
     dead = [json.loads(x) for x in (tmp_path / "b" / "rejected.jsonl").read_text().splitlines()]
     assert len(dead) == 2 and all(d["reason"] for d in dead)
+
+
+def test_impression_rows_outside_the_data_contract_are_set_aside(world, tmp_path):
+    """The logs are read by the contract's one reader: a tap that is not 0/1, or a row without a valid
+    `ts`, is a dead letter with its reason, and the lists are those of the clean logs."""
+    rows = world["rows"]
+    bad = [{**rows[0], "tapped": 2}, {**rows[1], "ts": "yesterday"}, {k: v for k, v in rows[2].items() if k != "ts"}]
+    result = run_evaluation(EvaluateConfig(
+        interactions_uri=write_jsonl(tmp_path / "logs.jsonl", rows + bad), candidate_uri=world["good"],
+        baseline_uri=world["random"], out_dir=str(tmp_path / "b"), bootstrap_resamples=200, seed=5))
+    assert result == evaluate(world, tmp_path, "good", "random", bootstrap_resamples=200, seed=5)
+    dead = [json.loads(x) for x in (tmp_path / "b" / "rejected.jsonl").read_text().splitlines()]
+    assert [d["reason"] for d in dead] == ["invalid_tapped", "invalid_ts", "missing_column:ts"]
 
 
 def test_gcs_inputs_and_outputs(world, tmp_path, gcs_emulator):
@@ -230,7 +244,7 @@ def test_gcs_inputs_and_outputs(world, tmp_path, gcs_emulator):
     result = run_evaluation(EvaluateConfig(
         interactions_uri=f"{base}/interactions.jsonl", candidate_uri=f"{base}/good", baseline_uri=f"{base}/random",
         out_dir=f"{base}/out", bootstrap_resamples=100))
-    assert io.read_json(f"{base}/out/metrics.json") == result
+    assert io.read_json(f"{base}/out/metrics.json") == result.as_dict()
     assert io.exists(f"{base}/out/report.html")
 
 

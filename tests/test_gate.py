@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from visrec.core.errors import UserError
-from visrec.stages.evaluate.gate import evaluate_gate, format_table, load_policy, parse_policy
+from visrec.stages.evaluate.gate import (evaluate_gate, format_table, gate_decision_of, gate_refusal, load_policy,
+                                         parse_policy, record_rejection)
 from visrec.stages.evaluate.metrics import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,3 +170,25 @@ def test_schema_errors_name_the_problem(text, needle):
 def test_missing_policy_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_policy(str(tmp_path / "nope.yaml"))
+
+
+def test_may_this_candidate_ship_is_re_derived_from_the_reasons(tmp_path):
+    """Deploy needs decision `deploy`, at least one checked threshold and every one passed."""
+    passed = {"passed": True, "message": "ndcg@5 beats the baseline"}
+    failed = {"passed": False, "message": "ndcg@5 does not beat the baseline"}
+    assert gate_refusal({"decision": "deploy", "reasons": [passed]}) is None
+    assert "rejected this candidate" in gate_refusal({"decision": "reject", "reasons": [failed]})
+    assert "fails closed" in gate_refusal({"decision": "deploy", "reasons": []})
+    assert "1 threshold(s) failed" in gate_refusal({"decision": "deploy", "reasons": [passed, failed]})
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps({"decision": "deploy", "reasons": [passed, failed],
+                                                         "candidate": {"ndcg@5": 0.5, "slices": {}},
+                                                         "lists_used": 7}))
+    assert gate_decision_of(str(evaluation)) == "reject"  # the branch agrees with the deploy re-check
+    path = record_rejection(str(tmp_path / "registry"), str(evaluation))
+    [record] = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    assert record["failed_thresholds"] == [failed] and record["candidate"] == {"ndcg@5": 0.5}
+    assert record["lists_used"] == 7 and "1 threshold(s) failed" in record["reason"] and record["at"]
+    with pytest.raises(UserError, match="cannot read the evaluation's metrics.json"):
+        gate_decision_of(str(tmp_path / "missing"))

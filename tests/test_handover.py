@@ -13,19 +13,21 @@ import numpy as np
 import pytest
 
 from test_serving import COLOURS, build_release, jpeg
+from visrec.online.entry import JournalEntry
 from visrec.online.handover import encoder_fingerprint, plan_handover
 
 
-def upsert(item: str, at: float, vector: bool = True, image: bool = True, **meta) -> dict:
-    return {"op": "upsert", "id": f"id-{item}-{at}", "item_id": item, "at": at, "price": 100, "category": "a/b",
-            "status": "on_sale", "vector": [1.0, 0.0] if vector else None,
-            "image_sha256": "ab" * 32 if image else None, **meta}
+def upsert(item: str, at: float, vector: bool = True, image: bool = True, **meta) -> JournalEntry:
+    return JournalEntry.from_json(json.dumps({
+        "op": "upsert", "id": f"id-{item}-{at}", "item_id": item, "at": at, "price": 100, "category": "a/b",
+        "status": "on_sale", "vector": [1.0, 0.0] if vector else None, "image_sha256": "ab" * 32 if image else None,
+        **meta}))
 
 
 def test_plan_carries_only_writes_after_the_snapshot_and_not_twice():
     before = upsert("old", 5.0)
     sold = upsert("x", 12.0, vector=False, status="sold")
-    gone = {"op": "delete", "id": "d", "item_id": "y", "at": 11.0}
+    gone = JournalEntry("delete", "y", 11.0, id="d")
     new = upsert("new", 13.0)
     done = upsert("done", 14.0)
     copy, embed = plan_handover([new, sold, before, done, gone], since=10.0, applied=lambda e: e is done,
@@ -33,13 +35,13 @@ def test_plan_carries_only_writes_after_the_snapshot_and_not_twice():
     assert copy == [gone, sold]  # in write order, the vector-less update kept whole
     assert embed == [new]
     copy, embed = plan_handover([new, sold], since=10.0, applied=lambda e: False, same_encoder=True)
-    assert [e["item_id"] for e in copy] == ["x", "new"] and copy[1]["vector"] == [1.0, 0.0] and not embed
+    assert [e.item_id for e in copy] == ["x", "new"] and copy[1].vector == (1.0, 0.0) and not embed
 
 
 def test_plan_keeps_the_metadata_of_an_upsert_without_a_kept_image():
     copy, embed = plan_handover([upsert("legacy", 20.0, image=False)], since=10.0, applied=lambda e: False,
                                 same_encoder=False)
-    assert not embed and copy[0]["vector"] is None and copy[0]["price"] == 100
+    assert not embed and copy[0].vector is None and copy[0].price == 100
 
 
 def test_encoder_fingerprint_follows_encoder_and_pca_files_only():
@@ -95,8 +97,9 @@ def _journal_ids(release: Path) -> list[str]:
 def test_writes_after_the_snapshot_reach_the_next_release_and_come_back_on_rollback(
         tmp_path, tiny_models, retrained_models):
     from visrec.data.images import decode_image
-    from visrec.stages.release.registry import rollback
-    from visrec.online.service import RecommenderService, embed_image
+    from visrec.stages.release.promote import rollback
+    from visrec.model.encode import encode_images
+    from visrec.online.service import RecommenderService
 
     registry = tmp_path / "registry"
     build_release(tiny_models, registry, "v1")
@@ -135,7 +138,7 @@ def test_writes_after_the_snapshot_reach_the_next_release_and_come_back_on_rollb
     assert "item-0000" not in got and "item-0002" not in got
     assert service.similar("new-1", 5)[1].items  # indexed: a query, and a candidate for its neighbours
     # Re-embedded with v2's encoder, not copied from v1's space.
-    expected = embed_image(state.encoder(), state.pca, decode_image(new_image))
+    expected = encode_images(state.encoder(), [decode_image(new_image)], state.pca)[0]
     assert np.allclose(state.index.vector("new-1"), expected, atol=1e-5)
     v1_entry = next(json.loads(line) for line in (registry / "releases/v1/state/journal.jsonl").read_text().splitlines()
                     if json.loads(line)["item_id"] == "new-1")
@@ -252,8 +255,8 @@ def test_reembedding_sets_bad_images_apart_and_keeps_going(tmp_path):
     reembed_batch(entries, embed, source, target, journal, status)
     assert (status.embedded, status.failed, status.done) == (5, 2, True)
     written = open_journal(target).read_new()
-    assert [e["item_id"] for e in written] == ["n0", "n1", "n2", "n4", "n5"]
-    assert written[0]["vector"] == [7.0, 1.0] and written[0]["id"] == entries[0]["id"]
+    assert [e.item_id for e in written] == ["n0", "n1", "n2", "n4", "n5"]
+    assert written[0].vector == (7.0, 1.0) and written[0].id == entries[0].id
     assert (Path(target) / "images" / good[0]).read_bytes() == b"image 0"  # kept for the next hand-over
 
 
@@ -262,7 +265,7 @@ def test_served_over_http_the_tail_keeps_following_the_old_release(tmp_path, tin
     reaches the old release afterwards is served by the new one within the journal tail's period."""
     import httpx
 
-    from conftest import free_port
+    from visrec.core.servers import free_port
     from test_serving import AUTH, TOKEN, Server
     from visrec.online.service import RecommenderService
 

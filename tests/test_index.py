@@ -16,8 +16,10 @@ from visrec.core import io
 from visrec.cli import main
 from visrec.core.errors import GateFailed, UserError
 from visrec.data.embeddings import read_embeddings
-from visrec.stages.index import (MANIFEST, METRICS, IndexConfig, SearchParams, SimilarityIndex, build_index, exact_top_k,
-                          tune_search_params)
+from visrec.stages.index.build import METRICS, build_index
+from visrec.stages.index.config import IndexConfig
+from visrec.stages.index.searcher import MANIFEST, SearchParams, SimilarityIndex
+from visrec.stages.index.tuning import exact_top_k, tune_search_params
 
 DIMS = 32
 
@@ -204,9 +206,9 @@ def test_corrupt_partial_or_missing_files_are_refused(tuned, tmp_path):
 def test_tiny_indexes_work_end_to_end(n, tmp_path):
     vectors = clustered(n, seed=5)
     emb = write_embeddings(tmp_path / "emb", item_ids(n), vectors, shards=1)
-    metrics = build_index(str(emb), str(tmp_path / "index"), IndexConfig())
-    assert metrics["passed"] and metrics["params"]["algorithm"] == "brute_force"
-    assert metrics["recall_at_k"] == 1.0
+    result = build_index(str(emb), str(tmp_path / "index"), IndexConfig())
+    assert result.passed and result.params["algorithm"] == "brute_force"
+    assert result.recall_at_k == 1.0
     index = SimilarityIndex.load(str(tmp_path / "index"))
     ids, scores = index.search(vectors[:1], 10)
     assert len(ids[0]) == min(n, 10) and ids[0][0] == "item-0"

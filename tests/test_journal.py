@@ -15,29 +15,70 @@ import numpy as np
 import pytest
 
 from visrec.core import io
+from visrec.online.entry import BadEntry, JournalEntry
 from visrec.online.journal import FileJournal, GcsJournal, open_journal
+
+
+def entry(raw: dict) -> JournalEntry:
+    """The entry a journal line holding `raw` stands for."""
+    return JournalEntry.from_json(json.dumps(raw))
 
 
 def test_file_journal_returns_each_complete_line_once(tmp_path):
     journal = open_journal(str(tmp_path / "state"))
     assert isinstance(journal, FileJournal) and journal.read_new() == []
-    journal.append({"op": "delete", "item_id": "a", "at": 1.0})
+    journal.append(JournalEntry("delete", "a", 1.0))
     with open(journal.path, "ab") as fh:  # a writer is half-way through a line, and a bad line
         fh.write(b"not json\n{\"op\": \"delete\", \"item_")
-    assert journal.read_new() == [{"op": "delete", "item_id": "a", "at": 1.0}]
+    assert journal.read_new() == [JournalEntry("delete", "a", 1.0)]
     with open(journal.path, "ab") as fh:
         fh.write(b"id\": \"b\", \"at\": 2.0}\n")
-    assert journal.read_new() == [{"op": "delete", "item_id": "b", "at": 2.0}]
+    assert journal.read_new() == [JournalEntry("delete", "b", 2.0)]
     assert journal.read_new() == []
 
 
-def _line(entry: dict) -> bytes:
-    return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+def _line(raw: dict) -> bytes:
+    return json.dumps(raw, separators=(",", ":")).encode() + b"\n"
 
 
-FIRST = {"op": "delete", "id": "first", "item_id": "a", "at": 1.0}
-NEXT = {"op": "delete", "id": "next", "item_id": "b", "at": 2.0}
+FIRST_RAW = {"op": "delete", "id": "first", "item_id": "a", "at": 1.0}
+NEXT_RAW = {"op": "delete", "id": "next", "item_id": "b", "at": 2.0}
+FIRST, NEXT = entry(FIRST_RAW), entry(NEXT_RAW)
 TORN = b'{"op":"upsert","id":"torn","item_id":"c","vector":[0.1,0.2'  # a crash mid-append
+
+
+def test_entries_keep_the_journal_line_format():
+    """An upsert and a delete are the JSON lines they always were: the same keys in the same order."""
+    upsert = JournalEntry.upsert("x", title="t", category="a/b", price=900, status="sold", sent=("price", "status"),
+                                 vector=(0.5, -0.25), image_sha256="ab" * 32)
+    assert json.loads(upsert.to_json()) == {
+        "op": "upsert", "id": upsert.id, "item_id": "x", "title": "t", "category": "a/b", "price": 900,
+        "status": "sold", "sent": ["price", "status"], "vector": [0.5, -0.25], "image_sha256": "ab" * 32,
+        "at": upsert.at}
+    assert list(json.loads(upsert.to_json())) == ["op", "id", "item_id", "title", "category", "price", "status",
+                                                  "sent", "vector", "image_sha256", "at"]
+    delete = JournalEntry.delete("x")
+    assert delete.to_json() == json.dumps({"op": "delete", "id": delete.id, "item_id": "x", "at": delete.at},
+                                          separators=(",", ":"))
+    for written in (upsert, delete):
+        assert JournalEntry.from_json(written.to_json()) == written
+    legacy = {"op": "upsert", "item_id": "x", "at": 1, "category": "a/b", "price": 1, "status": "sold"}
+    assert entry(legacy).sent is None and entry(legacy).fields_set == ("category", "price", "status")
+
+
+@pytest.mark.parametrize("line", [
+    b"not json", b"[1, 2]", b'{"op": "delete", "item_id": "x"}', b'{"op": "rename", "item_id": "x", "at": 1.0}',
+    b'{"op": "upsert", "item_id": "x", "at": 1.0, "sent": ["price"]}',  # says it set a price it lacks
+    b'{"op": "upsert", "item_id": "x", "at": 1.0, "sent": ["price"], "price": "cheap"}',
+    b'{"op": "upsert", "item_id": "x", "at": 1.0, "sent": ["status"], "status": 3}',
+    b'{"op": "upsert", "item_id": "x", "at": 1.0, "sent": [], "vector": [0.5, "x"]}',
+])
+def test_a_line_that_is_not_a_usable_entry_is_skipped_and_counted(tmp_path, line):
+    with pytest.raises(BadEntry):
+        JournalEntry.from_json(line)
+    journal = FileJournal(tmp_path / "journal.jsonl")
+    journal.path.write_bytes(line + b"\n" + _line(FIRST_RAW))
+    assert journal.read_new() == [FIRST] and journal.skipped == 1
 
 
 def test_append_after_a_torn_tail_cuts_it_off_and_keeps_the_new_entry(tmp_path, caplog):
@@ -51,15 +92,15 @@ def test_append_after_a_torn_tail_cuts_it_off_and_keeps_the_new_entry(tmp_path, 
     assert live.read_new() == []
     with caplog.at_level(logging.WARNING, logger="visrec.online.journal"):
         writer.append(NEXT)
-    assert writer.path.read_bytes() == _line(FIRST) + _line(NEXT)
+    assert writer.path.read_bytes() == _line(FIRST_RAW) + _line(NEXT_RAW)
     assert f"dropping {len(TORN)} bytes" in caplog.text
     assert live.read_new() == [NEXT]
     assert FileJournal(writer.path).read_new() == [FIRST, NEXT]
 
 
 @pytest.mark.parametrize("kept, torn", [
-    pytest.param(_line(FIRST), TORN, id="after-a-line"),
-    pytest.param(_line(FIRST) * 3, b"x" * 200_000, id="longer-than-one-tail-scan"),
+    pytest.param(_line(FIRST_RAW), TORN, id="after-a-line"),
+    pytest.param(_line(FIRST_RAW) * 3, b"x" * 200_000, id="longer-than-one-tail-scan"),
     pytest.param(b"", TORN, id="nothing-but-the-fragment"),
 ])
 def test_opening_a_journal_repairs_a_torn_tail(tmp_path, caplog, kept, torn):
@@ -77,25 +118,27 @@ def test_opening_an_intact_or_missing_journal_changes_nothing(tmp_path, caplog):
     path = tmp_path / "journal.jsonl"
     with caplog.at_level(logging.WARNING, logger="visrec.online.journal"):
         assert FileJournal(path).read_new() == [] and not path.exists()
-        path.write_bytes(_line(FIRST))
+        path.write_bytes(_line(FIRST_RAW))
         assert FileJournal(path).read_new() == [FIRST]
-    assert path.read_bytes() == _line(FIRST) and not caplog.records
+    assert path.read_bytes() == _line(FIRST_RAW) and not caplog.records
 
 
 _APPENDER = """
 import sys
 from pathlib import Path
+from dataclasses import replace
+from visrec.online.entry import JournalEntry
 from visrec.online.journal import FileJournal
 
 path, writer, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 journal = FileJournal(path)
 pad = writer * 50_000  # far beyond a pipe's atomic write size: only the lock keeps lines whole
 for i in range(count):
-    entry = {"op": "delete", "id": f"{writer}-{i}", "item_id": writer, "pad": pad, "at": float(i)}
+    entry = JournalEntry("delete", pad, float(i), id=f"{writer}-{i}")
     if i % 4:
         journal.append(entry)
     else:
-        journal.append_many([entry, {**entry, "id": f"{writer}-{i}-batch"}])
+        journal.append_many([entry, replace(entry, id=f"{writer}-{i}-batch")])
 """
 
 
@@ -112,9 +155,9 @@ def test_processes_appending_at_once_never_interleave(tmp_path, caplog):
     assert not caplog.records
     expected = sorted([f"{w}-{i}" for w in "abcd" for i in range(40)]
                       + [f"{w}-{i}-batch" for w in "abcd" for i in range(0, 40, 4)])
-    assert sorted(e["id"] for e in seen) == expected
-    assert [e["id"] for e in FileJournal(path).read_new()] == [e["id"] for e in seen]
-    assert all(e["pad"] == e["item_id"] * 50_000 for e in seen)
+    assert sorted(e.id for e in seen) == expected
+    assert [e.id for e in FileJournal(path).read_new()] == [e.id for e in seen]
+    assert all(e.item_id == e.id[0] * 50_000 for e in seen)
 
 
 def test_gcs_journal_sees_every_writer_once_including_late_arrivals(gcs_emulator):
@@ -122,14 +165,14 @@ def test_gcs_journal_sees_every_writer_once_including_late_arrivals(gcs_emulator
     state = f"gs://{bucket}/registry/releases/v1/state"
     writer, other_writer, reader = open_journal(state), open_journal(state), open_journal(state)
     assert isinstance(reader, GcsJournal)
-    threads = [threading.Thread(target=w.append, args=({"op": "delete", "item_id": f"{n}-{i}", "at": i},))
+    threads = [threading.Thread(target=w.append, args=(JournalEntry("delete", f"{n}-{i}", i),))
                for n, w in (("a", writer), ("b", other_writer)) for i in range(5)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     first = reader.read_new()
-    assert sorted(e["item_id"] for e in first) == sorted(f"{n}-{i}" for n in "ab" for i in range(5))
+    assert sorted(e.item_id for e in first) == sorted(f"{n}-{i}" for n in "ab" for i in range(5))
     assert reader.read_new() == []
     # An upload that finishes late carries an older name than entries already read: still returned.
     late = io.join(state, "journal/00000000000000000001-late.json")
@@ -139,17 +182,17 @@ def test_gcs_journal_sees_every_writer_once_including_late_arrivals(gcs_emulator
     io.write_text(f"gs://{bucket}/{folder}/{ten_seconds_older:020d}-late.json",
                   json.dumps({"op": "delete", "item_id": "late", "at": 0.5}))
     io.write_text(late, "{broken")  # far outside the window, and unreadable: never returned
-    assert [e["item_id"] for e in reader.read_new()] == ["late"]
+    assert [e.item_id for e in reader.read_new()] == ["late"]
     assert reader.read_new() == []
     # A new reader (a restarted replica) replays everything readable, oldest first.
     replay = open_journal(state).read_new()
-    assert len(replay) == 11 and replay[0]["item_id"] == "late"
+    assert len(replay) == 11 and replay[0].item_id == "late"
     # A hand-over reader lists only what was appended after (a minute before) its snapshot time.
     assert open_journal(state, since=time.time() + 3600).read_new() == []
     assert len(open_journal(state, since=time.time() - 3600).read_new()) == 11
-    batch = [{"op": "delete", "id": f"batch-{i}", "item_id": f"c-{i}", "at": 9.0} for i in range(20)]
+    batch = [JournalEntry("delete", f"c-{i}", 9.0, id=f"batch-{i}") for i in range(20)]
     writer.append_many(batch)
-    assert sorted(e["id"] for e in reader.read_new()) == sorted(e["id"] for e in batch)
+    assert sorted(e.id for e in reader.read_new()) == sorted(e.id for e in batch)
 
 
 @pytest.mark.parametrize("where", ["local", "gcs"])
@@ -169,13 +212,13 @@ def test_kept_images(where, tmp_path, request):
 @pytest.fixture
 def tiny_state(tmp_path):
     """Two serving states over the same small catalog and index, each with its own scripted journal."""
-    from visrec.stages.index import SimilarityIndex
+    from visrec.stages.index.searcher import SimilarityIndex
     from visrec.online.ranking import ItemCatalog, label_index_with_catalog
-    from visrec.online.service import ServingState
+    from visrec.online.state import ServingState
 
     class Scripted:
         def __init__(self):
-            self.pending: list[dict] = []
+            self.pending: list[JournalEntry] = []
 
         def append(self, entry):
             self.pending.append(entry)
@@ -190,17 +233,17 @@ def tiny_state(tmp_path):
         index = SimilarityIndex.build(ids, rng.standard_normal((20, 8)))
         catalog = ItemCatalog.from_columns(ids, [100] * 20, ["a/b"] * 20, ["on_sale"] * 20)
         label_index_with_catalog(index, catalog, ids)
-        return ServingState(version="v1", release=None, index=index, catalog=catalog, encoder_future=None,
-                            pca=None, journal=Scripted())
+        return ServingState(release=None, index=index, catalog=catalog, encoder_future=None, pca=None,
+                            journal=Scripted())
 
     return make
 
 
 def test_replicas_reading_entries_in_different_orders_converge(tiny_state):
-    from visrec.online.service import sync_journal
+    from visrec.online.replay import sync_journal
 
     vec = lambda seed: np.random.default_rng(seed).standard_normal(8).tolist()  # noqa: E731
-    entries = [
+    entries = [entry(raw) for raw in [
         {"op": "upsert", "item_id": "new", "price": 120, "category": "a/b", "status": "on_sale", "vector": vec(1),
          "at": 1.0},
         {"op": "upsert", "item_id": "new", "price": 120, "category": "a/b", "status": "sold", "vector": None,
@@ -210,7 +253,7 @@ def test_replicas_reading_entries_in_different_orders_converge(tiny_state):
          "at": 2.5},  # older than the delete
         {"op": "upsert", "item_id": "i4", "price": 80, "category": "a/b", "status": "on_sale", "vector": vec(3),
          "at": 4.0},
-    ]
+    ]]
     states = []
     for order in ([0, 1, 2, 3, 4], [4, 3, 1, 2, 0], [1, 2, 0, 4, 3]):
         state = tiny_state()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from visrec.online.entry import JournalEntry
 from visrec.online.journal import FileJournal
 
 # Runs with RLIMIT_FSIZE set (after the imports, so nothing else is written under it): appends
@@ -18,6 +19,7 @@ from visrec.online.journal import FileJournal
 _APPEND_UNTIL_FULL = """
 import json, resource, sys
 from pathlib import Path
+from visrec.online.entry import JournalEntry
 from visrec.online.journal import FileJournal
 
 path, limit, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -25,20 +27,20 @@ journal = FileJournal(path)
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 acknowledged = []
 for n in range(10_000):
-    entries = [{"op": "delete", "id": f"e{n}-{k}", "item_id": "x" * 700, "at": float(n)} for k in range(batch)]
+    entries = [JournalEntry("delete", "x" * 700, float(n), id=f"e{n}-{k}") for k in range(batch)]
     try:
         journal.append_many(entries)
     except OSError as exc:
         print(json.dumps({"acknowledged": acknowledged, "errno": exc.errno}))
         break
-    acknowledged += [e["id"] for e in entries]
+    acknowledged += [e.id for e in entries]
 """
 
 
 @pytest.mark.parametrize("batch", [1, 3])  # 3: complete lines of the failed batch get written before the limit
 def test_an_append_past_the_file_size_limit_leaves_nothing_behind(tmp_path, batch):
     path = tmp_path / "journal.jsonl"
-    FileJournal(path).append({"op": "delete", "id": "before", "item_id": "a", "at": 0.0})
+    FileJournal(path).append(JournalEntry("delete", "a", 0.0, id="before"))
     limit = path.stat().st_size + 10_000  # not a multiple of a line: the failing write is cut mid-line
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONDONTWRITEBYTECODE": "1"}
     child = subprocess.run([sys.executable, "-c", _APPEND_UNTIL_FULL, str(path), str(limit), str(batch)],
@@ -48,7 +50,7 @@ def test_an_append_past_the_file_size_limit_leaves_nothing_behind(tmp_path, batc
     assert outcome["errno"] == errno.EFBIG and outcome["acknowledged"]
     data = path.read_bytes()
     assert data.endswith(b"\n") and len(data) <= limit
-    assert [e["id"] for e in FileJournal(path).read_new()] == ["before"] + outcome["acknowledged"]
+    assert [e.id for e in FileJournal(path).read_new()] == ["before"] + outcome["acknowledged"]
     # Without the limit the journal takes writes again, and a replay reads them.
-    FileJournal(path).append({"op": "delete", "id": "after", "item_id": "b", "at": 1.0})
-    assert [e["id"] for e in FileJournal(path).read_new()] == ["before"] + outcome["acknowledged"] + ["after"]
+    FileJournal(path).append(JournalEntry("delete", "b", 1.0, id="after"))
+    assert [e.id for e in FileJournal(path).read_new()] == ["before"] + outcome["acknowledged"] + ["after"]

@@ -15,7 +15,8 @@ from PIL import Image
 
 from visrec.core import io
 from visrec.core.errors import UserError
-from visrec.stages.prepare import OUTPUT_SCHEMA, PrepareConfig, accounted_rows, run_prepare, sample_key, split_of
+from visrec.stages.configs import PrepareConfig
+from visrec.stages.prepare import OUTPUT_SCHEMA, accounted_rows, run_prepare, sample_key, split_of
 
 IMAGE_SIZE = 32
 MULTI_PROCESS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
@@ -113,13 +114,13 @@ def prepared(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_every_rejection_reason_is_counted(prepared, fmt):
     out_dir, expected, stats = prepared[fmt]
-    assert json.loads((out_dir / "stats.json").read_text()) == stats
-    assert list(stats) == ["input_rows", "reserved_excluded", "rejected", "duplicates_dropped", "sampled_out",
-                           "train_pairs", "val_pairs"]
-    assert {k: v for k, v in stats.items() if not k.endswith("_pairs")} == \
+    assert json.loads((out_dir / "stats.json").read_text()) == stats.as_dict()
+    assert list(stats.as_dict()) == ["input_rows", "reserved_excluded", "rejected", "duplicates_dropped",
+                                     "sampled_out", "train_pairs", "val_pairs"]
+    assert {k: v for k, v in stats.as_dict().items() if not k.endswith("_pairs")} == \
         {k: v for k, v in expected.items() if not k.endswith("_pairs")}
-    assert stats["train_pairs"] + stats["val_pairs"] == 5
-    assert accounted_rows(stats) == stats["input_rows"]
+    assert stats.train_pairs + stats.val_pairs == 5
+    assert accounted_rows(stats) == stats.input_rows
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
@@ -163,7 +164,7 @@ def test_output_rows_images_and_splits(prepared, fmt):
     # The 60x20 picture: scaled to 32 wide, padded white above and below.
     w1 = Image.open(_bytes_io.BytesIO(rows["w1"]["image"])).convert("RGB")
     assert min(w1.getpixel((16, 1))) > 240 and w1.getpixel((16, 16))[1] > 100 > w1.getpixel((16, 16))[0]
-    assert Counter(r["split"] for r in rows.values()) == {"train": stats["train_pairs"], "val": stats["val_pairs"]}
+    assert Counter(r["split"] for r in rows.values()) == {"train": stats.train_pairs, "val": stats.val_pairs}
 
 
 def test_sampling_is_by_hash_and_multi_process_output_is_identical(tmp_path):
@@ -181,8 +182,8 @@ def test_sampling_is_by_hash_and_multi_process_output_is_identical(tmp_path):
         out = tmp_path / name
         stats = run_prepare(PrepareConfig(str(path), str(out), max_pairs=20, seed=3, image_size=16, shards=2,
                                           beam_options=options))
-        assert stats["sampled_out"] == len(eligible) - 20 and stats["train_pairs"] + stats["val_pairs"] == 20
-        assert stats["reserved_excluded"] == 6 and accounted_rows(stats) == 60
+        assert stats.sampled_out == len(eligible) - 20 and stats.train_pairs + stats.val_pairs == 20
+        assert stats.reserved_excluded == 6 and accounted_rows(stats) == 60
         outputs[name] = [(out / f"data-0000{i}-of-00002.parquet").read_bytes() for i in range(2)]
         kept = set(read_output(out).column("item_id").to_pylist())
         assert kept == set(sorted(eligible, key=lambda item: sample_key(item, 3))[:20])
@@ -243,8 +244,8 @@ def test_gcs_input_and_output_through_the_emulator(tmp_path, gcs_emulator):
     io.upload_dir(path.parent, src)
     out = f"gs://{bucket}/prepared"
     stats = run_prepare(PrepareConfig(f"{src}/listings.jsonl", out, image_size=16, shards=2))
-    assert stats["rejected"] == expected["rejected"] and stats["train_pairs"] + stats["val_pairs"] == 5
-    assert io.read_json(f"{out}/stats.json") == stats
+    assert stats.rejected == expected["rejected"] and stats.train_pairs + stats.val_pairs == 5
+    assert io.read_json(f"{out}/stats.json") == stats.as_dict()
     assert [f.rsplit("/", 1)[-1] for f in io.list_files(out)] == \
         ["data-00000-of-00002.parquet", "data-00001-of-00002.parquet", "rejected.jsonl", "stats.json"]
     assert sorted(read_output(out).column("item_id").to_pylist()) == ["a1", "a2", "abs1", "b1", "w1"]
@@ -270,12 +271,12 @@ def test_generated_marketplace_every_injected_corruption_is_caught(tmp_path):
 
     stats = run_prepare(PrepareConfig(str(tmp_path / "m" / "listings.jsonl"), str(tmp_path / "out"),
                                       image_size=32, shards=2))
-    assert stats["input_rows"] == 160 and accounted_rows(stats) == 160
-    assert stats["duplicates_dropped"] == expected.pop("duplicates_dropped")
-    assert stats["rejected"] == dict(expected)
+    assert stats.input_rows == 160 and accounted_rows(stats) == 160
+    assert stats.duplicates_dropped == expected.pop("duplicates_dropped")
+    assert stats.rejected == dict(expected)
     reserved = {json.loads(line)["item_id"] for line in (tmp_path / "m" / "listings.jsonl").open()
                 if line.startswith("{") and '"reserved"' in line}
-    assert stats["reserved_excluded"] == len(reserved) > 0
+    assert stats.reserved_excluded == len(reserved) > 0
     output_ids = read_output(tmp_path / "out").column("item_id").to_pylist()
-    assert len(output_ids) == len(set(output_ids)) == stats["train_pairs"] + stats["val_pairs"]
+    assert len(output_ids) == len(set(output_ids)) == stats.train_pairs + stats.val_pairs
     assert not reserved & set(output_ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from visrec.stages.index import SimilarityIndex
+from visrec.stages.index.searcher import SimilarityIndex
 from visrec.online.ranking import (ItemCatalog, RankingConfig, category_path, category_similarity,
                             label_index_with_catalog, price_band_filter, recommend, rerank)
 

@@ -20,9 +20,11 @@ import pytest
 
 from visrec.cli import main
 from visrec.core.errors import UserError
-from visrec.stages.release.registry import (CURRENT, DEPLOYED, PENDING, REFUSED, UNCHANGED, DeployConfig, ReleaseInvalid,
-                            approve_release, champion_embeddings_uri, current_version, deploy_release,
-                            list_releases, load_release, predecessor, rollback, successor)
+from visrec.stages.release.deploy import DeployConfig, deploy_release
+from visrec.stages.release.promote import approve_release, rollback
+from visrec.stages.release.registry import (CURRENT, champion_embeddings_uri, current_version, list_releases,
+                                            load_release, predecessor, successor)
+from visrec.stages.release.release import DEPLOYED, PENDING, REFUSED, UNCHANGED, ReleaseInvalid
 
 ITEMS = 40
 EMBED_DIMS = 32  # the tiny SigLIP's vision hidden size
@@ -43,7 +45,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     import torch
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 
-    from visrec.stages.index import IndexConfig, SimilarityIndex
+    from visrec.stages.index.config import IndexConfig
+    from visrec.stages.index.searcher import SimilarityIndex
     from visrec.model.pca import PcaProjection
 
     root = tmp_path_factory.mktemp("stage-outputs")
@@ -98,8 +101,8 @@ def visible_releases(registry: Path) -> list[str]:
 def test_deploy_publishes_a_verified_release_and_sets_current(inputs, tmp_path):
     registry = tmp_path / "registry"
     result = deploy_release(config(inputs, registry))
-    assert result["status"] == DEPLOYED
-    version = result["version"]
+    assert result.status == DEPLOYED
+    version = result.version
     assert version.startswith("r-") and (registry / CURRENT).read_text().strip() == version
     assert current_version(str(registry)) == version
 
@@ -136,24 +139,24 @@ def test_deploy_publishes_a_verified_release_and_sets_current(inputs, tmp_path):
 def test_same_inputs_twice_is_a_no_op(inputs, tmp_path):
     registry = tmp_path / "registry"
     first = deploy_release(config(inputs, registry))
-    manifest = registry / "releases" / first["version"] / "release.json"
+    manifest = registry / "releases" / first.version / "release.json"
     before = manifest.read_bytes()
     second = deploy_release(config(inputs, registry))
-    assert second["status"] == UNCHANGED and second["version"] == first["version"]
+    assert second.status == UNCHANGED and second.version == first.version
     assert manifest.read_bytes() == before
     assert len((registry / "history.jsonl").read_text().splitlines()) == 1
     # an explicit version already present is a no-op as well
-    assert deploy_release(config(inputs, registry, "better", version=first["version"]))["status"] == UNCHANGED
-    assert visible_releases(registry) == [first["version"]]
+    assert deploy_release(config(inputs, registry, "better", version=first.version)).status == UNCHANGED
+    assert visible_releases(registry) == [first.version]
 
 
 @pytest.mark.parametrize("metrics", ["rejected", "inconsistent"])
 def test_deploy_refuses_a_rejected_candidate(inputs, tmp_path, metrics):
     registry = tmp_path / "registry"
-    good = deploy_release(config(inputs, registry))["version"]
+    good = deploy_release(config(inputs, registry)).version
     result = deploy_release(config(inputs, registry, metrics))
-    assert result["status"] == REFUSED and result["path"] is None
-    assert "does not beat the baseline" in result["message"]
+    assert result.status == REFUSED and result.path is None
+    assert "does not beat the baseline" in result.message
     assert visible_releases(registry) == [good] and current_version(str(registry)) == good
     # even an explicit approval path cannot be reached: nothing was published
     assert not [p for p in (registry / "releases").iterdir() if p.name != good]
@@ -170,13 +173,13 @@ def test_cli_deploy_refusal_exits_non_zero(inputs, tmp_path, capsys):
 
 def test_require_approval_waits_as_pending_until_approved(inputs, tmp_path):
     registry = tmp_path / "registry"
-    old = deploy_release(config(inputs, registry))["version"]
+    old = deploy_release(config(inputs, registry)).version
     result = deploy_release(config(inputs, registry, "better", require_approval=True))
-    assert result["status"] == PENDING
-    new = result["version"]
+    assert result.status == PENDING
+    new = result.version
     assert current_version(str(registry)) == old
     assert {r["version"]: r["status"] for r in list_releases(str(registry))} == {old: "approved", new: PENDING}
-    assert deploy_release(config(inputs, registry, "better", require_approval=True))["status"] == UNCHANGED
+    assert deploy_release(config(inputs, registry, "better", require_approval=True)).status == UNCHANGED
 
     with pytest.raises(UserError, match="--who"):
         approve_release(str(registry), new, who=" ", why="looks good")
@@ -199,22 +202,22 @@ def test_a_pending_release_pushed_without_approval_is_promoted(inputs, tmp_path)
     assert current_version(str(registry)) is None
     with pytest.raises(UserError, match="no release in production"):
         load_release(str(registry))
-    assert deploy_release(config(inputs, registry))["status"] == DEPLOYED
-    assert current_version(str(registry)) == pending["version"]
+    assert deploy_release(config(inputs, registry)).status == DEPLOYED
+    assert current_version(str(registry)) == pending.version
 
 
 def test_rollback_walks_back_through_production_history(inputs, tmp_path):
     registry = str(tmp_path / "registry")
     with pytest.raises(UserError, match="nothing to roll back"):
         rollback(registry)
-    a = deploy_release(config(inputs, registry, "good"))["version"]
-    b = deploy_release(config(inputs, registry, "better"))["version"]
+    a = deploy_release(config(inputs, registry, "good")).version
+    b = deploy_release(config(inputs, registry, "better")).version
     assert len({a, b}) == 2 and current_version(registry) == b
     assert rollback(registry, who="oncall", why="p99 regression") == a
     assert current_version(registry) == a and load_release(registry).version == a
     with pytest.raises(UserError, match="nothing to roll back"):
         rollback(registry)
-    c = deploy_release(config(inputs, registry, "best"))["version"]
+    c = deploy_release(config(inputs, registry, "best")).version
     assert rollback(registry) == a
     audit_b = [json.loads(x) for x in Path(registry, "releases", b, "audit.jsonl").read_text().splitlines()]
     assert audit_b[-1] == {**audit_b[-1], "action": "rolled_back", "to": a, "who": "oncall"}
@@ -225,12 +228,12 @@ def test_rollback_walks_back_through_production_history(inputs, tmp_path):
 def test_catalog_snapshot_time_and_predecessors_for_the_serving_hand_over(inputs, tmp_path):
     """Serving carries writes made after a release's catalog snapshot from the release it replaced."""
     registry = str(tmp_path / "registry")
-    a = deploy_release(config(inputs, registry, "good"))["version"]
+    a = deploy_release(config(inputs, registry, "good")).version
     first = load_release(registry)
     # Default: the listings file's modification time, i.e. when the export was written.
     assert first.catalog_snapshot_at == pytest.approx(os.path.getmtime(inputs["listings"]), abs=1e-3)
     assert predecessor(first) is None and predecessor(load_release(str(first.path))) is None
-    b = deploy_release(config(inputs, registry, "better", catalog_snapshot_at="2026-11-20T03:00:00+09:00"))["version"]
+    b = deploy_release(config(inputs, registry, "better", catalog_snapshot_at="2026-11-20T03:00:00+09:00")).version
     second = load_release(registry)
     assert second.manifest["catalog_snapshot_at"] == "2026-11-20T03:00:00+09:00"
     assert second.catalog_snapshot_at == dt.datetime(2026, 11, 19, 18, tzinfo=dt.timezone.utc).timestamp()
@@ -250,8 +253,8 @@ def test_catalog_snapshot_time_and_predecessors_for_the_serving_hand_over(inputs
 
 def test_rollback_survives_a_lost_history_entry(inputs, tmp_path):
     registry = tmp_path / "registry"
-    a = deploy_release(config(inputs, registry, "good"))["version"]
-    b = deploy_release(config(inputs, registry, "better"))["version"]
+    a = deploy_release(config(inputs, registry, "good")).version
+    b = deploy_release(config(inputs, registry, "better")).version
     history = (registry / "history.jsonl").read_text().splitlines()
     # a crash after CURRENT was switched but before the history line was appended
     (registry / "history.jsonl").write_text(history[0] + "\n")
@@ -261,20 +264,21 @@ def test_rollback_survives_a_lost_history_entry(inputs, tmp_path):
 
 _KILL_SCRIPT = """
 import json, os, sys
-import visrec.stages.release.registry as release
-cfg = release.DeployConfig(**json.loads(sys.argv[1]))
+import visrec.stages.release.deploy as deploy
+import visrec.stages.release.promote as promote
+cfg = deploy.DeployConfig(**json.loads(sys.argv[1]))
 if sys.argv[2] == "rename":
-    release.os.rename = lambda *a: os._exit(9)     # killed just before the release is renamed in
+    deploy.os.rename = lambda *a: os._exit(9)     # killed just before the release is renamed in
 else:
-    release._switch_current = lambda *a, **k: os._exit(9)  # killed after publishing, before CURRENT moves
-release.deploy_release(cfg)
+    promote.switch_current = lambda *a, **k: os._exit(9)  # killed after publishing, before CURRENT moves
+deploy.deploy_release(cfg)
 """
 
 
 @pytest.mark.parametrize("kill_at", ["rename", "pointer"])
 def test_a_killed_deploy_leaves_the_previous_release_current(inputs, tmp_path, kill_at):
     registry = tmp_path / "registry"
-    old = deploy_release(config(inputs, registry))["version"]
+    old = deploy_release(config(inputs, registry)).version
     cfg = {k: v for k, v in vars(config(inputs, registry, "better")).items() if isinstance(v, (str, bool, int))}
     proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, json.dumps(cfg), kill_at],
                           capture_output=True, text=True, timeout=120)
@@ -290,19 +294,19 @@ def test_a_killed_deploy_leaves_the_previous_release_current(inputs, tmp_path, k
         assert [r["current"] for r in list_releases(str(registry))] == [True, False]
     # pushing again completes the interrupted deployment
     again = deploy_release(config(inputs, registry, "better"))
-    assert again["status"] == DEPLOYED and current_version(str(registry)) == again["version"] != old
+    assert again.status == DEPLOYED and current_version(str(registry)) == again.version != old
 
 
 def test_failed_rename_leaves_nothing_behind(inputs, tmp_path, monkeypatch):
-    import visrec.stages.release.registry as release
+    import visrec.stages.release.deploy as deploy
 
     registry = tmp_path / "registry"
-    old = deploy_release(config(inputs, registry))["version"]
+    old = deploy_release(config(inputs, registry)).version
 
     def disk_full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(release.os, "rename", disk_full)
+    monkeypatch.setattr(deploy.os, "rename", disk_full)
     with pytest.raises(OSError):
         deploy_release(config(inputs, registry, "better"))
     assert sorted(p.name for p in (registry / "releases").iterdir()) == [old]
@@ -311,8 +315,8 @@ def test_failed_rename_leaves_nothing_behind(inputs, tmp_path, monkeypatch):
 
 def test_corrupt_release_is_refused(inputs, tmp_path):
     registry = tmp_path / "registry"
-    a = deploy_release(config(inputs, registry, "good"))["version"]
-    b = deploy_release(config(inputs, registry, "better"))["version"]
+    a = deploy_release(config(inputs, registry, "good")).version
+    b = deploy_release(config(inputs, registry, "better")).version
     items = registry / "releases" / a / "items.parquet"
     items.write_bytes(items.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(ReleaseInvalid, match=f"release {a} is corrupt: items.parquet"):
@@ -331,7 +335,8 @@ def test_corrupt_release_is_refused(inputs, tmp_path):
 
 
 def test_a_release_that_does_not_work_is_never_published(inputs, tmp_path):
-    from visrec.stages.index import IndexConfig, SimilarityIndex
+    from visrec.stages.index.config import IndexConfig
+    from visrec.stages.index.searcher import SimilarityIndex
 
     # an index over other items than the listings describe: the smoke query's results lack metadata
     rng = np.random.default_rng(1)
@@ -378,14 +383,14 @@ def test_gcs_registry(inputs, gcs_emulator, tmp_path):
     bucket = gcs_emulator()
     registry = f"gs://{bucket}/registry"
     result = deploy_release(config(inputs, registry))
-    assert result["status"] == DEPLOYED and result["path"] == f"{registry}/releases/{result['version']}"
-    assert current_version(registry) == result["version"]
-    assert champion_embeddings_uri(registry) == f"{registry}/releases/{result['version']}/embeddings"
+    assert result.status == DEPLOYED and result.path == f"{registry}/releases/{result.version}"
+    assert current_version(registry) == result.version
+    assert champion_embeddings_uri(registry) == f"{registry}/releases/{result.version}/embeddings"
     release = load_release(registry, cache_dir=str(tmp_path / "cache"))
-    assert release.version == result["version"] and release.path == tmp_path / "cache" / result["version"]
+    assert release.version == result.version and release.path == tmp_path / "cache" / result.version
     assert pq.read_table(release.items_path).num_rows == ITEMS
-    assert deploy_release(config(inputs, registry))["status"] == UNCHANGED
-    assert [r["version"] for r in list_releases(registry)] == [result["version"]]
+    assert deploy_release(config(inputs, registry)).status == UNCHANGED
+    assert [r["version"] for r in list_releases(registry)] == [result.version]
     assert os.path.isdir(release.state_dir)
 
 
@@ -423,3 +428,25 @@ def test_component_never_deploys_a_rejected_candidate(inputs, tmp_path):
     status, release = call("deploy", "good")
     assert status == DEPLOYED and release.metadata["version"] == current_version(registry)
     assert load_release(registry).model_dir.joinpath("config.json").exists()
+
+
+def test_serving_a_release_checksums_each_index_file_once(inputs, tmp_path, monkeypatch):
+    """The release's manifest covers its index: loading it for serving hashes those files once, not twice."""
+    from visrec.core import checksums
+    from visrec.online.config import ServingConfig
+    from visrec.online.loading import load_state
+
+    registry = tmp_path / "registry"
+    version = deploy_release(config(inputs, registry)).version
+    hashed: list[str] = []
+    real = checksums.sha256_file
+    monkeypatch.setattr(checksums, "sha256_file", lambda path: hashed.append(str(path)) or real(path))
+    state = load_state(str(registry), ServingConfig())
+    index_files = [p for p in hashed if "/index/" in p]
+    assert index_files and len(index_files) == len(set(index_files)), sorted(index_files)
+    state.close()
+    # the release's check still refuses a corrupt index file
+    vectors = registry / "releases" / version / "index" / "vectors.npy"
+    vectors.write_bytes(vectors.read_bytes()[:-4] + b"\0\0\0\1")
+    with pytest.raises(ReleaseInvalid, match="corrupt: index/vectors.npy"):
+        load_release(str(registry))

@@ -158,3 +158,45 @@ def test_directory_of_parquet_shards_keeps_file_order(tmp_path):
 def test_dead_letter_content_is_always_json():
     row = {"when": datetime(2024, 1, 1), "raw": b"\xff", "x": float("inf")}
     assert json.dumps(schema.json_safe(row))
+
+
+def test_listings_reader_keeps_the_first_valid_row_of_each_item(tmp_path):
+    """The one duplicate rule, as in `visrec prepare`: the first valid row in input order wins."""
+    rows = [{**GOOD, "price": "free"}, {**GOOD, "title": "first valid"}, {**GOOD, "title": "later copy"},
+            {**GOOD, "item_id": "m2"}, {**GOOD, "item_id": "m3", "title": ""}]
+    listings = schema.read_listings(str(_write(tmp_path, rows, "jsonl")))
+    assert [(r["item_id"], r["title"]) for r in listings.rows] == [("m1", "first valid"), ("m2", GOOD["title"])]
+    assert listings.rejected == {"invalid_price": 1, "empty_title": 1} and listings.duplicates == 1
+
+
+INTERACTION = {"query_item_id": "q", "item_id": "c", "position": 3, "tapped": 1, "session_id": "s",
+               "ts": "2025-01-01T00:00:00Z"}
+BAD_INTERACTIONS = [{**INTERACTION, "tapped": 2}, {**INTERACTION, "position": -1}, {**INTERACTION, "ts": "later"},
+                    {**INTERACTION, "item_id": "  "}, {**INTERACTION, "session_id": None},
+                    {**INTERACTION, "query_item_id": " q2 ", "ts": "2025-01-01T09:00:00+09:00"}]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_interactions_reader_applies_the_row_rules_in_every_format(tmp_path, fmt):
+    """Arrow reads each file; the verdict and the clean values are `validate_interaction`'s."""
+    rows = [INTERACTION, *BAD_INTERACTIONS]
+    if fmt == "csv":  # CSV has no null: an empty cell
+        rows = [{k: "" if v is None else v for k, v in r.items()} for r in rows]
+    table, dead = schema.read_interactions(str(_write(tmp_path, rows, fmt)))
+    verdicts = [schema.validate_interaction(r) for r in rows]
+    assert table.to_pylist() == [clean for clean, _ in verdicts if clean is not None]
+    assert [d["reason"] for d in dead] == [reason for _, reason in verdicts if reason]
+    assert list(table.column_names) == list(schema.INTERACTION_COLUMNS)
+
+
+def test_interactions_reader_reads_an_unusual_file_row_by_row(tmp_path):
+    """A malformed line or a numeric string makes Arrow give up on the file: the same rules, row by row."""
+    path = tmp_path / "logs.jsonl"
+    path.write_text(json.dumps(INTERACTION) + "\n{truncated\n" + json.dumps({**INTERACTION, "position": "4"}) + "\n"
+                    + json.dumps({**INTERACTION, "tapped": 2}) + "\n")
+    table, dead = schema.read_interactions(str(path))
+    assert table["position"].to_pylist() == [3, 4]
+    assert [d["reason"] for d in dead] == ["malformed_json", "invalid_tapped"]
+    with pytest.raises(UserError, match="missing required column.*ts"):
+        path.write_text(json.dumps({k: v for k, v in INTERACTION.items() if k != "ts"}) + "\n")
+        schema.read_interactions(str(path))

@@ -20,7 +20,7 @@ import pytest
 
 from visrec.core.errors import UserError
 
-from conftest import free_port, wait_for_port
+from visrec.core.servers import free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -52,16 +52,17 @@ def build_release(models_dir: Path, registry: Path | str, version: str, n_items:
 
     from visrec.data.embeddings import write_embeddings
     from visrec.data.images import decode_image
-    from visrec.stages.index import IndexConfig, SimilarityIndex
+    from visrec.stages.index.config import IndexConfig
+    from visrec.stages.index.searcher import SimilarityIndex
     from visrec.model.encoders import load_image_encoder
     from visrec.model.pca import PcaProjection
-    from visrec.stages.release.registry import DeployConfig, deploy_release
-    from visrec.online.service import embed_image
+    from visrec.stages.release.deploy import DeployConfig, deploy_release
+    from visrec.model.encode import encode_images
 
     encoder = load_image_encoder(str(models_dir / "siglip"), kind="siglip")
     ids = [f"item-{i:04d}" for i in range(n_items)]
     images = [decode_image(jpeg(COLOURS[i % len(COLOURS)], i % 5)) for i in range(n_items)]
-    raw = np.stack([embed_image(encoder, None, img) for img in images])
+    raw = np.stack([encode_images(encoder, [img], None)[0] for img in images])
     pca = PcaProjection.fit(raw, dims=16)
     work = (work_root or Path(registry).parent) / f"work-{version}"
     write_embeddings(str(work / "embeddings" / "embeddings-00000-of-00001.parquet"), ids, raw)
@@ -82,7 +83,7 @@ def build_release(models_dir: Path, registry: Path | str, version: str, n_items:
         registry=str(registry), model_dir=str(models_dir / "siglip"), embeddings_dir=str(work / "embeddings"),
         index_dir=str(work / "index"), listings_uri=str(work / "listings.parquet"),
         metrics_uri=str(work / "metrics.json"), version=version, catalog_snapshot_at=catalog_snapshot_at))
-    return outcome["path"] if str(registry).startswith("gs://") else Path(outcome["path"])
+    return outcome.path if str(registry).startswith("gs://") else Path(outcome.path)
 
 
 class Server:
@@ -505,6 +506,40 @@ def test_reloading_a_gcs_release_deletes_the_replaced_download(registry, gcs_emu
     assert service.similar("item-0003", 3)[0] == "v2"
     assert service.reload() == "v2"  # reloading the same release keeps (and reuses) its copy
     assert service.state.release.path.is_dir()
+
+
+# Run in a fresh interpreter: transformers must not be imported yet when the two encoders load.
+_RELOAD_WHILE_THE_ENCODER_LOADS = """
+import sys
+from visrec.online.service import RecommenderService
+
+service = RecommenderService(sys.argv[1])
+service.start()  # its encoder starts loading in the background
+print(service.reload())  # loads a second one meanwhile, and waits for it
+"""
+
+
+def test_a_reload_while_the_first_encoder_still_loads(registry, tmp_path):
+    """Two encoders loading at once in one process (a reload right after start) both load."""
+    release = shutil.copytree(registry / "releases" / "v1", tmp_path / "release",
+                              ignore=shutil.ignore_patterns("state"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.run([sys.executable, "-c", _RELOAD_WHILE_THE_ENCODER_LOADS, str(release)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.split() == ["v1"]
+
+
+def test_worker_processes_start_from_the_spec_in_the_environment():
+    from visrec.online.config import ServingConfig
+    from visrec.online.ranking import RankingConfig
+    from visrec.online.workers import WorkerSpec, header_timeout_seconds
+
+    spec = WorkerSpec("gs://bucket/registry", ServingConfig(ranking=RankingConfig(fetch=50), header_timeout_seconds=3.0,
+                                                            reload_signal="/tmp/reload.json"))
+    env = spec.to_env()
+    assert WorkerSpec.from_env(env) == spec and header_timeout_seconds(env) == 3.0
+    assert header_timeout_seconds({}) == ServingConfig.header_timeout_seconds
 
 
 def test_two_workers_see_each_others_writes_and_reloads(registry):

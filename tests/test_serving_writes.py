@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port, wait_for_port
+from visrec.core.servers import free_port, wait_for_port
 from test_serving import CATEGORIES, COLOURS, TOKEN, Server, build_release, jpeg
 
 pytestmark = pytest.mark.integration
@@ -105,7 +105,8 @@ def test_partial_updates_on_two_workers_never_undo_each_other(registry):
 def test_a_worker_writes_on_the_newest_state_even_before_its_tail_runs(registry):
     """Two services on one journal with no background tail at all: the second still updates and
     deletes what the first created a moment ago (each write reads the journal first)."""
-    from visrec.online.service import RecommenderService, ServingConfig
+    from visrec.online.config import ServingConfig
+    from visrec.online.service import RecommenderService
 
     config = ServingConfig(image_root=str(registry.parent / "images"))
     first, second = RecommenderService(str(registry), config), RecommenderService(str(registry), config)
@@ -127,7 +128,8 @@ def test_a_write_racing_another_replicas_keeps_the_other_field(registry):
     """Replicas cannot lock each other (GCS): a price change merged with a row that does not yet
     show another replica's `sold` must still not undo it, because an entry sets only what its
     request sent."""
-    from visrec.online.service import RecommenderService, ServingConfig
+    from visrec.online.config import ServingConfig
+    from visrec.online.service import RecommenderService
 
     seller = RecommenderService(str(registry), ServingConfig())
     pricer = RecommenderService(str(registry), ServingConfig())
@@ -275,7 +277,8 @@ def test_a_reload_never_serves_an_acknowledged_delete_undone(registry, tiny_mode
     import datetime as dt
 
     from visrec.online import service as service_module
-    from visrec.online.service import RecommenderService, ServingConfig
+    from visrec.online.config import ServingConfig
+    from visrec.online.service import RecommenderService
 
     live = RecommenderService(str(registry), ServingConfig())
     live.start()
@@ -302,7 +305,7 @@ def test_a_reload_never_serves_an_acknowledged_delete_undone(registry, tiny_mode
 @pytest.fixture
 def app_and_service(registry):
     from serving.app import create_app
-    from visrec.online.service import ServingConfig
+    from visrec.online.config import ServingConfig
 
     app = create_app(str(registry), ServingConfig(max_predict_neighbours=500, max_concurrent_predicts=1),
                      admin_token=TOKEN)
@@ -374,14 +377,14 @@ def test_one_prediction_comes_from_one_release(app_and_service, monkeypatch):
     monkeypatch.setattr(service_module, "recommend", recommend)
     version, results = service.similar_many([("item-0001", 5), ("item-0002", 5), ("item-0003", 5)])
     service._state = first_state
-    assert version == first_state.version and all(index is first_state.index for index in seen)
+    assert version == first_state.release.version and all(index is first_state.index for index in seen)
     assert len(seen) == 3 and all(r.items for r in results)
 
 
 def test_a_huge_image_is_refused_before_it_is_decoded(app_and_service):
     from PIL import Image
 
-    from visrec.online.service import BadItem
+    from visrec.online.errors import BadItem
 
     _, service = app_and_service
     buf = _bytes_io.BytesIO()

@@ -1,4 +1,4 @@
-"""The offline study (visrec.sim.study): pure parts, and one fast end-to-end run on a tiny marketplace.
+"""The offline study (visrec.sim.study package): pure parts, and one fast end-to-end run on a tiny marketplace.
 
 The end-to-end run uses the shared 400-item marketplace and tiny models, 1 epoch, few
 bootstrap resamples and a few dozen simulated users: it checks that every output is
@@ -14,8 +14,10 @@ import pytest
 
 from visrec.sim.demo_data import tap_probability
 from visrec.stages.evaluate.metrics import METRICS
-from visrec.sim.study import (ARMS, BASELINE, CANDIDATE, RANKING_VARIANTS, Session, StudyConfig, arm_of, make_sessions,
-                          ratio_bootstrap, run_study, simulate_taps, summarise_ab, table1_pca_dims, tradeoff_dims)
+from visrec.sim.study.ab import RANKING_VARIANTS, Session, arm_of, make_sessions, simulate_taps
+from visrec.sim.study.config import ARMS, BASELINE, CANDIDATE, StudyConfig, table1_pca_dims, tradeoff_dims
+from visrec.sim.study.run import run_study
+from visrec.sim.study.stats import ratio_bootstrap, summarise_ab
 from visrec.core.errors import UserError
 
 

@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw
 
 from visrec.core.errors import UserError
 from visrec.model.encoders import TinyModelConfig, init_models
-from visrec.stages.train.trainer import TrainConfig, list_checkpoints, lr_multiplier, retrieval_recall, train
+from visrec.stages.configs import TrainConfig
+from visrec.stages.train.trainer import TrainResult, list_checkpoints, lr_multiplier, retrieval_recall, train
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (235, 200, 20),
            "black": (20, 20, 20), "purple": (140, 40, 170)}
@@ -131,13 +132,14 @@ def test_outputs_follow_the_artifact_contract(small_data, shape_model, tmp_path)
     for name in ("model", "last", "checkpoints", "train_metrics.json", "loss_curve.png"):
         assert (out / name).exists(), name
     saved = json.loads((out / "train_metrics.json").read_text())
-    assert saved["epochs_completed"] == 1 and saved["global_step"] == metrics["global_step"] > 0
+    assert saved["epochs_completed"] == 1 and saved["global_step"] == metrics.global_step > 0
     epoch = saved["epochs"][0]
     for key in ("image_to_text_recall@1", "image_to_text_recall@5", "text_to_image_recall@1",
                 "text_to_image_recall@5", "loss"):
         assert 0 <= epoch["val"][key] < float("inf")
     assert epoch["samples_per_second"] > 0 and len(saved["step_loss"]) == saved["global_step"]
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert TrainResult.from_dict(saved) == metrics and list(saved) == list(metrics.as_dict())
     # Loadable by plain transformers and by the embedding stage's loader.
     SiglipModel.from_pretrained(out / "model")
     AutoProcessor.from_pretrained(out / "model")
@@ -148,20 +150,20 @@ def test_outputs_follow_the_artifact_contract(small_data, shape_model, tmp_path)
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(small_data, shape_model, tmp_path):
     full = tmp_path / "full"
     ref = train(_config(small_data, full, shape_model))
-    steps = ref["global_step"]
-    assert steps == 2 * ref["steps_per_epoch"] and steps > 8
+    steps = ref.global_step
+    assert steps == 2 * ref.steps_per_epoch and steps > 8
 
     parts = tmp_path / "parts"
     # Interrupted mid-epoch 1, then mid-epoch 2, then to the end; loader workers differ too.
     first = train(_config(small_data, parts, shape_model, max_steps=5))
-    assert first["global_step"] == 5 and first["epochs_completed"] == 0 and "stopped_at" in first
+    assert first.global_step == 5 and first.epochs_completed == 0 and first.stopped_at is not None
     second = train(_config(small_data, parts, shape_model, max_steps=steps - 2, resume=True, num_workers=1))
-    assert second["resumed_from"].endswith("step-00000005") and second["epochs_completed"] == 1
+    assert second.resumed_from.endswith("step-00000005") and second.epochs_completed == 1
     last = train(_config(small_data, parts, shape_model, resume=True))
-    assert last["global_step"] == steps
+    assert last.global_step == steps
 
-    assert last["step_loss"] == ref["step_loss"]
-    assert [e["val"] for e in last["epochs"]] == [e["val"] for e in ref["epochs"]]
+    assert last.step_loss == ref.step_loss
+    assert [e["val"] for e in last.epochs] == [e["val"] for e in ref.epochs]
     for name in ("last", "model"):
         a, b = _weights(full / name), _weights(parts / name)
         assert a.keys() == b.keys()
@@ -174,17 +176,20 @@ def test_incomplete_checkpoints_are_ignored(small_data, shape_model, tmp_path):
     done = train(_config(small_data, out, shape_model, epochs=1))
     ckpts = out / "checkpoints"
     complete = list_checkpoints(str(out))
-    assert complete and complete[-1][0] == done["global_step"]
+    assert complete and complete[-1][0] == done.global_step
     # What a crash mid-write leaves: a newer directory without its marker, and a temp directory.
     (ckpts / "step-99999999").mkdir()
     (ckpts / "step-99999999" / "state.pt").write_bytes(b"truncated")
     shutil.copytree(ckpts / complete[-1][1].rsplit("/", 1)[-1], ckpts / ".tmp-step-99999998")
     assert list_checkpoints(str(out)) == complete
     resumed = train(_config(small_data, out, shape_model, epochs=1, resume=True))
-    assert resumed["resumed_from"] == complete[-1][1] and resumed["global_step"] == done["global_step"]
+    assert resumed.resumed_from == complete[-1][1] and resumed.global_step == done.global_step
 
 
 def test_bad_settings_are_user_errors(small_data, shape_model, tmp_path):
+    for bad in ({"epochs": 0}, {"lr": 0.0}, {"precision": "fp8"}, {"gradient_checkpointing": "maybe"}):
+        with pytest.raises(UserError, match="must"):  # refused by TrainConfig itself, before any work
+            _config(small_data, tmp_path / "z", shape_model, **bad)
     with pytest.raises(UserError, match="fewer than one batch"):
         train(_config(small_data, tmp_path / "a", shape_model, batch_size=4096))
     with pytest.raises(UserError, match="split evenly"):
@@ -223,14 +228,14 @@ def test_training_learns_the_pairing_and_shuffled_titles_do_not(shape_model, tmp
     fake = train(_config(shuffled, tmp_path / "out-shuffled", shape_model, **cfg))
 
     key = "image_to_text_recall@5"
-    before, after = real["initial_val"][key], real["epochs"][-1]["val"][key]
+    before, after = real.initial_val[key], real.epochs[-1]["val"][key]
     # 30 distinct titles: chance recall@5 is about 5/30.
     assert before < 0.3
     assert after >= 0.6 and after >= before + 0.35, (before, after)
-    assert real["epochs"][-1]["val"]["text_to_image_recall@5"] >= 0.5
-    assert real["epochs"][-1]["val"]["loss"] < real["initial_val"]["loss"]
-    fake_after = max(e["val"][key] for e in fake["epochs"])
-    assert fake_after <= 0.35 and fake_after <= fake["initial_val"][key] + 0.15, fake_after
+    assert real.epochs[-1]["val"]["text_to_image_recall@5"] >= 0.5
+    assert real.epochs[-1]["val"]["loss"] < real.initial_val["loss"]
+    fake_after = max(e["val"][key] for e in fake.epochs)
+    assert fake_after <= 0.35 and fake_after <= fake.initial_val[key] + 0.15, fake_after
 
 
 def test_component_trains_into_its_model_artifact(small_data, shape_model, tmp_path):
@@ -288,16 +293,16 @@ def test_gcs_data_and_output_with_resume(small_data, shape_model, gcs_emulator):
     io.upload_dir(small_data, data)
     cfg = dict(epochs=1, checkpoint_every_steps=1, keep_checkpoints=2)
     first = train(_config(data, out, shape_model, max_steps=3, **cfg))
-    assert first["global_step"] == 3
+    assert first.global_step == 3
     # Older checkpoints are pruned on GCS too; each kept one has its state and its marker.
     assert [step for step, _ in list_checkpoints(out)] == [2, 3]
     assert io.exists(io.join(out, "checkpoints", "step-00000003", "state.pt"))
     done = train(_config(data, out, shape_model, resume=True, **cfg))
-    assert done["resumed_from"] == io.join(out, "checkpoints", "step-00000003")
-    assert done["epochs_completed"] == 1
+    assert done.resumed_from == io.join(out, "checkpoints", "step-00000003")
+    assert done.epochs_completed == 1
     for name in ("model/config.json", "last/model.safetensors", "train_metrics.json", "loss_curve.png"):
         assert io.exists(io.join(out, name)), name
-    assert io.read_json(io.join(out, "train_metrics.json"))["global_step"] == done["global_step"]
+    assert io.read_json(io.join(out, "train_metrics.json"))["global_step"] == done.global_step
 
 
 def test_init_models_cli_writes_loadable_stand_ins(tmp_path, capsys):

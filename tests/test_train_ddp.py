@@ -24,7 +24,8 @@ import json, math, sys
 import torch, torch.distributed as dist, torch.nn.functional as F
 torch.set_num_threads(1)
 from visrec.model.siglip_loss import distributed_sigmoid_loss, sigmoid_loss
-from visrec.stages.train.trainer import SiglipTrainer, TrainConfig, _setup_processes, bf16_allreduce_hook
+from visrec.stages.configs import TrainConfig
+from visrec.stages.train.trainer import SiglipTrainer, _setup_processes, bf16_allreduce_hook
 
 args = json.loads(sys.argv[1])
 report_dir = args.pop("report_dir")
@@ -81,10 +82,10 @@ report["bf16_exact"] = torch.equal(hooked.weight.grad, plain.weight.grad)
 trainer = SiglipTrainer(TrainConfig(**args), _setup_processes("cpu"))
 metrics = trainer.run()
 torch.save(trainer.model.state_dict(), f"{report_dir}/rank{rank}.pt")
-report.update(world_size=metrics["world_size"], step_loss=metrics["step_loss"])
+report.update(world_size=metrics.world_size, step_loss=metrics.step_loss)
 options = SiglipTrainer(TrainConfig(**dict(args, out_dir=args["out_dir"] + "-options", freeze_token_embedding=True,
                                            gradient_compression="bf16")), _setup_processes("cpu"))
-report["options_step_loss"] = options.run()["step_loss"]
+report["options_step_loss"] = options.run().step_loss
 torch.save(options.model.state_dict(), f"{report_dir}/options-rank{rank}.pt")
 with open(f"{report_dir}/rank{rank}.json", "w") as fh:
     json.dump(report, fh)
@@ -127,7 +128,7 @@ def test_ddp_ranks_end_identical_and_match_one_process(ddp_run, tmp_path):
     # The same global batches on one process: the same training, up to float summation order.
     single = train(_config(Path(cfg.data_uri), tmp_path / "single", cfg.model_uri, epochs=1, max_steps=4,
                            checkpoint_every_steps=0))
-    assert single["step_loss"] == pytest.approx(reports[0]["step_loss"], rel=1e-4)
+    assert single.step_loss == pytest.approx(reports[0]["step_loss"], rel=1e-4)
     ddp_weights, one_weights = _weights(root / "out" / "last"), _weights(tmp_path / "single" / "last")
     # Attention key biases get an exactly-zero gradient in exact arithmetic (softmax ignores a shift
     # shared by all keys); Adam turns the round-off there into full-size steps, so they are skipped.

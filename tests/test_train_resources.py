@@ -141,8 +141,8 @@ def test_auto_checkpointing_trains_where_only_checkpointing_fits(small_data, sha
     layers = tr.checkpointable_layers(trainer.model)
     assert layers and all(layer.gradient_checkpointing for layer in layers)
     auto = trainer.run()
-    assert auto["memory_plan"]["checkpointing"] is True and plain["memory_plan"]["checkpointing"] is False
-    assert auto["step_loss"] == pytest.approx(plain["step_loss"], abs=1e-5)
+    assert auto.memory_plan["checkpointing"] is True and plain.memory_plan["checkpointing"] is False
+    assert auto.step_loss == pytest.approx(plain.step_loss, abs=1e-5)
 
 
 # ---- the accelerator ---------------------------------------------------------------------------------
@@ -237,6 +237,6 @@ def test_batches_through_pipes_train_exactly_as_through_shared_memory(small_data
     shm = train(_config(small_data, tmp_path / "shm", shape_model, epochs=2, num_workers=1))
     monkeypatch.setattr("visrec.stages.train.trainer.shared_memory_free", lambda: 1024)
     pipes = train(_config(small_data, tmp_path / "pipes", shape_model, epochs=2, num_workers=1))
-    assert shm["shared_memory"]["batches_in_shared_memory"] is True
-    assert pipes["shared_memory"]["batches_in_shared_memory"] is False
-    assert pipes["step_loss"] == shm["step_loss"]
+    assert shm.shared_memory["batches_in_shared_memory"] is True
+    assert pipes.shared_memory["batches_in_shared_memory"] is False
+    assert pipes.step_loss == shm.step_loss

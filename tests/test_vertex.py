@@ -20,9 +20,11 @@ from vertex_fake import PROJECT, REGION
 from visrec.core import io
 from visrec.cli import main
 from visrec.core.errors import UserError
-from visrec.stages.release.registry import (CANARY_STATUS, DEPLOYED, PENDING, BakePolicy, active_canary, approve_release,
-                            auto_promote, current_version, deploy_release, list_releases, load_release,
-                            predecessor, promote_release, release_uri, rollback, successor)
+from visrec.stages.release.deploy import deploy_release
+from visrec.stages.release.promote import BakePolicy, approve_release, auto_promote, promote_release, rollback
+from visrec.stages.release.registry import (active_canary, current_version, list_releases, load_release, predecessor,
+                                            successor)
+from visrec.stages.release.release import CANARY_STATUS, DEPLOYED, PENDING, release_uri
 from visrec.stages.release.vertex import (VertexDeployConfig, deploy_kwargs, endpoint_kwargs, release_alias, to_undeploy,
                            upload_kwargs)
 
@@ -134,7 +136,7 @@ def test_first_release_creates_the_model_and_endpoint_once(vertex_api, inputs, r
     with pytest.raises(UserError, match="needs a gs:// registry"):
         deploy_release(config(inputs, "/tmp/local-registry", target="vertex", vertex=vertex_config()))
     first = ship(inputs, registry, "v1")
-    assert first["status"] == DEPLOYED and current_version(registry) == "v1"
+    assert first.status == DEPLOYED and current_version(registry) == "v1"
 
     # Nothing existed: one get each (NotFound), then the model and endpoint are created with the fixed IDs.
     [upload] = vertex_api.requests_of("upload_model")
@@ -155,7 +157,7 @@ def test_first_release_creates_the_model_and_endpoint_once(vertex_api, inputs, r
 
     # The next release is a new version of the same model, on the same endpoint: nothing is created.
     vertex_api.clear()
-    assert ship(inputs, registry, "v2", "better")["status"] == CANARY_STATUS
+    assert ship(inputs, registry, "v2", "better").status == CANARY_STATUS
     [upload] = vertex_api.requests_of("upload_model")
     assert upload.parent_model == MODEL and not upload.model_id
     assert "default" not in upload.model.version_aliases
@@ -165,14 +167,14 @@ def test_first_release_creates_the_model_and_endpoint_once(vertex_api, inputs, r
 
 def test_canary_promote_then_one_step_deploy_undeploys_old_models(vertex_api, inputs, registry, monkeypatch,
                                                                   tmp_path):  # noqa: F811
-    from conftest import free_port
+    from visrec.core.servers import free_port
     from test_serving import Server
 
     ship(inputs, registry, "v1")
     v1 = deployed_id(registry, "v1")
     vertex_api.clear()
     canary = ship(inputs, registry, "v2", "better", canary_percent=10)
-    assert canary["status"] == CANARY_STATUS and "canary until `visrec promote`" in canary["message"]
+    assert canary.status == CANARY_STATUS and "canary until `visrec promote`" in canary.message
     [deploy] = vertex_api.requests_of("deploy_model")
     assert dict(deploy.traffic_split) == {v1: 90, "0": 10}
     v2 = deployed_id(registry, "v2")
@@ -183,7 +185,7 @@ def test_canary_promote_then_one_step_deploy_undeploys_old_models(vertex_api, in
     assert active_canary(registry)["version"] == "v2" and active_canary(registry)["base"] == "v1"
     assert {r["version"]: r["status"] for r in list_releases(registry)}["v2"] == "canary 10%"
     # The canary follows the champion's writes and the champion the canary's (docs/serving.md).
-    assert ship(inputs, registry, "v3", "best")["status"] == PENDING  # no second canary beside the first
+    assert ship(inputs, registry, "v3", "best").status == PENDING  # no second canary beside the first
     with pytest.raises(UserError, match="v2 is a canary"):
         approve_release(registry, "v3", who="ana", why="x")
     releases = tmp_path / "cache"
@@ -201,7 +203,7 @@ def test_canary_promote_then_one_step_deploy_undeploys_old_models(vertex_api, in
     finally:
         server.stop()
     assert invoked == [(v2, "/predict")]
-    assert promoted["smoke_query"]["results"]
+    assert promoted.smoke_query["results"]
     [update] = vertex_api.requests_of("update_endpoint")
     assert list(update.update_mask.paths) == ["traffic_split"] and dict(update.endpoint.traffic_split) == {v1: 0, v2: 100}
     [merge] = vertex_api.requests_of("merge_version_aliases")
@@ -215,7 +217,7 @@ def test_canary_promote_then_one_step_deploy_undeploys_old_models(vertex_api, in
 
     # --canary-percent 100: one step; beyond the champion and one previous release, models are undeployed.
     vertex_api.clear()
-    assert ship(inputs, registry, "v4", "best", canary_percent=100)["status"] == DEPLOYED
+    assert ship(inputs, registry, "v4", "best", canary_percent=100).status == DEPLOYED
     v4 = deployed_id(registry, "v4")
     [deploy] = vertex_api.requests_of("deploy_model")
     assert dict(deploy.traffic_split) == {"0": 100}
@@ -257,7 +259,7 @@ def test_rollback_during_a_canary_aborts_it(vertex_api, inputs, registry):  # no
     ship(inputs, registry, "v2", "better")
     v1, v2 = deployed_id(registry, "v1"), deployed_id(registry, "v2")
     # A retraining that passes the gate during a canary waits instead of stacking a second canary.
-    assert ship(inputs, registry, "v3", "best")["status"] == PENDING
+    assert ship(inputs, registry, "v3", "best").status == PENDING
     vertex_api.clear()
     assert main(["rollback", "--registry", registry, "--who", "ana", "--why", "error rate"]) == 0
     [update] = vertex_api.requests_of("update_endpoint")
@@ -268,7 +270,7 @@ def test_rollback_during_a_canary_aborts_it(vertex_api, inputs, registry):  # no
     assert current_version(registry) == "v1" and active_canary(registry) is None
     assert record(registry, "v2")["phase"] == "aborted"
     # The waiting release can go now, as a canary of its own.
-    assert approve_release(registry, "v3", who="ana", why="report read")["status"] == CANARY_STATUS
+    assert approve_release(registry, "v3", who="ana", why="report read").status == CANARY_STATUS
 
 
 def test_approval_registers_first_and_deploys_only_when_approved(vertex_api, inputs, registry):  # noqa: F811
@@ -276,7 +278,7 @@ def test_approval_registers_first_and_deploys_only_when_approved(vertex_api, inp
     vertex_api.clear()
     pending = deploy_release(config(inputs, registry, "better", version="v2", target="vertex",
                                     vertex=vertex_config(), require_approval=True))
-    assert pending["status"] == PENDING
+    assert pending.status == PENDING
     # In the Model Registry at once (the run -> version lineage), not on the endpoint.
     assert [r.parent_model for r in vertex_api.requests_of("upload_model")] == [MODEL]
     assert vertex_api.requests_of("deploy_model") == []
@@ -292,7 +294,7 @@ def test_auto_promotion_waits_for_the_bake_policy(vertex_api, inputs, registry):
     with pytest.raises(UserError, match="baked 0 of 60 minutes"):
         promote_release(registry, "v2", who="ana", why="x", smoke_query=False, min_minutes=60)
     result = auto_promote(registry, BakePolicy(min_minutes=0, smoke_query=False))
-    assert result["version"] == "v2" and current_version(registry) == "v2"
+    assert result.version == "v2" and current_version(registry) == "v2"
     audit = io.read_jsonl(io.join(release_uri(registry, "v2"), "audit.jsonl"))
     assert audit[-1]["who"] == "visrec bake policy"
     assert main(["promote", "--auto", "--registry", registry]) == 0  # nothing to do

@@ -3,30 +3,32 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
+from visrec.online.entry import JournalEntry
 from visrec.online.writes import WriteRegisters
 
 
-def upsert(item: str, at: float, vector: bool = False, sent: list[str] | None = None, **fields) -> dict:
+def upsert(item: str, at: float, vector: bool = False, sent: list[str] | None = None, **fields) -> JournalEntry:
     row = {"category": "a/b", "price": 100, "status": "on_sale", **fields}
     entry = {"op": "upsert", "id": f"{item}-{at}", "item_id": item, "at": at, "vector": [1.0] if vector else None,
              **row}
     if sent is not None:
         entry["sent"] = sent
-    return entry
+    return JournalEntry.from_json(json.dumps(entry))
 
 
-def delete(item: str, at: float) -> dict:
-    return {"op": "delete", "id": f"del-{item}-{at}", "item_id": item, "at": at}
+def delete(item: str, at: float) -> JournalEntry:
+    return JournalEntry("delete", item, at, id=f"del-{item}-{at}")
 
 
-def replay(entries: list[dict], base: dict | None = None) -> tuple[WriteRegisters, dict | None, bool]:
+def replay(entries: list[JournalEntry], base: dict | None = None) -> tuple[WriteRegisters, dict | None, bool]:
     registers = WriteRegisters()
     for entry in entries:
         registers.apply(entry)
-    item = entries[0]["item_id"]
+    item = entries[0].item_id
     return registers, registers.metadata(item, base), registers.alive(item, default=base is not None)
 
 
@@ -89,4 +91,4 @@ def test_has_says_whether_a_write_or_newer_ones_are_held():
                                                                 "sent": ["price"]}])
 def test_unusable_entries_raise_for_the_caller_to_skip(bad):
     with pytest.raises((KeyError, ValueError, TypeError)):
-        WriteRegisters().apply(bad)
+        WriteRegisters().apply(JournalEntry.from_json(json.dumps(bad)))

@@ -16,12 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from visrec.stages.release.registry import approve_release
-
-    from visrec.stages.release.registry import CANARY_STATUS
+    from visrec.stages.release.promote import approve_release
+    from visrec.stages.release.release import CANARY_STATUS
 
     result = approve_release(args.registry, args.version, who=args.who, why=args.why)
-    where = ("serving as a canary; `visrec promote` it after the bake" if result["status"] == CANARY_STATUS
+    where = ("serving as a canary; `visrec promote` it after the bake" if result.status == CANARY_STATUS
              else "now current")
-    print(f"approved {result['version']} (was {result['previous_status']}); {where}")
+    print(f"approved {result.version} (was {result.previous_status}); {where}")
     return 0

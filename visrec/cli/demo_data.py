@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import argparse
 
+from visrec.core.defaults import field_defaults
+
 HELP = "generate a synthetic marketplace: listings.jsonl, images/, interactions.jsonl, hidden ground truth"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from visrec.sim.demo_data import DemoDataConfig
 
-    defaults = DemoDataConfig()
+    defaults = field_defaults(DemoDataConfig)
     parser.add_argument("--out", required=True, help="output directory, local or gs://")
-    parser.add_argument("--items", type=int, default=defaults.items, help="listings to generate")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="same seed and options, same bytes")
-    parser.add_argument("--corrupt-fraction", type=float, default=defaults.corrupt_fraction,
+    parser.add_argument("--items", type=int, default=defaults["items"], help="listings to generate")
+    parser.add_argument("--seed", type=int, default=defaults["seed"], help="same seed and options, same bytes")
+    parser.add_argument("--corrupt-fraction", type=float, default=defaults["corrupt_fraction"],
                         help="share of listing rows made bad (missing/truncated/non-image files, empty titles, "
                              "bad prices, duplicate ids, malformed lines); recorded in hidden/corruptions.jsonl")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="longest photo side in px")
-    parser.add_argument("--sessions-per-item", type=float, default=defaults.sessions_per_item,
+    parser.add_argument("--image-size", type=int, default=defaults["image_size"], help="longest photo side in px")
+    parser.add_argument("--sessions-per-item", type=float, default=defaults["sessions_per_item"],
                         help="impression lists logged per item")
-    parser.add_argument("--workers", type=int, default=defaults.workers,
+    parser.add_argument("--workers", type=int, default=defaults["workers"],
                         help="image rendering processes (the output does not depend on it)")
 
 

@@ -8,7 +8,7 @@ HELP = "promote the canary to champion (all traffic, aliases, CURRENT), or --aut
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from visrec.stages.release.registry import BakePolicy
+    from visrec.stages.release.promote import BakePolicy
 
     policy = BakePolicy()
     parser.add_argument("version", nargs="?", help="the canary's version (see `visrec releases`); not with --auto")
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from visrec.core.errors import UserError
-    from visrec.stages.release.registry import BakePolicy, auto_promote, promote_release
+    from visrec.stages.release.promote import BakePolicy, auto_promote, promote_release
 
     if args.auto:
         if args.version:
@@ -40,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("promote needs VERSION, --who and --why (or --auto)")
         result = promote_release(args.registry, args.version, who=args.who, why=args.why,
                                  smoke_query=not args.skip_smoke_query)
-    print(f"promoted {result['version']} (was {result['previous']}) after {result['baked_minutes']:.0f} min "
+    print(f"promoted {result.version} (was {result.previous}) after {result.baked_minutes:.0f} min "
           "at canary; now champion with all traffic")
     return 0

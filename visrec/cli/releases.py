@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from visrec.core.tables import format_table
+
 HELP = "list the releases in a registry (version, created, catalog snapshot, status, current, ndcg@5)"
 
 
@@ -11,16 +13,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", required=True, help="registry directory, local or gs://")
 
 
-def format_table(rows: list[dict]) -> str:
+def releases_table(rows: list[dict]) -> str:
     """Releases as a fixed-width table; `*` marks the current one."""
     header = ("", "version", "created", "catalog snapshot", "status", "ndcg@5", "approved by")
-    lines = [header] + [
+    return format_table([header] + [
         ("*" if r["current"] else "", r["version"], r["created_at"] or "-", r["catalog_snapshot_at"] or "-",
          r["status"],
          "-" if r["ndcg@5"] is None else f"{r['ndcg@5']:.4f}", r["approved_by"] or "-")
-        for r in rows]
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+        for r in rows])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,5 +30,5 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no releases in {args.registry}")
         return 0
-    print(format_table(rows))
+    print(releases_table(rows))
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from visrec.core.defaults import field_defaults
+
 HELP = ("resolve data inputs (a file, a prefix, or the newest complete <key>=<value> partition of a prefix) and "
         "print what a run reads and a fingerprint of those files, one JSON object per input")
 
@@ -11,13 +13,13 @@ HELP = ("resolve data inputs (a file, a prefix, or the newest complete <key>=<va
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from visrec.data.datasource import ResolveConfig
 
-    defaults = ResolveConfig()
+    defaults = field_defaults(ResolveConfig)
     parser.add_argument("uris", nargs="+", metavar="URI",
                         help="listings or impression-log file or directory/prefix, local or gs://")
-    parser.add_argument("--partition-key", default=defaults.partition_key,
-                        help=f"key of Hive-style <key>=<value>/ partitions (default: {defaults.partition_key})")
-    parser.add_argument("--done-marker", default=defaults.done_marker,
-                        help=f"file that marks a partition complete (default: {defaults.done_marker}; "
+    parser.add_argument("--partition-key", default=defaults["partition_key"],
+                        help="key of Hive-style <key>=<value>/ partitions (default: %(default)s)")
+    parser.add_argument("--done-marker", default=defaults["done_marker"],
+                        help="file that marks a partition complete (default: %(default)s; "
                              "'' = any partition holding a data file)")
     parser.add_argument("--out", help="also write the results as a JSON list to this file, local or gs://")
 

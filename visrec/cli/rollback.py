@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from visrec.stages.release.registry import active_canary, current_version, rollback
+    from visrec.stages.release.promote import rollback
+    from visrec.stages.release.registry import active_canary, current_version
 
     canary = active_canary(args.registry)
     before = canary["version"] if canary else current_version(args.registry)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from visrec.core.tables import format_table
+
 HELP = "list pipeline runs recorded in a registry (state, failed tasks, error), newest last"
 
 
@@ -12,15 +14,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--last", type=int, default=20, help="show this many runs (0: all)")
 
 
-def format_table(rows: list[dict]) -> str:
-    """Runs as a fixed-width table; the error of a failed run on its own line."""
-    lines = []
+# Fixed widths, so the runs of one registry line up from one call to the next.
+_WIDTHS = (25, 10, len("failed: ") + 24, 0)
+
+
+def runs_table(rows: list[dict]) -> str:
+    """Runs as a fixed-width table; the error of a failed run on its own line, under the state."""
+    table: list[tuple[str, ...]] = []
     for r in rows:
-        failed = ",".join(r["failed_tasks"]) or "-"
-        lines.append(f"{r['at']:<25}  {r['state']:<10}  failed: {failed:<24}  {r['run']}")
+        table.append((r["at"], r["state"], f"failed: {','.join(r['failed_tasks']) or '-'}", r["run"]))
         if r.get("error"):
-            lines.append(f"{'':<25}  {r['error'][:200]}")
-    return "\n".join(lines)
+            table.append(("", r["error"][:200]))
+    return format_table(table, _WIDTHS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
     rows = list_runs(args.registry)
     if args.last:
         rows = rows[-args.last:]
-    print(format_table(rows) if rows else f"no runs recorded in {args.registry}")
+    print(runs_table(rows) if rows else f"no runs recorded in {args.registry}")
     return 1 if rows and rows[-1]["state"] != "SUCCEEDED" else 0

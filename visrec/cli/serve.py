@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 
+from visrec.core.defaults import field_defaults
+
 HELP = "serve similar items for a release over HTTP (Vertex AI prediction contract included)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from visrec.online.config import ServingConfig
     from visrec.online.ranking import RankingConfig
-    from visrec.online.service import ServingConfig
 
-    ranking = RankingConfig()
-    limits = ServingConfig()
+    ranking = field_defaults(RankingConfig)
+    limits = field_defaults(ServingConfig)
     parser.add_argument("--release", default=os.environ.get("AIP_STORAGE_URI"),
                         help="release directory or registry, local or gs:// (default: $AIP_STORAGE_URI)")
     parser.add_argument("--host", default=os.environ.get("VISREC_HOST", "127.0.0.1"),
@@ -22,39 +24,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="port (default: $AIP_HTTP_PORT or 8080)")
     parser.add_argument("--workers", type=int, default=1,
                         help="worker processes; each holds the index, writes reach all through the journal")
-    parser.add_argument("--fetch", type=int, default=ranking.fetch, help="ANN candidates fetched per query")
-    parser.add_argument("--price-low", type=float, default=ranking.price_low,
+    parser.add_argument("--fetch", type=int, default=ranking["fetch"], help="ANN candidates fetched per query")
+    parser.add_argument("--price-low", type=float, default=ranking["price_low"],
                         help="keep candidates priced >= this factor of the query price")
-    parser.add_argument("--price-high", type=float, default=ranking.price_high,
+    parser.add_argument("--price-high", type=float, default=ranking["price_high"],
                         help="keep candidates priced <= this factor of the query price")
-    parser.add_argument("--category-weight", type=float, default=ranking.category_weight,
+    parser.add_argument("--category-weight", type=float, default=ranking["category_weight"],
                         help="weight of category similarity in the re-rank score")
     parser.add_argument("--image-root", help="local directory PUT image_uri paths may point into")
     parser.add_argument("--cache-dir", help="where a gs:// release is downloaded")
     parser.add_argument("--access-log", action="store_true", help="log every request (secret query values blanked)")
-    parser.add_argument("--header-timeout", type=float, default=limits.header_timeout_seconds,
+    parser.add_argument("--header-timeout", type=float, default=limits["header_timeout_seconds"],
                         help="close a connection that sent no complete request headers for this long (s)")
-    parser.add_argument("--keep-alive", type=int, default=limits.keep_alive_seconds,
+    parser.add_argument("--keep-alive", type=int, default=limits["keep_alive_seconds"],
                         help="close an idle connection this long after an answer (s)")
-    parser.add_argument("--max-connections", type=int, default=limits.max_connections,
+    parser.add_argument("--max-connections", type=int, default=limits["max_connections"],
                         help="concurrent connections per process; beyond, 503")
-    parser.add_argument("--max-predict-neighbours", type=int, default=limits.max_predict_neighbours,
+    parser.add_argument("--max-predict-neighbours", type=int, default=limits["max_predict_neighbours"],
                         help="the most neighbours one /predict may ask for (sum of k)")
-    parser.add_argument("--max-concurrent-predicts", type=int, default=limits.max_concurrent_predicts,
+    parser.add_argument("--max-concurrent-predicts", type=int, default=limits["max_concurrent_predicts"],
                         help="/predict requests at once per process; beyond, 429")
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-    import tempfile
-    from pathlib import Path
-
     import uvicorn
 
     from visrec.core.errors import UserError
+    from visrec.online.config import ServingConfig
     from visrec.online.ranking import RankingConfig
-    from visrec.online.service import ServingConfig
+    from visrec.online.workers import WorkerSpec, shared_by_workers
 
     if not args.release:
         raise UserError("no release: pass --release or set AIP_STORAGE_URI")
@@ -66,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     # A bad admin token stops the server here, once, not in a restart loop of every worker.
-    from serving.app import HEADER_TIMEOUT_ENV, configured_admin_token
+    from serving.app import configured_admin_token
 
     configured_admin_token()
     config = ServingConfig(ranking=ranking, image_root=args.image_root, cache_dir=args.cache_dir,
@@ -74,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
                            max_concurrent_predicts=args.max_concurrent_predicts,
                            header_timeout_seconds=args.header_timeout, keep_alive_seconds=args.keep_alive,
                            max_connections=args.max_connections)
-    os.environ[HEADER_TIMEOUT_ENV] = str(config.header_timeout_seconds)  # read by every worker's protocol
     options = dict(host=args.host, port=args.port, access_log=args.access_log, log_level="info",
                    http="serving.app:HeaderTimeoutProtocol", timeout_keep_alive=config.keep_alive_seconds,
                    limit_concurrency=config.max_connections)
@@ -82,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers == 1:
         from serving.app import create_app
 
+        os.environ.update(WorkerSpec(args.release, config).to_env())  # the HTTP protocol's header timeout
         # A release that fails to load stops this server (late-bound: `server` exists by then).
         app = create_app(args.release, config, on_load_error=lambda: setattr(server, "should_exit", True))
         server = uvicorn.Server(uvicorn.Config(app, **options))
@@ -90,16 +88,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"cannot load release {args.release}: {app.state.load_error}")
         return 0
 
-    # Several processes: verify the release once here (a broken one fails once instead of in a
-    # worker restart loop). A gs:// release is downloaded once into a shared cache, which the
-    # workers then find already verified; they keep the gs:// URI, so reloads follow its CURRENT.
-    from visrec.stages.release.registry import load_release
-
-    control = Path(tempfile.mkdtemp(prefix="visrec-serve-"))
-    config.cache_dir = config.cache_dir or str(control / "releases")
-    load_release(args.release, config.cache_dir)
-    # Lets a reload taken by one worker reach all of them (`ServingConfig.reload_signal`).
-    config.reload_signal = str(control / "reload.json")
-    os.environ["VISREC_SERVE_CONFIG"] = json.dumps({"release": args.release, "config": dataclasses.asdict(config)})
+    # Several processes, each started from the spec (`visrec.online.workers`).
+    os.environ.update(WorkerSpec(args.release, shared_by_workers(args.release, config)).to_env())
     uvicorn.run("serving.app:app_from_env", factory=True, workers=args.workers, **options)
     return 0

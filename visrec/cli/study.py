@@ -6,18 +6,20 @@ import argparse
 import shlex
 import sys
 
+from visrec.core.defaults import field_defaults
+
 HELP = ("reproduce the paper's offline study on a generated marketplace: Table 1, the PCA trade-off and a "
         "simulated A/B test against real serving processes (synthetic data, not the paper's figures)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from visrec.sim.study import PCA_DIMS, StudyConfig
+    from visrec.sim.study.config import PCA_DIMS, StudyConfig
 
-    d = StudyConfig(out_dir="")
+    d = field_defaults(StudyConfig)
     parser.add_argument("--out", required=True, help="the folder everything is written to (local)")
-    parser.add_argument("--items", type=int, default=d.items, help=f"marketplace size (default {d.items})")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of data, training, bootstrap and traffic")
-    parser.add_argument("--image-size", type=int, default=d.image_size, help="rendered photo size in px")
+    parser.add_argument("--items", type=int, default=d["items"], help="marketplace size (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d["seed"], help="seed of data, training, bootstrap and traffic")
+    parser.add_argument("--image-size", type=int, default=d["image_size"], help="rendered photo size in px")
     parser.add_argument("--marketplace", help="reuse a `visrec demo-data` directory instead of generating one")
     parser.add_argument("--models", help="reuse a `visrec init-models` directory instead of creating one")
     parser.add_argument("--full-size", action="store_true",
@@ -29,19 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="default 1e-3 tiny (from scratch), 5e-5 full size")
     parser.add_argument("--pca-dims", type=int, nargs="+", default=list(PCA_DIMS),
                         help=f"PCA sizes of the trade-off (default {' '.join(map(str, PCA_DIMS))})")
-    parser.add_argument("--bootstrap", type=int, default=d.bootstrap_resamples, help="bootstrap resamples")
-    parser.add_argument("--ab-users", type=int, default=d.ab_users, help="simulated users")
-    parser.add_argument("--ab-sessions-per-user", type=int, default=d.ab_sessions_per_user,
+    parser.add_argument("--bootstrap", type=int, default=d["bootstrap_resamples"], help="bootstrap resamples")
+    parser.add_argument("--ab-users", type=int, default=d["ab_users"], help="simulated users")
+    parser.add_argument("--ab-sessions-per-user", type=int, default=d["ab_sessions_per_user"],
                         help="page views per simulated user")
-    parser.add_argument("--ab-k", type=int, default=d.ab_k, help="recommendations per page view")
-    parser.add_argument("--workers", type=int, default=d.workers, help="processes rendering images")
+    parser.add_argument("--ab-k", type=int, default=d["ab_k"], help="recommendations per page view")
+    parser.add_argument("--workers", type=int, default=d["workers"], help="processes rendering images")
     parser.add_argument("--device", help="torch device for training and embedding (default: GPU if any)")
     parser.add_argument("--resume", action="store_true", help="reuse stages an earlier run in --out finished")
 
 
 def config_from_args(args: argparse.Namespace):
     """The `StudyConfig` these flags describe (bench/study.py parses the same flags)."""
-    from visrec.sim.study import StudyConfig
+    from visrec.sim.study.config import StudyConfig
 
     return StudyConfig(
         out_dir=args.out, items=args.items, seed=args.seed, image_size=args.image_size,
@@ -53,7 +55,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from visrec.sim.study import run_study, summary_lines
+    from visrec.sim.study.report import summary_lines
+    from visrec.sim.study.run import run_study
 
     result = run_study(config_from_args(args), command="visrec " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     print("\n".join(summary_lines(result)))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -160,6 +159,12 @@ def read_jsonl(uri: str) -> list[Any]:
     if not exists(uri):
         return []
     return [json.loads(line) for line in read_text(uri).splitlines() if line.strip()]
+
+
+def count_lines(uri: str) -> int:
+    """The non-blank lines of a text file: a JSON Lines file's records, counted without parsing
+    them (so malformed ones count too); `FileNotFoundError` if it is missing."""
+    return sum(1 for line in read_text(uri).splitlines() if line.strip())
 
 
 def list_files(prefix: str, pattern: str = "*", limit: int | None = None) -> list[str]:
@@ -355,15 +360,6 @@ def output_dir(uri: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="visrec-up-") as tmp:
         yield Path(tmp)
         upload_dir(tmp, uri)
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a local file, read in chunks (index and release manifests checksum every file)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def local_file(uri: str, suffix: str = "") -> Path:

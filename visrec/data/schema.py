@@ -7,6 +7,11 @@ pipeline can read one file in parallel; each record comes with an *order key*
 (file index, byte offset or record number) that is the same however the file is
 split, so "the first row wins" means the same thing on every runner.
 
+Stages that read in one process use the one reader of each input: `read_listings`
+(each item once, the first valid row winning, as `visrec prepare` decides) and
+`read_interactions` (Arrow-vectorised, with the same per-column rules as
+`validate_interaction`).
+
 Validation never raises for a bad row: it returns the clean row or a `reason`
 (`malformed_json`, `missing_column:<c>`, `empty_title`, `invalid_price`, ...)
 that the caller writes to a dead-letter file. Problems that make the whole input
@@ -19,13 +24,16 @@ from __future__ import annotations
 import csv
 import io as _bytes_io
 import json
+import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from visrec.core import io
 from visrec.core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 LISTING_COLUMNS: tuple[str, ...] = ("item_id", "title", "image_uri", "category", "price", "status", "listed_at")
 INTERACTION_COLUMNS: tuple[str, ...] = ("query_item_id", "item_id", "position", "tapped", "session_id", "ts")
@@ -226,8 +234,8 @@ def parse_json_line(line: bytes) -> tuple[dict | None, str | None]:
     return row, None
 
 
-def _text(row: dict, column: str) -> tuple[str | None, str | None]:
-    value = row.get(column)
+def _text(value: Any, column: str) -> tuple[str | None, str | None]:
+    """A non-blank string (or an integer, read as a string), stripped; else its reason."""
     if value is None:
         return None, f"missing_column:{column}"
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -277,7 +285,7 @@ def validate_listing(row: dict) -> tuple[dict | None, str | None]:
     """
     clean: dict[str, Any] = {}
     for column in ("item_id", "title", "image_uri", "category", "status"):
-        clean[column], reason = _text(row, column)
+        clean[column], reason = _text(row.get(column), column)
         if reason:
             return None, reason
     for column in ("price", "listed_at"):
@@ -292,27 +300,51 @@ def validate_listing(row: dict) -> tuple[dict | None, str | None]:
     return clean, None
 
 
+def _position(value: Any) -> tuple[int | None, str | None]:
+    position = _as_int(value)
+    return (position, None) if position is not None and position >= 0 else (None, "invalid_position")
+
+
+def _tapped(value: Any) -> tuple[int | None, str | None]:
+    tapped = _as_int(value)
+    return (tapped, None) if tapped in (0, 1) else (None, "invalid_tapped")
+
+
+def _ts(value: Any) -> tuple[str | None, str | None]:
+    ts = parse_timestamp(value)
+    return (ts, None) if ts is not None else (None, "invalid_ts")
+
+
+def _present(column: str, rule: Callable[[Any], tuple[Any, str | None]]) -> Callable[[Any], tuple[Any, str | None]]:
+    """`rule` for a value that is there; `missing_column:<column>` for an absent or null one."""
+    def check(value: Any) -> tuple[Any, str | None]:
+        return (None, f"missing_column:{column}") if value is None else rule(value)
+
+    return check
+
+
+# The impression-log contract, one rule per column: value -> (clean value, None) or (None, reason).
+# A row gets the reason of its first bad column in this order. The same rules check a row
+# (`validate_interaction`) and each distinct value of a column (`read_interactions`).
+INTERACTION_RULES: dict[str, Callable[[Any], tuple[Any, str | None]]] = {
+    "query_item_id": lambda value: _text(value, "query_item_id"),
+    "item_id": lambda value: _text(value, "item_id"),
+    "session_id": lambda value: _text(value, "session_id"),
+    "position": _present("position", _position),
+    "tapped": _present("tapped", _tapped),
+    "ts": _present("ts", _ts),
+}
+
+
 def validate_interaction(row: dict) -> tuple[dict | None, str | None]:
-    """(clean impression row, None) or (None, reason): ids non-empty, `position` int >= 0, `tapped` 0/1."""
+    """(clean impression row, None) or (None, reason): ids non-empty, `position` int >= 0, `tapped` 0/1,
+    `ts` ISO 8601 (normalised as `parse_timestamp` does). Extra columns are dropped."""
     clean: dict[str, Any] = {}
-    for column in ("query_item_id", "item_id", "session_id"):
-        clean[column], reason = _text(row, column)
+    for column, rule in INTERACTION_RULES.items():
+        clean[column], reason = rule(row.get(column))
         if reason:
             return None, reason
-    for column in ("position", "tapped", "ts"):
-        if row.get(column) is None:
-            return None, f"missing_column:{column}"
-    position = _as_int(row["position"])
-    if position is None or position < 0:
-        return None, "invalid_position"
-    tapped = _as_int(row["tapped"])
-    if tapped not in (0, 1):
-        return None, "invalid_tapped"
-    ts = parse_timestamp(row["ts"])
-    if ts is None:
-        return None, "invalid_ts"
-    clean.update(position=position, tapped=tapped, ts=ts)
-    return clean, None
+    return {c: clean[c] for c in INTERACTION_COLUMNS}, None
 
 
 def _as_int(value: Any) -> int | None:
@@ -345,6 +377,129 @@ def read_rows(uri: str, validate=validate_listing,
     for task in plan_reads(uri, required):
         for _, raw in read_task(task):
             yield parse_record(raw, validate)
+
+
+# ---------------------------------------------------------------- the single-process readers
+
+
+@dataclass(frozen=True)
+class Listings:
+    """The valid listings of an input, one per `item_id`: the first valid row in input order wins,
+    as in `visrec prepare`, so a bad first row does not hide a good later one.
+
+    `rows`: clean rows (`validate_listing`) in input order; `rejected`: invalid rows by reason;
+    `duplicates`: later valid rows of an id already read.
+    """
+
+    rows: list[dict[str, Any]]
+    rejected: dict[str, int]
+    duplicates: int
+
+
+def read_listings(uri: str) -> Listings:
+    """The catalogue at `uri` (any listings format) for a stage that needs each item once."""
+    items: dict[str, dict[str, Any]] = {}
+    rejected: dict[str, int] = {}
+    duplicates = 0
+    for clean, _, reason in read_rows(uri):
+        if clean is None:
+            rejected[reason] = rejected.get(reason, 0) + 1
+        elif clean["item_id"] in items:
+            duplicates += 1
+        else:
+            items[clean["item_id"]] = clean
+    return Listings(list(items.values()), rejected, duplicates)
+
+
+def read_interactions(uri: str) -> tuple[Any, list[dict[str, Any]]]:
+    """The impression logs at `uri` (any format): (a `pyarrow.Table` of the valid rows, one column per
+    `INTERACTION_COLUMNS` holding clean values, and a dead letter per bad row).
+
+    A dead letter is `{"reason", "source", "row"}` with `validate_interaction`'s reasons (or
+    `malformed_json`). Each file is read by Arrow and checked with `INTERACTION_RULES` once per
+    distinct value of a column, so a million rows take a second; a file Arrow cannot read
+    with the contract's types (a malformed line, a number where a string belongs) is read
+    row by row, with the very same rules. `UserError` as for `plan_reads`.
+    """
+    import pyarrow as pa
+
+    files = list(dict.fromkeys(task.uri for task in plan_reads(uri, INTERACTION_COLUMNS)))
+    tables, dead = [], []
+    for f in files:
+        try:
+            table = _interactions_arrow(f)
+        except pa.ArrowException as exc:
+            log.warning("%s: Arrow cannot read it with the contract's types (%s); reading row by row", f, exc)
+            table, rejected = _interactions_rows(f)
+            dead += rejected
+        table, rejected = _check_interactions(table, f)
+        tables.append(table)
+        dead += rejected
+    return pa.concat_tables(tables), dead
+
+
+def _interaction_types() -> dict[str, Any]:
+    import pyarrow as pa
+
+    return {c: pa.int64() if c in ("position", "tapped") else pa.string() for c in INTERACTION_COLUMNS}
+
+
+def _interactions_arrow(uri: str) -> Any:
+    """The contract's columns of one file as Arrow reads them: JSON with the contract's types, CSV
+    as text (what a CSV cell is, and what the row reader sees), Parquet as stored."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.json as pjson
+    import pyarrow.parquet as pq
+
+    source = pa.BufferReader(io.read_bytes(uri)) if io.is_gcs(uri) else uri
+    fmt = file_format(uri)
+    if fmt == "parquet":
+        return pq.read_table(source, columns=list(INTERACTION_COLUMNS))
+    if fmt == "csv":
+        return pcsv.read_csv(source, convert_options=pcsv.ConvertOptions(
+            column_types={c: pa.string() for c in INTERACTION_COLUMNS}, include_columns=list(INTERACTION_COLUMNS)))
+    return pjson.read_json(source, parse_options=pjson.ParseOptions(
+        explicit_schema=pa.schema(_interaction_types()), unexpected_field_behavior="ignore")).select(
+        list(INTERACTION_COLUMNS))
+
+
+def _interactions_rows(uri: str) -> tuple[Any, list[dict[str, Any]]]:
+    """One file read row by row (`read_rows`): (a table of the valid rows, dead letters of the rest)."""
+    import pyarrow as pa
+
+    clean_rows, dead = [], []
+    for clean, content, reason in read_rows(uri, validate_interaction, INTERACTION_COLUMNS):
+        if reason:
+            dead.append({"reason": reason, "source": uri, "row": json_safe(content)})
+        else:
+            clean_rows.append(clean)
+    types = _interaction_types()
+    return pa.table({c: pa.array([r[c] for r in clean_rows], types[c]) for c in INTERACTION_COLUMNS}), dead
+
+
+def _check_interactions(table: Any, uri: str) -> tuple[Any, list[dict[str, Any]]]:
+    """`table` with clean values and only its valid rows, and a dead letter per invalid row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    types = _interaction_types()
+    columns, reasons = {}, []
+    for column, rule in INTERACTION_RULES.items():
+        values = table[column].combine_chunks()
+        if pa.types.is_dictionary(values.type):
+            values = values.dictionary_decode()
+        encoded = values.dictionary_encode()  # nulls get a null index
+        verdicts = [rule(v) for v in encoded.dictionary.to_pylist()]
+        columns[column] = pa.array([v for v, _ in verdicts], types[column]).take(encoded.indices)
+        reason = pa.array([r for _, r in verdicts], pa.string()).take(encoded.indices)
+        reasons.append(pc.if_else(pc.is_null(encoded.indices), pa.scalar(rule(None)[1], pa.string()), reason))
+    first = pc.coalesce(*reasons)  # the first bad column's reason, in INTERACTION_RULES order
+    bad = pc.is_valid(first)
+    dead = [{"reason": reason, "source": uri, "row": json_safe(row)}
+            for reason, row in zip(first.filter(bad).to_pylist(), table.filter(bad).to_pylist())]
+    clean = pa.table({c: columns[c] for c in INTERACTION_COLUMNS})
+    return clean.filter(pc.invert(bad)), dead
 
 
 def json_safe(value: Any) -> Any:

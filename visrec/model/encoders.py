@@ -162,18 +162,44 @@ def _load_siglip_vision_tower(path: str, uri: str) -> Any:
     return model
 
 
-def load_image_encoder(uri: str, kind: str = "siglip") -> Any:
-    """An `ImageEncoder` (eval mode, float32) for `kind` in `KINDS`, from a hub id, local or `gs://` directory.
+def encoder_kind(model_dir: str, expected: str = "") -> str:
+    """The kind (`KINDS`) of the checkpoint at `model_dir` (hub id, local or `gs://` directory): the
+    `model_type` its `config.json` records, which `save_pretrained` writes for both model classes.
+
+    `expected` (a kind, or "" for none): the kind the caller was told; `UserError` when the
+    checkpoint is another kind, is neither kind, or has no readable config.
+    """
+    try:
+        if io.is_gcs(model_dir) or Path(model_dir).is_dir():
+            config = io.read_json(io.join(model_dir, "config.json"))
+        else:  # a hub id
+            from transformers import PretrainedConfig
+
+            config, _ = PretrainedConfig.get_config_dict(model_dir)
+    except (OSError, ValueError) as exc:  # missing file or hub repo, invalid JSON
+        raise UserError(f"cannot read the model config of {model_dir}: {exc}") from None
+    kind = config.get("model_type")
+    if kind not in KINDS:
+        raise UserError(f"{model_dir} is a {kind!r} checkpoint; expected one of {KINDS}")
+    if expected and expected != kind:
+        raise UserError(f"{model_dir} is a {kind} checkpoint, not {expected}")
+    return kind
+
+
+def load_image_encoder(uri: str, kind: str = "") -> Any:
+    """An `ImageEncoder` (eval mode, float32) for `kind` in `KINDS` ("": the checkpoint's own,
+    `encoder_kind`), from a hub id, local or `gs://` directory.
 
     For SigLIP only the vision tower is loaded (a quarter of the production checkpoint),
     so every embedding worker and serving replica holds just what it runs.
     """
-    if kind not in KINDS:
+    if kind and kind not in KINDS:
         raise UserError(f"unknown model kind {kind!r}; expected one of {KINDS}")
     import torch
     from transformers import AutoImageProcessor
 
     path = resolve_model_dir(uri)
+    kind = kind or encoder_kind(path)
     try:
         if kind == "siglip":
             model = _load_siglip_vision_tower(path, uri)
@@ -281,10 +307,10 @@ def _calibrate_random_cnn(model: Any, image_size: int, batches: int = 4, batch_s
 def _catalog_titles(listings_uri: str | None) -> list[str]:
     if not listings_uri:
         return []
-    from visrec.data.schema import read_rows
+    from visrec.data.schema import read_listings
 
-    # Valid listings only (the contract's reader and validation), in any of the three formats.
-    return [clean["title"] for clean, _, _ in read_rows(listings_uri) if clean is not None]
+    # The catalogue's reader: valid listings, each item's title once, in any of the three formats.
+    return [row["title"] for row in read_listings(listings_uri).rows]
 
 
 def init_models(out_dir: str | Path, listings_uri: str | None = None,

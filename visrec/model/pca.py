@@ -24,15 +24,21 @@ PCA_FILE = "pca.npz"
 _ARRAYS = ("mean", "components", "explained_variance", "explained_variance_ratio")
 
 
-def l2_normalise(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (all-zero rows stay zero), float32.
+def l2_normalise(vectors: np.ndarray, precision: type[np.floating] = np.float64,
+                 allow_zero: bool = True) -> np.ndarray:
+    """Rows scaled to unit length as float32, so a dot product is a cosine similarity.
 
-    The norm is taken in float64: features of ~1e-20 (a badly initialised network)
-    would underflow to a zero norm in float32 and silently become zero vectors.
+    The norm is taken in `precision`. float64 by default: features of ~1e-20 (a badly
+    initialised network) would underflow to a zero norm in float32 and silently become
+    zero vectors. The index and the evaluation compute in float32, as they always have,
+    so their neighbours and metrics stay bit-identical. A row with a zero norm stays zero,
+    or raises `ValueError` unless `allow_zero` (the index has no direction to file it under).
     """
-    vectors = np.asarray(vectors, dtype=np.float64)
+    vectors = np.asarray(vectors, dtype=precision)
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0).astype(np.float32)
+    if not allow_zero and len(vectors) and norms.min() == 0.0:
+        raise ValueError("vectors contain an all-zero row")
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0).astype(np.float32, copy=False)
 
 
 class PcaProjection:

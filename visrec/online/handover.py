@@ -41,6 +41,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from visrec.online.entry import UPSERT, JournalEntry
 from visrec.online.journal import Journal, load_image, store_image
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,8 @@ class HandoverStatus:
         return {**dataclasses.asdict(self), "done": self.done}
 
 
-def plan_handover(entries: Iterable[dict], since: float, applied: Callable[[dict], bool],
-                  same_encoder: bool) -> tuple[list[dict], list[dict]]:
+def plan_handover(entries: Iterable[JournalEntry], since: float, applied: Callable[[JournalEntry], bool],
+                  same_encoder: bool) -> tuple[list[JournalEntry], list[JournalEntry]]:
     """(entries to copy as they are, upserts to re-embed) from the other release's journal.
 
     Only writes after `since` are carried (following a predecessor: this release's
@@ -100,18 +101,18 @@ def plan_handover(entries: Iterable[dict], since: float, applied: Callable[[dict
     cannot be reused and that kept no image is copied without its vector: its metadata
     still counts (a price, a status), it just cannot be recommended until written again.
     """
-    copy: list[dict] = []
-    embed: list[dict] = []
-    for entry in sorted((e for e in entries if float(e.get("at", 0.0)) > since), key=lambda e: float(e["at"])):
+    copy: list[JournalEntry] = []
+    embed: list[JournalEntry] = []
+    for entry in sorted((e for e in entries if e.at > since), key=lambda e: e.at):
         if applied(entry):
             continue
-        if entry.get("op") == "upsert" and entry.get("vector") is not None and not same_encoder:
-            if entry.get("image_sha256"):
+        if entry.op == UPSERT and entry.vector is not None and not same_encoder:
+            if entry.image_sha256:
                 embed.append(entry)
                 continue
             log.warning("hand-over: item %s was upserted without a kept image; carrying its metadata only",
-                        entry.get("item_id"))
-            entry = {**entry, "vector": None}
+                        entry.item_id)
+            entry = dataclasses.replace(entry, vector=None)
         copy.append(entry)
     return copy, embed
 
@@ -126,12 +127,12 @@ class Handover:
     """
 
     def __init__(self, status: HandoverStatus, source: Journal, target: Journal, source_state_uri: str,
-                 target_state_uri: str, same_encoder: bool, applied: Callable[[dict], bool],
+                 target_state_uri: str, same_encoder: bool, applied: Callable[[JournalEntry], bool],
                  embedder: Callable[[], Callable[[list[bytes]], np.ndarray]]):
         self.status, self.source, self.target = status, source, target
         self.source_state_uri, self.target_state_uri = source_state_uri, target_state_uri
         self.same_encoder, self.applied, self.embedder = same_encoder, applied, embedder
-        self._queue: queue.Queue[dict | None] = queue.Queue()
+        self._queue: queue.Queue[JournalEntry | None] = queue.Queue()
         self._worker: threading.Thread | None = None
 
     def poll(self) -> int:
@@ -190,7 +191,7 @@ class Handover:
                 return
 
 
-def reembed_batch(entries: list[dict], embed: Callable[[list[bytes]], np.ndarray], source_state_uri: str,
+def reembed_batch(entries: list[JournalEntry], embed: Callable[[list[bytes]], np.ndarray], source_state_uri: str,
                   target_state_uri: str, target: Journal, status: HandoverStatus) -> None:
     """Re-embed one batch of upserts' kept images and append them, with their new vectors, to `target`.
 
@@ -199,22 +200,22 @@ def reembed_batch(entries: list[dict], embed: Callable[[list[bytes]], np.ndarray
     fails it is retried one image at a time to find it. Each image is kept in the
     target's state too, for the hand-over after this one.
     """
-    loaded: list[tuple[dict, bytes]] = []
+    loaded: list[tuple[JournalEntry, bytes]] = []
     for entry in entries:
         try:
-            loaded.append((entry, load_image(source_state_uri, entry["image_sha256"])))
+            loaded.append((entry, load_image(source_state_uri, entry.image_sha256)))
         except (FileNotFoundError, OSError) as exc:
             _failed(status, entry, exc)
     done = _embed_batch(loaded, embed, status)
     for _, data, _ in done:
         store_image(target_state_uri, data)
-    target.append_many([{**entry, "vector": np.asarray(vector, dtype=np.float32).tolist()}
+    target.append_many([dataclasses.replace(entry, vector=tuple(np.asarray(vector, dtype=np.float32).tolist()))
                         for entry, _, vector in done])
     status.embedded += len(done)
 
 
-def _embed_batch(loaded: list[tuple[dict, bytes]], embed: Callable[[list[bytes]], np.ndarray],
-                 status: HandoverStatus) -> list[tuple[dict, bytes, np.ndarray]]:
+def _embed_batch(loaded: list[tuple[JournalEntry, bytes]], embed: Callable[[list[bytes]], np.ndarray],
+                 status: HandoverStatus) -> list[tuple[JournalEntry, bytes, np.ndarray]]:
     """(entry, image bytes, vector) of every item that embeds: the batch at once, or, if
     that fails, one image at a time to set the bad one apart."""
     if not loaded:
@@ -228,6 +229,6 @@ def _embed_batch(loaded: list[tuple[dict, bytes]], embed: Callable[[list[bytes]]
     return [done for item in loaded for done in _embed_batch([item], embed, status)]
 
 
-def _failed(status: HandoverStatus, entry: dict, exc: BaseException) -> None:
+def _failed(status: HandoverStatus, entry: JournalEntry, exc: BaseException) -> None:
     status.failed += 1
-    log.error("hand-over: cannot re-embed item %s: %r", entry.get("item_id"), exc)
+    log.error("hand-over: cannot re-embed item %s: %r", entry.item_id, exc)

@@ -1,8 +1,10 @@
 """The serving write journal: every upsert and delete, in a place that outlives the process.
 
-A release's `state/` directory holds it. Writers append entries (one JSON object each,
-with a unique `id`, the write time `at` and the embedded vector, so replaying never
-needs the image again); readers ask for the entries they have not seen yet. The image
+A release's `state/` directory holds it. Writers append entries
+(`visrec.online.entry.JournalEntry`: one JSON object each, with a unique `id`, the write
+time `at` and the embedded vector, so replaying never needs the image again); readers ask
+for the entries they have not seen yet, and skip, log and count the ones that do not
+parse. The image
 an upsert was embedded from is kept beside it, content-addressed under
 `state/images/<sha256>`, for the one reader that does need it: the next release, which
 re-embeds listings made after its catalog snapshot with its own encoder
@@ -16,7 +18,7 @@ re-embeds listings made after its catalog snapshot with its own encoder
   container restarts, and every replica behind an endpoint sees every replica's writes.
   Object listings are only eventually in write order (clocks differ between replicas,
   an upload can finish after a later one), so readers re-list a trailing window and
-  return late entries too; `visrec.online.service.sync_journal` lets the newest write of an
+  return late entries too; `visrec.online.replay.sync_journal` lets the newest write of an
   item win, so replicas converge whatever order they saw.
 """
 
@@ -24,11 +26,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Protocol
 
 from visrec.core import io
+from visrec.online.entry import BadEntry, JournalEntry, new_entry_id
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +50,17 @@ _TAIL_SCAN_BYTES = 1 << 16
 
 
 class Journal(Protocol):
-    def append(self, entry: dict) -> None:
+    def append(self, entry: JournalEntry) -> None:
         """Make `entry` durable; returns once any reader can see it."""
 
-    def append_many(self, entries: list[dict]) -> None:
+    def append_many(self, entries: list[JournalEntry]) -> None:
         """`append` for a batch (a hand-over), in far fewer round trips than one per entry."""
 
-    def read_new(self) -> list[dict]:
+    def read_new(self) -> list[JournalEntry]:
         """Entries this reader has not returned before, oldest first (unreadable ones skipped,
         logged and counted in `skipped`)."""
 
     skipped: int
-
-
-def new_entry_id() -> str:
-    return uuid.uuid4().hex
 
 
 def store_image(state_uri: str, data: bytes) -> str:
@@ -94,20 +91,17 @@ def open_journal(state_uri: str, since: float | None = None) -> Journal:
     return FileJournal(path / JOURNAL_FILE)
 
 
-def _readable(raw: list[tuple[bytes, str]], journal: "FileJournal | GcsJournal") -> list[dict]:
+def _readable(raw: list[tuple[bytes, str]], journal: "FileJournal | GcsJournal") -> list[JournalEntry]:
     """The entries of (bytes, where) pairs that parse; the others are logged and counted on `journal`."""
     parsed = [_parse(data, where) for data, where in raw]
     journal.skipped += sum(entry is None for entry in parsed)
     return [entry for entry in parsed if entry is not None]
 
 
-def _parse(line: bytes, where: str) -> dict | None:
+def _parse(line: bytes, where: str) -> JournalEntry | None:
     try:
-        entry = json.loads(line)
-        if not isinstance(entry, dict):
-            raise ValueError("not a JSON object")
-        return entry
-    except ValueError as exc:
+        return JournalEntry.from_json(line)
+    except BadEntry as exc:
         log.error("skipping unreadable journal entry in %s: %s", where, exc)
         return None
 
@@ -168,14 +162,14 @@ class FileJournal:
             with _write_locked(path) as fd:
                 _drop_torn_tail(fd, path)
 
-    def append(self, entry: dict) -> None:
+    def append(self, entry: JournalEntry) -> None:
         self.append_many([entry])
 
-    def append_many(self, entries: list[dict]) -> None:
+    def append_many(self, entries: list[JournalEntry]) -> None:
         """Append `entries` durably, all or none: a failed write leaves the file as it was, then raises."""
         if not entries:
             return
-        data = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries).encode("utf-8")
+        data = "".join(e.to_json() + "\n" for e in entries).encode("utf-8")
         with _write_locked(self.path) as fd:
             size = _drop_torn_tail(fd, self.path)
             try:
@@ -186,7 +180,7 @@ class FileJournal:
                 os.ftruncate(fd, size)
                 raise
 
-    def read_new(self) -> list[dict]:
+    def read_new(self) -> list[JournalEntry]:
         try:
             if self.path.stat().st_size <= self.offset:
                 return []
@@ -218,14 +212,13 @@ class GcsJournal:
         if since is not None:
             self._horizon = f"{self.prefix}{max(0, int((since - LATE_ENTRY_WINDOW_SECONDS) * 1e9)):020d}"
 
-    def append(self, entry: dict) -> None:
-        name = f"{self.prefix}{time.time_ns():020d}-{entry.get('id') or new_entry_id()}.json"
+    def append(self, entry: JournalEntry) -> None:
+        name = f"{self.prefix}{time.time_ns():020d}-{entry.id or new_entry_id()}.json"
         blob = io.gcs_client().bucket(self.bucket_name).blob(name)
         # Create-only: a retried upload can never overwrite another writer's entry.
-        blob.upload_from_string(json.dumps(entry, separators=(",", ":")), content_type="application/json",
-                                if_generation_match=0)
+        blob.upload_from_string(entry.to_json(), content_type="application/json", if_generation_match=0)
 
-    def append_many(self, entries: list[dict]) -> None:
+    def append_many(self, entries: list[JournalEntry]) -> None:
         with ThreadPoolExecutor(max_workers=16) as pool:
             list(pool.map(self.append, entries))
 
@@ -233,7 +226,7 @@ class GcsJournal:
         stamp = name[len(self.prefix):].split("-", 1)[0]
         return int(stamp) if stamp.isdigit() else None
 
-    def read_new(self) -> list[dict]:
+    def read_new(self) -> list[JournalEntry]:
         bucket = io.gcs_client().bucket(self.bucket_name)
         # Filtered here too: not every GCS implementation honours start_offset.
         names = sorted(b.name for b in bucket.list_blobs(prefix=self.prefix, start_offset=self._horizon or None)

@@ -65,7 +65,7 @@ class RankingConfig:
 
 
 class VectorIndex(Protocol):
-    """What ranking needs from `visrec.stages.index.SimilarityIndex`: its labels are catalog rows
+    """What ranking needs from `visrec.stages.index.searcher.SimilarityIndex`: its labels are catalog rows
     (`label_index_with_catalog`)."""
 
     def search_labels(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...

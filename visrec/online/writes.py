@@ -13,7 +13,7 @@ item is decided per field, not per entry:
 - existence is the newest of "embedded" (an image upsert) and "deleted": a metadata-only
   update never brings a deleted item back, an image upsert after a delete re-lists it.
 
-`WriteRegisters` holds those registers; `visrec.online.service.sync_journal` applies entries
+`WriteRegisters` holds those registers; `visrec.online.replay.sync_journal` applies entries
 through it and materialises the touched items into the catalog and the index.
 """
 
@@ -22,14 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-METADATA_FIELDS = ("category", "price", "status")
+from visrec.online.entry import DELETE, METADATA_FIELDS, JournalEntry
+
 _NEVER = float("-inf")
-
-
-def sent_fields(entry: dict) -> tuple[str, ...]:
-    """The metadata fields an upsert entry set; entries written before `sent` existed set all."""
-    sent = entry.get("sent")
-    return tuple(METADATA_FIELDS if sent is None else (f for f in sent if f in METADATA_FIELDS))
 
 
 @dataclass
@@ -37,7 +32,7 @@ class Change:
     """What one entry changed: the item, and a newer vector if it brought one."""
 
     item_id: str
-    vector: Any | None = None
+    vector: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -48,44 +43,39 @@ class WriteRegisters:
     vector_at: dict[str, float] = field(default_factory=dict)
     existence: dict[str, tuple[float, bool]] = field(default_factory=dict)
 
-    def apply(self, entry: dict) -> Change | None:
+    def apply(self, entry: JournalEntry) -> Change | None:
         """Take an entry into the registers; the change it made, or None if everything it says
-        is older than what the registers hold. Raises KeyError/ValueError/TypeError for an
-        entry that is not a usable write (the caller skips and counts it)."""
-        item, at = str(entry["item_id"]), float(entry["at"])
-        op = entry["op"]
-        if op == "delete":
+        is older than what the registers hold."""
+        item, at = entry.item_id, entry.at
+        if entry.op == DELETE:
             if at < self.existence.get(item, (_NEVER, True))[0]:
                 return None
             self.existence[item] = (at, False)
             self.vector_at[item] = max(at, self.vector_at.get(item, _NEVER))
             return Change(item)
-        if op != "upsert":
-            raise ValueError(f"unknown op {op!r}")
         changed = False
         registers = self.fields.setdefault(item, {})
-        for name in sent_fields(entry):
+        for name in entry.fields_set:
             if at >= registers.get(name, (_NEVER, None))[0]:
-                registers[name] = (at, entry[name])
+                registers[name] = (at, getattr(entry, name))
                 changed = True
-        vector = entry.get("vector")
-        if vector is not None and at >= self.vector_at.get(item, _NEVER):
+        if entry.vector is not None and at >= self.vector_at.get(item, _NEVER):
             self.vector_at[item] = at
             if at >= self.existence.get(item, (_NEVER, True))[0]:
                 self.existence[item] = (at, True)
-            return Change(item, vector)
+            return Change(item, entry.vector)
         return Change(item) if changed else None
 
-    def has(self, entry: dict) -> bool:
+    def has(self, entry: JournalEntry) -> bool:
         """Whether the registers already hold this write or newer ones for everything it says
         (a hand-over never carries such an entry again)."""
-        item, at = str(entry.get("item_id")), float(entry.get("at", 0.0))
-        if entry.get("op") == "delete":
+        item, at = entry.item_id, entry.at
+        if entry.op == DELETE:
             return self.existence.get(item, (_NEVER, True))[0] >= at
         registers = self.fields.get(item, {})
-        if any(registers.get(name, (_NEVER, None))[0] < at for name in sent_fields(entry)):
+        if any(registers.get(name, (_NEVER, None))[0] < at for name in entry.fields_set):
             return False
-        return entry.get("vector") is None or self.vector_at.get(item, _NEVER) >= at
+        return entry.vector is None or self.vector_at.get(item, _NEVER) >= at
 
     def alive(self, item: str, default: bool) -> bool:
         """Whether the item exists: its newest embed-or-delete, or `default` (it is in the

@@ -77,15 +77,9 @@ def _unset_value(config_cls: type, name: str) -> Any:
 
 def kfp_default(config_cls: type, name: str) -> Any:
     """The default of `config_cls.name` as a KFP parameter default (None -> its unset value)."""
-    import dataclasses
+    from visrec.core.defaults import field_defaults
 
-    spec = {f.name: f for f in dataclasses.fields(config_cls)}[name]
-    if spec.default is not dataclasses.MISSING:
-        value = spec.default
-    elif spec.default_factory is not dataclasses.MISSING:
-        value = spec.default_factory()
-    else:
-        raise KeyError(f"{config_cls.__name__}.{name} has no default")
+    value = field_defaults(config_cls)[name]  # KeyError for a required field
     return _unset_value(config_cls, name) if value is None else value
 
 

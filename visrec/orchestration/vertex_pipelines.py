@@ -44,20 +44,19 @@ class VertexPipelineConfig:
     parameter_values: dict[str, Any] = field(default_factory=dict)
     encryption_spec_key_name: str | None = None
 
-
-def validate_config(config: VertexPipelineConfig) -> None:
-    """Fail with a clear message before any request is sent."""
-    if not config.project:
-        raise UserError("--project is required")
-    if not config.region:
-        raise UserError("--region is required")
-    if not config.pipeline_root.startswith("gs://"):
-        raise UserError(f"--pipeline-root must be a gs:// URI, got {config.pipeline_root!r}")
-    for key, value in config.labels.items():
-        if not _LABEL.match(key) or not re.match(r"^[a-z0-9_-]{0,63}$", str(value)):
-            raise UserError(f"invalid Vertex label {key}={value!r} (lower-case letters, digits, _ and -)")
-    if config.experiment is not None and not re.match(r"^[a-z0-9][a-z0-9-]{0,127}$", config.experiment):
-        raise UserError(f"invalid experiment name {config.experiment!r}: lower-case letters, digits and '-'")
+    def __post_init__(self) -> None:
+        """Fail with a clear message before any request is sent."""
+        if not self.project:
+            raise UserError("--project is required")
+        if not self.region:
+            raise UserError("--region is required")
+        if not self.pipeline_root.startswith("gs://"):
+            raise UserError(f"--pipeline-root must be a gs:// URI, got {self.pipeline_root!r}")
+        for key, value in self.labels.items():
+            if not _LABEL.match(key) or not re.match(r"^[a-z0-9_-]{0,63}$", str(value)):
+                raise UserError(f"invalid Vertex label {key}={value!r} (lower-case letters, digits, _ and -)")
+        if self.experiment is not None and not re.match(r"^[a-z0-9][a-z0-9-]{0,127}$", self.experiment):
+            raise UserError(f"invalid experiment name {self.experiment!r}: lower-case letters, digits and '-'")
 
 
 def validate_cron(cron: str) -> str:
@@ -72,7 +71,6 @@ def validate_cron(cron: str) -> str:
 
 def pipeline_job_kwargs(config: VertexPipelineConfig) -> dict[str, Any]:
     """Keyword arguments for `aiplatform.PipelineJob(...)`."""
-    validate_config(config)
     kwargs: dict[str, Any] = {
         "display_name": config.display_name,
         "template_path": config.template_path,

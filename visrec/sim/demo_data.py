@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from visrec.core import io
 from visrec.core.errors import UserError
+from visrec.core.progress import Progress
 from visrec.stages.evaluate.metrics import ndcg_at_k
 
 log = logging.getLogger(__name__)
@@ -219,8 +220,7 @@ def load_hidden(out_dir: str | Path) -> dict[str, dict]:
     path = io.join(str(out_dir), "hidden", "items.jsonl")
     if not io.exists(path):
         raise UserError(f"no hidden ground truth at {path} (not a `visrec demo-data` directory?)")
-    rows = (json.loads(line) for line in io.read_text(path).splitlines() if line.strip())
-    return {row["item_id"]: row for row in rows}
+    return {row["item_id"]: row for row in io.read_jsonl(path)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,37 +619,24 @@ def _render_to_file(task: tuple[PhotoSpec, int, str]) -> int:
     return len(data)
 
 
-class _Progress:
-    """Logs counts and rates every few seconds (and once at the end)."""
-
-    def __init__(self, what: str, total: int) -> None:
-        self.what, self.total, self.start, self.last = what, total, time.monotonic(), time.monotonic()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if done == self.total or now - self.last >= PROGRESS_EVERY_S:
-            self.last = now
-            log.info("%s: %d/%d (%.0f/s)", self.what, done, self.total, done / max(now - self.start, 1e-9))
-
-
 def render_images(items: Sequence[Item], image_dir: Path, config: DemoDataConfig) -> int:
     """Render every item's photo to `image_dir/<item_id>.jpg` with `config.workers` processes; total bytes."""
     image_dir.mkdir(parents=True, exist_ok=True)
     tasks = [(it.photo, config.image_size, str(image_dir / f"{it.item_id}.jpg")) for it in items]
-    progress = _Progress("images", len(tasks))
+    progress = Progress(log, "images", len(tasks), PROGRESS_EVERY_S)
     total = 0
     if config.workers == 1:
-        for done, task in enumerate(tasks, 1):
+        for task in tasks:
             total += _render_to_file(task)
-            progress.update(done)
+            progress.add()
         return total
     # fork: workers inherit the imported module instead of re-importing numpy and PIL.
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with ctx.Pool(config.workers) as pool:
         chunk = max(1, min(64, len(tasks) // (config.workers * 8)))
-        for done, size in enumerate(pool.imap_unordered(_render_to_file, tasks, chunksize=chunk), 1):
+        for size in pool.imap_unordered(_render_to_file, tasks, chunksize=chunk):
             total += size
-            progress.update(done)
+            progress.add()
     return total
 
 
@@ -675,7 +662,7 @@ def make_interactions(items: Sequence[Item], config: DemoDataConfig) -> list[dic
     n_lists = max(1, round(config.items * config.sessions_per_item))
     n_cand = min(config.candidates_per_list, len(visible) - 1)
     rows: list[dict] = []
-    progress = _Progress("impression lists", n_lists)
+    progress = Progress(log, "impression lists", n_lists, PROGRESS_EVERY_S)
     for li in range(n_lists):
         rng = _rng(config.seed, _SESSION, li)
         q = int(rng.integers(len(visible)))
@@ -697,7 +684,7 @@ def make_interactions(items: Sequence[Item], config: DemoDataConfig) -> list[dic
             tapped = int(rng.random() < tap_probability(hidden[q], hidden[k], pos))
             rows.append({"query_item_id": visible[q].item_id, "item_id": visible[k].item_id, "position": pos,
                          "tapped": tapped, "session_id": session_id, "ts": ts})
-        progress.update(li + 1)
+        progress.add()
     return rows
 
 

@@ -19,7 +19,7 @@ import logging
 import re
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from visrec.core.errors import UserError
 
@@ -115,6 +115,28 @@ def cancel_on_sigterm(cancel: Callable[[], None]) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def make_pipeline(runner: str, beam_options: Sequence[str]) -> Any:
+    """A Beam pipeline for `runner` with `beam_options`; UserError for an unknown runner.
+
+    `DirectRunner` means Beam's Python portable runner (FnApiRunner), which honours
+    `--direct_num_workers` and `--direct_running_mode=multi_processing`. Beam's own
+    DirectRunner would first try to download the Go Prism runner from GitHub, which
+    offline machines cannot, and would run a different engine where it can.
+    """
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions([f"--runner={runner}", *beam_options])
+    try:
+        if runner == "DirectRunner":
+            from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+            return beam.Pipeline(runner=FnApiRunner(), options=options)
+        return beam.Pipeline(options=options)
+    except (ValueError, ImportError) as exc:  # unknown runner
+        raise UserError(f"cannot create a Beam pipeline for runner {runner!r}: {exc}") from None
 
 
 def run_pipeline(pipeline: Any, before_launch: Callable[[], None] = lambda: None, poll_seconds: float = 30.0) -> None:

@@ -19,13 +19,12 @@ workers, custom container: docs/embedding.md); every file access goes through
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -35,89 +34,21 @@ import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
 from visrec.core import io
-from visrec.stages.dataflow import run_pipeline
+from visrec.stages.dataflow import make_pipeline, run_pipeline
 from visrec.core.errors import UserError
-from visrec.model.encoders import KINDS, load_image_encoder, preprocess_images, resolve_precision
+from visrec.core.hashing import hash64
+from visrec.model.encoders import encoder_kind, load_image_encoder, preprocess_images, resolve_precision
 from visrec.data.embeddings import (EMBEDDINGS_PATTERN, EMBEDDINGS_SCHEMA, ROWS_PER_GROUP, embeddings_name,
                                embeddings_table, write_embeddings)
-from visrec.model.pca import PCA_FILE, PcaProjection, l2_normalise
+from visrec.model.encode import features, project
+from visrec.model.pca import PCA_FILE, PcaProjection
 from visrec.data.schema import PREPARED_SHARDS
+from visrec.stages.configs import EmbedConfig
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "gpu")
-PRECISIONS = ("bf16", "fp32")
 _PROGRESS_SECONDS = 10.0
 _ROWS_PER_READ = 256
-
-
-@dataclass
-class EmbedConfig:
-    """Stage-3 settings, shared by `visrec embed`, the KFP component and the tests.
-
-    data_uri: prepared Parquet dir (`data-*.parquet`) or a listings file (JSONL/CSV/Parquet
-        whose `image_uri` is relative to the file, or absolute / `gs://`).
-    model_uri: image encoder: a trained model dir, hub id or `gs://` dir.
-    kind: `siglip` (candidate) or `mobilenet_v2` (baseline).
-    pca_dims: output dimensions (128 in the paper); 0 keeps the encoder's own, without PCA.
-    pca_uri: an existing `pca.npz` (or a dir holding one) to apply instead of fitting;
-        new listings must be projected with the production PCA.
-    pca_sample_size: at most this many vectors for the PCA fit.
-    batch_size / min_batch_size / max_batch_size: `BatchElements` bounds for inference; both
-        default to `batch_size`: fixed batches keep memory per forward predictable (a GPU's
-        limit), and on CPU Beam's adaptive sizing from 1 was no faster (bench/embed.py). A
-        smaller minimum lets Beam shrink batches (memory, streaming).
-    shards: number of `embeddings-*.parquet` files.
-    device: `auto` (GPU when the worker has one), `cpu` or `gpu`.
-    precision: `bf16` (autocast) or `fp32`; None: bf16 on a GPU with bf16 tensor cores, fp32 on
-        CPU (and a T4), decided on the worker. Features leave the encoder as float32 either way.
-    share_model: one model copy per machine shared by all its SDK processes
-        (Beam's `large_model`), for big models on one GPU.
-    seed: selects the PCA sample.
-    """
-
-    data_uri: str
-    model_uri: str
-    out_dir: str
-    kind: str = "siglip"
-    pca_dims: int = 128
-    pca_uri: str | None = None
-    pca_sample_size: int = 1_000_000
-    batch_size: int = 64
-    min_batch_size: int | None = None
-    max_batch_size: int | None = None
-    runner: str = "DirectRunner"
-    beam_options: list[str] = field(default_factory=list)
-    shards: int = 4
-    device: str = "auto"
-    precision: str | None = None
-    share_model: bool = False
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise UserError(f"unknown model kind {self.kind!r}; expected one of {KINDS}")
-        if self.pca_dims < 0:
-            raise UserError(f"--pca-dims must be >= 0, got {self.pca_dims}")
-        if self.pca_sample_size < 2:
-            raise UserError(f"PCA sample size must be >= 2, got {self.pca_sample_size}")
-        if not 1 <= self.batch_size_min <= self.batch_size_max:
-            raise UserError(f"need 1 <= min batch size ({self.batch_size_min}) <= max batch size "
-                            f"({self.batch_size_max})")
-        if self.shards < 1:
-            raise UserError(f"shards must be >= 1, got {self.shards}")
-        if self.device.lower() not in DEVICES:
-            raise UserError(f"unknown device {self.device!r}; expected one of {DEVICES}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise UserError(f"unknown precision {self.precision!r}; expected one of {PRECISIONS}")
-
-    @property
-    def batch_size_min(self) -> int:
-        return self.min_batch_size or self.batch_size
-
-    @property
-    def batch_size_max(self) -> int:
-        return self.max_batch_size or self.batch_size
 
 
 # ---------------------------------------------------------------- inputs
@@ -287,7 +218,7 @@ class ImageEncoderHandler(ModelHandler):
                       inference_args: dict | None = None) -> list[np.ndarray]:
         import torch
 
-        return list(l2_normalise(model(torch.stack(list(batch))).numpy()))
+        return list(features(model, torch.stack(list(batch))))
 
     def get_num_bytes(self, batch: Sequence[Any]) -> int:
         # The default pickles the whole batch just to measure it.
@@ -322,7 +253,8 @@ class LogProgress(beam.DoFn):
 
 def sample_priority(item_id: str, seed: int) -> int:
     """A stable pseudo-random rank per item: the PCA sample is the same for the same catalog."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{item_id}".encode(), digest_size=8).digest(), "big")
+    # Its own text, not `stable_hash(seed, item_id)`: that joins with "\x1f" and would pick another sample.
+    return hash64(f"{seed}:{item_id}")
 
 
 def shard_of(item_id: str, shards: int) -> int:
@@ -345,7 +277,7 @@ def _save_pca(pca: PcaProjection, uri: str) -> None:
 
 def _project(element: tuple[str, np.ndarray], pca: PcaProjection) -> tuple[str, np.ndarray]:
     item_id, vector = element
-    return item_id, pca.transform(vector[None, :])[0]
+    return item_id, project(vector[None, :], pca)[0]
 
 
 class WriteShard(beam.DoFn):
@@ -495,24 +427,42 @@ def _written_shape(out_dir: str) -> tuple[int, int]:
     return items, dims
 
 
-def _count_lines(uri: str) -> int:
-    return sum(1 for line in io.read_text(uri).splitlines() if line.strip()) if io.exists(uri) else 0
+@dataclass(frozen=True)
+class EmbedResult:
+    """What `run_embed` returns, and `embed_stats.json` records: items embedded, rows rejected
+    (`rejected.jsonl`), output dimensions, the PCA's explained variance (None without PCA),
+    wall time, throughput, and the settings used (`config.kind` the checkpoint's kind)."""
+
+    items: int
+    rejected: int
+    dims: int
+    pca_explained_variance: float | None
+    seconds: float
+    items_per_second: float | None
+    config: EmbedConfig
+
+    def as_dict(self) -> dict[str, Any]:
+        """The `embed_stats.json` content (the settings without the launcher's Beam options)."""
+        out = asdict(self)
+        del out["config"]["beam_options"]
+        return out
 
 
-def run_embed(config: EmbedConfig) -> dict[str, Any]:
-    """Stage 3: embed every image of `config.data_uri`; returns (and writes) `embed_stats.json`."""
-    from apache_beam.options.pipeline_options import PipelineOptions
+def run_embed(config: EmbedConfig) -> EmbedResult:
+    """Stage 3: embed every image of `config.data_uri`; returns what it writes to `embed_stats.json`.
 
-    config.validate()
+    The encoder's kind is the checkpoint's (`encoder_kind`); `UserError` when `config.kind`
+    names another.
+    """
     start = time.monotonic()
+    config = replace(config, kind=encoder_kind(config.model_uri, config.kind))
     pca = PcaProjection.load(config.pca_uri) if config.pca_uri else None
     image_processor = load_image_processor(config.model_uri)
     plan = plan_input(config.data_uri)  # here, not in Beam: a missing input or column fails fast
     io.makedirs(config.out_dir)
-    options = PipelineOptions([f"--runner={config.runner}", *config.beam_options])
     log.info("embedding %s with %s (%s) -> %s on %s", config.data_uri, config.model_uri, config.kind,
              config.out_dir, config.runner)
-    p = beam.Pipeline(options=options)
+    p = make_pipeline(config.runner, config.beam_options)
     build_pipeline(p, config, plan, image_processor, pca)
     run_pipeline(p, before_launch=lambda: _remove_previous_outputs(config.out_dir))
 
@@ -521,16 +471,11 @@ def run_embed(config: EmbedConfig) -> dict[str, Any]:
     pca_uri = io.join(config.out_dir, "pca", PCA_FILE)
     explained = PcaProjection.load(pca_uri).explained_variance if io.exists(pca_uri) else None
     seconds = time.monotonic() - start
-    stats = {
-        "items": items,
-        "rejected": _count_lines(io.join(config.out_dir, "rejected.jsonl")),
-        "dims": dims,
-        "pca_explained_variance": explained,
-        "seconds": round(seconds, 3),
-        "items_per_second": round(items / seconds, 3) if seconds > 0 else None,
-        "config": {k: v for k, v in asdict(config).items() if k != "beam_options"},
-    }
-    io.write_json(io.join(config.out_dir, "embed_stats.json"), stats)
-    log.info("embedded %d items (%d rejected) to %d dims in %.1f s (%.1f items/s)", stats["items"],
-             stats["rejected"], dims, seconds, stats["items_per_second"] or 0.0)
+    rejected = io.join(config.out_dir, "rejected.jsonl")
+    stats = EmbedResult(items=items, rejected=io.count_lines(rejected) if io.exists(rejected) else 0, dims=dims,
+                        pca_explained_variance=explained, seconds=round(seconds, 3),
+                        items_per_second=round(items / seconds, 3) if seconds > 0 else None, config=config)
+    io.write_json(io.join(config.out_dir, "embed_stats.json"), stats.as_dict())
+    log.info("embedded %d items (%d rejected) to %d dims in %.1f s (%.1f items/s)", stats.items,
+             stats.rejected, dims, seconds, stats.items_per_second or 0.0)
     return stats

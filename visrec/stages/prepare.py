@@ -17,12 +17,11 @@ so the same code runs on Dataflow workers and against the GCS emulator.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
@@ -30,75 +29,47 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from visrec.core import io
+from visrec.core.hashing import stable_hash
+from visrec.core.progress import Progress
 
 from visrec.data import schema
-from visrec.stages.dataflow import run_pipeline
+from visrec.stages.dataflow import make_pipeline, run_pipeline
 from visrec.core.errors import UserError
 from visrec.data.images import ImageDecodeError, decode_image, encode_jpeg, load_image_bytes, resize_and_pad
+from visrec.stages.configs import PrepareConfig
 
 log = logging.getLogger(__name__)
 
 OUTPUT_SCHEMA = pa.schema([("item_id", pa.string()), ("title", pa.string()), ("category", pa.string()),
                            ("price", pa.int64()), ("image", pa.binary()), ("split", pa.string())])
-STATS_KEYS = ("input_rows", "reserved_excluded", "rejected", "duplicates_dropped", "sampled_out",
-              "train_pairs", "val_pairs")
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What `run_prepare` returns: the counts of `stats.json` (docs/data-contract.md), every input
+    row in exactly one of them; `rejected` maps each rejection reason to its count."""
+
+    input_rows: int
+    reserved_excluded: int
+    rejected: dict[str, int]
+    duplicates_dropped: int
+    sampled_out: int
+    train_pairs: int
+    val_pairs: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """The `stats.json` content, keys in this order."""
+        return asdict(self)
+
+
+STATS_KEYS = tuple(f.name for f in fields(PrepareResult))
 PROGRESS_EVERY_S = 10.0
 _PARQUET_ROW_GROUP = 1024
 _FATE = "fate"
 _REJECTED = "rejected"
 
 
-@dataclass
-class PrepareConfig:
-    """Settings of the dataset-preparation stage (CLI flags, KFP parameters and tests share it).
-
-    listings_uri: a listings file (.jsonl/.csv/.parquet) or a directory/prefix of them, local or gs://.
-    out_dir: where shards, rejected.jsonl and stats.json go, local or gs://.
-    max_pairs: keep at most this many pairs, chosen by a hash of (seed, item_id); None keeps all.
-    val_fraction: share of items (by a hash of the item) in the validation split.
-    image_size: output images are `image_size` square (longest side scaled to it, padded).
-    shards: number of Parquet files; each is built in one worker's memory, so raise it for big inputs.
-    runner: a Beam runner (`DirectRunner` here, `DataflowRunner` at scale).
-    beam_options: extra Beam pipeline flags, e.g. `--direct_num_workers=2`, `--project=...`.
-    """
-
-    listings_uri: str
-    out_dir: str
-    max_pairs: int | None = None
-    val_fraction: float = 0.05
-    seed: int = 0
-    image_size: int = 256
-    jpeg_quality: int = 90
-    shards: int = 8
-    runner: str = "DirectRunner"
-    beam_options: list[str] = field(default_factory=list)
-
-    def check(self) -> None:
-        """`UserError` naming the first unusable setting."""
-        if self.max_pairs is not None and self.max_pairs < 1:
-            raise UserError(f"max_pairs must be >= 1 (or unset for all), got {self.max_pairs}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not 8 <= self.image_size <= 4096:
-            raise UserError(f"image_size must be in [8, 4096], got {self.image_size}")
-        if not 1 <= self.jpeg_quality <= 95:
-            raise UserError(f"jpeg_quality must be in [1, 95], got {self.jpeg_quality}")
-        if not 1 <= self.shards <= 99999:
-            raise UserError(f"shards must be in [1, 99999], got {self.shards}")
-        if self.runner == "DataflowRunner":
-            local = [u for u in (self.listings_uri, self.out_dir) if not io.is_gcs(u)]
-            if local:
-                raise UserError(f"DataflowRunner workers cannot see local paths: {local}; use gs:// URIs")
-
-
 # ---------------------------------------------------------------- pure helpers
-
-
-def stable_hash(*parts: Any) -> int:
-    """A 64-bit hash of `parts` that is the same in every process and on every machine
-    (Python's `hash()` is salted per process)."""
-    text = "\x1f".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
 def sample_key(item_id: str, seed: int) -> tuple[int, str]:
@@ -127,10 +98,10 @@ def assemble_stats(counts: dict[str, int]) -> dict:
     return {k: stats[k] for k in STATS_KEYS}
 
 
-def accounted_rows(stats: dict) -> int:
+def accounted_rows(stats: PrepareResult) -> int:
     """Rows accounted for by every fate; equals `input_rows` for a consistent stats.json."""
-    return (stats["reserved_excluded"] + sum(stats["rejected"].values()) + stats["duplicates_dropped"]
-            + stats["sampled_out"] + stats["train_pairs"] + stats["val_pairs"])
+    return (stats.reserved_excluded + sum(stats.rejected.values()) + stats.duplicates_dropped
+            + stats.sampled_out + stats.train_pairs + stats.val_pairs)
 
 
 def dead_letter(task_uri: str, order: tuple[int, int], row: Any, reason: str, detail: str = "") -> dict:
@@ -139,22 +110,6 @@ def dead_letter(task_uri: str, order: tuple[int, int], row: Any, reason: str, de
     if detail:
         record["detail"] = detail
     return record
-
-
-class _Progress:
-    """Logs a count and its rate at most every `PROGRESS_EVERY_S` seconds (per worker process)."""
-
-    def __init__(self, what: str):
-        self.what, self.count = what, 0
-        self.started = self.last = time.monotonic()
-
-    def tick(self, n: int = 1) -> None:
-        self.count += n
-        now = time.monotonic()
-        if now - self.last >= PROGRESS_EVERY_S:
-            self.last = now
-            log.info("prepare: %s %d (%.0f/s in this worker)", self.what, self.count,
-                     self.count / max(now - self.started, 1e-9))
 
 
 # ---------------------------------------------------------------- transforms
@@ -167,11 +122,11 @@ class ReadAndValidate(beam.DoFn):
     """
 
     def setup(self) -> None:
-        self.progress = _Progress("rows read")
+        self.progress = Progress(log, "prepare: rows read", every_s=PROGRESS_EVERY_S)
 
     def process(self, task: schema.ReadTask) -> Iterator[Any]:
         for order, raw in schema.read_task(task):
-            self.progress.tick()
+            self.progress.add()
             yield beam.pvalue.TaggedOutput(_FATE, ("input_rows", 1))
             clean, content, reason = schema.parse_record(raw)
             if reason:
@@ -241,11 +196,11 @@ class MakeExample(beam.DoFn):
         self.seed, self.val_fraction = config.seed, config.val_fraction
 
     def setup(self) -> None:
-        self.progress = _Progress("images processed")
+        self.progress = Progress(log, "prepare: images processed", every_s=PROGRESS_EVERY_S)
 
     def process(self, element: tuple[tuple[int, int], dict]) -> Iterator[Any]:
         order, row = element
-        self.progress.tick()
+        self.progress.add()
         try:
             data = load_image_bytes(row["image_uri"], self.base_dirs[order[0]])
             img = decode_image(data)
@@ -353,34 +308,12 @@ def _remove_old_outputs(out_dir: str) -> None:
         io.remove(f)
 
 
-def make_pipeline(config: PrepareConfig) -> beam.Pipeline:
-    """A Beam pipeline for `config.runner` with `config.beam_options`.
+def run_prepare(config: PrepareConfig) -> PrepareResult:
+    """Run the preparation pipeline; return the counts it also writes to `out_dir/stats.json`.
 
-    `DirectRunner` means Beam's Python portable runner (FnApiRunner), which honours
-    `--direct_num_workers` and `--direct_running_mode=multi_processing`. Beam's own
-    DirectRunner would first try to download the Go Prism runner from GitHub, which
-    offline machines cannot, and would run a different engine where it can.
+    `UserError` for an unreadable listings input or a missing required column (`PrepareConfig`
+    itself refuses unusable settings); bad rows and images never stop the run.
     """
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    options = PipelineOptions([f"--runner={config.runner}", *config.beam_options])
-    try:
-        if config.runner == "DirectRunner":
-            from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-            return beam.Pipeline(runner=FnApiRunner(), options=options)
-        return beam.Pipeline(options=options)
-    except (ValueError, ImportError) as exc:  # unknown runner
-        raise UserError(f"cannot create a Beam pipeline for runner {config.runner!r}: {exc}") from None
-
-
-def run_prepare(config: PrepareConfig) -> dict:
-    """Run the preparation pipeline; return the `stats.json` content (also written to `out_dir`).
-
-    `UserError` for unusable settings, an unreadable listings input or a missing
-    required column; bad rows and images never stop the run.
-    """
-    config.check()
     # Beam logs every string annotation (from `from __future__ import annotations`) at INFO.
     logging.getLogger("apache_beam.typehints.native_type_compatibility").setLevel(logging.WARNING)
     tasks = schema.plan_reads(config.listings_uri)
@@ -388,15 +321,15 @@ def run_prepare(config: PrepareConfig) -> dict:
     log.info("prepare: %s -> %s (%d read task(s), runner %s %s)", config.listings_uri, config.out_dir,
              len(tasks), config.runner, " ".join(config.beam_options))
     started = time.monotonic()
-    pipeline = make_pipeline(config)
+    pipeline = make_pipeline(config.runner, config.beam_options)
     build_pipeline(pipeline, config, tasks)
     run_pipeline(pipeline, before_launch=lambda: _remove_old_outputs(config.out_dir))
     seconds = time.monotonic() - started
-    stats = io.read_json(io.join(config.out_dir, "stats.json"))
+    stats = PrepareResult(**io.read_json(io.join(config.out_dir, "stats.json")))
     log.info("prepare: %d input rows in %.1f s (%.0f rows/s): %d train, %d val, %d reserved, %d duplicates, "
-             "%d sampled out, rejected %s", stats["input_rows"], seconds, stats["input_rows"] / max(seconds, 1e-9),
-             stats["train_pairs"], stats["val_pairs"], stats["reserved_excluded"], stats["duplicates_dropped"],
-             stats["sampled_out"], stats["rejected"] or "none")
-    if accounted_rows(stats) != stats["input_rows"]:
+             "%d sampled out, rejected %s", stats.input_rows, seconds, stats.input_rows / max(seconds, 1e-9),
+             stats.train_pairs, stats.val_pairs, stats.reserved_excluded, stats.duplicates_dropped,
+             stats.sampled_out, stats.rejected or "none")
+    if accounted_rows(stats) != stats.input_rows:
         raise RuntimeError(f"prepare stats do not add up: {stats}")
     return stats

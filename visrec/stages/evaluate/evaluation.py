@@ -14,12 +14,11 @@ Everything is vectorised over rows (Arrow dictionary encoding, `np.lexsort`,
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +26,10 @@ import pyarrow.compute as pc
 
 from visrec.core import io
 from visrec.data.embeddings import read_embeddings
+from visrec.data.schema import read_interactions, read_listings
+from visrec.model.pca import l2_normalise
 from visrec.core.errors import UserError
+from visrec.stages.configs import EvaluateConfig
 from visrec.stages.evaluate.gate import DEFAULT_POLICY, evaluate_gate, parse_policy, read_policy_text
 from visrec.stages.evaluate.metrics import METRICS, all_metrics
 
@@ -40,142 +42,6 @@ LOGGED = "logged_order"
 TIE_BREAK_SEED = 20240607  # fixed: the same logs always break ties the same way
 # Keeps one bootstrap chunk (resamples x lists index matrix) around 32 MB.
 _BOOTSTRAP_CELLS = 4_000_000
-
-
-@dataclass
-class EvaluateConfig:
-    """Inputs and knobs of one evaluation (shared by the CLI, the KFP component and tests).
-
-    interactions_uri: impression logs (JSONL or Parquet, data contract).
-    candidate_uri, baseline_uri, champion_uri: stage-3 embedding directories
-        (`embeddings-*.parquet`); no champion before the first release.
-    listings_uri: optional listings, for per-top-level-category slices and report pictures.
-    gate_config: YAML gate policy (`docs/gate.md`); None = the default (`visrec/configs/gate.yaml`).
-    bootstrap_resamples: paired bootstrap resamples over lists (0 = no intervals).
-    seed: seeds the random ranking, the bootstrap and the report's sample queries.
-    report_examples: query items shown with their top-5 in the report.
-    """
-
-    interactions_uri: str
-    candidate_uri: str
-    baseline_uri: str
-    out_dir: str
-    champion_uri: str | None = None
-    listings_uri: str | None = None
-    gate_config: str | None = None
-    bootstrap_resamples: int = 1000
-    seed: int = 0
-    report_examples: int = 12
-
-
-# ---------------------------------------------------------------- reading inputs
-
-INTERACTION_SCHEMA = pa.schema([("query_item_id", pa.string()), ("item_id", pa.string()),
-                                ("position", pa.int64()), ("tapped", pa.int64()),
-                                ("session_id", pa.string())])
-LISTING_SCHEMA = pa.schema([("item_id", pa.string()), ("category", pa.string()), ("image_uri", pa.string())])
-
-
-def _parse_value(value, typ: pa.DataType):
-    if value is None:
-        raise ValueError("null")
-    if pa.types.is_string(typ):
-        if isinstance(value, (dict, list)):
-            raise ValueError(f"not a string: {value!r}")
-        return str(value)
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"not an integer: {value!r}")
-    return int(value)  # also true/false taps and numeric strings
-
-
-def _read_jsonl_rows(uri: str, schema: pa.Schema) -> tuple[pa.Table, list[dict]]:
-    """Line-by-line JSONL parse: the slow path, used only when the fast reader rejects the file."""
-    good: dict[str, list] = {f.name: [] for f in schema}
-    rejected = []
-    for n, line in enumerate(io.read_bytes(uri).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)  # bytes: invalid UTF-8 is a bad row too (UnicodeDecodeError)
-            if not isinstance(row, dict):
-                raise ValueError("not a JSON object")
-            values = {}
-            for f in schema:
-                try:
-                    values[f.name] = _parse_value(row.get(f.name), f.type)
-                except ValueError as exc:
-                    raise ValueError(f"bad {f.name}: {exc}") from None
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError
-            rejected.append({"line": n, "row": line[:1000].decode("utf-8", "replace"), "reason": str(exc)})
-            continue
-        for k, v in values.items():
-            good[k].append(v)
-    return pa.table({f.name: pa.array(good[f.name], f.type) for f in schema}), rejected
-
-
-def _source(uri: str):
-    """What pyarrow readers take: the path of a local file, the bytes in memory of a `gs://` object."""
-    return pa.BufferReader(io.read_bytes(uri)) if io.is_gcs(uri) else uri
-
-
-def read_table(uri: str, schema: pa.Schema, what: str) -> tuple[pa.Table, list[dict]]:
-    """The `schema` columns of a JSONL, CSV or Parquet file (or a directory of Parquet shards).
-
-    Returns (table, dead-letter records): rows with a missing/ill-typed required
-    field are set aside with a `reason` instead of failing the run; a missing
-    column or an unreadable file is a `UserError`.
-    """
-    import pyarrow.csv as pcsv
-    import pyarrow.json as pjson
-    import pyarrow.parquet as pq
-
-    # A single file, or a directory/prefix of Parquet shards.
-    files = [uri] if uri.endswith((".jsonl", ".json", ".csv", ".parquet")) else io.list_files(uri, "*.parquet")
-    if not files or not io.exists(files[0]):
-        raise UserError(f"{what} not found: {uri}")
-    names = schema.names
-    rejected: list[dict] = []
-    try:
-        if files[0].endswith(".parquet"):
-            tables = []
-            for f in files:
-                t = pq.read_table(_source(f))
-                missing = set(names) - set(t.column_names)
-                if missing:
-                    raise UserError(f"{what} {f}: missing required column(s) {sorted(missing)}")
-                tables.append(t.select(names))
-            table = pa.concat_tables(tables).cast(schema)
-        elif files[0].endswith(".csv"):
-            t = pcsv.read_csv(_source(files[0]),
-                              convert_options=pcsv.ConvertOptions(column_types=schema))
-            missing = set(names) - set(t.column_names)
-            if missing:
-                raise UserError(f"{what} {uri}: missing required column(s) {sorted(missing)}")
-            table = t.select(names)
-        else:
-            try:
-                table = pjson.read_json(_source(files[0]), parse_options=pjson.ParseOptions(
-                    explicit_schema=schema, unexpected_field_behavior="ignore"))
-            except pa.ArrowInvalid as exc:
-                log.warning("%s %s: fast JSON reader failed (%s); parsing line by line", what, uri, exc)
-                table, rejected = _read_jsonl_rows(files[0], schema)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"cannot read {what} {uri}: {exc}") from exc
-    for name in names:
-        if len(table) and table[name].null_count == len(table):
-            raise UserError(f"{what} {uri}: missing required column {name!r}")
-    complete = functools.reduce(pc.and_, [pc.is_valid(table[n]) for n in names])
-    if pc.sum(pc.invert(complete)).as_py():
-        for row in table.filter(pc.invert(complete)).to_pylist():
-            missing = ", ".join(k for k, v in row.items() if v is None)
-            rejected.append({"row": row, "reason": f"missing field: {missing}"})
-        table = table.filter(complete)
-    return table, rejected
-
-
-def _normalise(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
 
 # ---------------------------------------------------------------- grouping and ranking
@@ -454,7 +320,7 @@ def score_models(lists: ImpressionLists, models: dict[str, tuple[list[str], np.n
     skipped = {"no_taps": int((~has_tap).sum())}
     normalised, rows_of_vocab = {}, {}
     for name, (ids, vectors) in models.items():
-        normalised[name] = (ids, _normalise(vectors))
+        normalised[name] = (ids, l2_normalise(vectors, np.float32))
         rows_of_vocab[name] = vocab_rows(lists.vocab, ids)
         has_query = rows_of_vocab[name][lists.query_code] >= 0
         skipped[f"query_not_in_{name}"] = int((usable & ~has_query).sum())
@@ -475,21 +341,39 @@ def score_models(lists: ImpressionLists, models: dict[str, tuple[list[str], np.n
     return used, skipped, per_list, normalised
 
 
-def run_evaluation(config: EvaluateConfig) -> dict:
+@dataclass(frozen=True)
+class EvaluateResult:
+    """What `run_evaluation` returns, and `metrics.json` records (docs/gate.md): each model's metrics
+    (`champion` None before the first release), the uplifts, how many lists were used and
+    skipped, and the gate's `decision` (`deploy` | `reject`) with its `reasons`."""
+
+    candidate: dict
+    baseline: dict
+    champion: dict | None
+    uplift: dict
+    lists_used: int
+    lists_skipped: int
+    decision: str
+    reasons: list[dict]
+
+    def as_dict(self) -> dict:
+        """The `metrics.json` content, keys in this order."""
+        return asdict(self)
+
+
+def run_evaluation(config: EvaluateConfig) -> EvaluateResult:
     """Score the models, bootstrap the uplifts, apply the gate; write metrics.json and report.html.
 
-    Returns the metrics.json content. The decision is data (`deploy`/`reject`), not an
-    exception: the pipeline branches on it and the deploy stage re-checks it.
+    The decision is data (`deploy`/`reject`), not an exception: the pipeline's `gate_decision`
+    task reads it from metrics.json and the deploy stage re-checks it.
     """
     from visrec.stages.evaluate.report import render_report
 
     t0 = time.perf_counter()
-    if config.bootstrap_resamples < 0:
-        raise UserError(f"bootstrap_resamples must be >= 0, got {config.bootstrap_resamples}")
     policy_text = read_policy_text(config.gate_config)
     policy = parse_policy(policy_text, config.gate_config or DEFAULT_POLICY)
 
-    table, rejected = read_table(config.interactions_uri, INTERACTION_SCHEMA, "interactions")
+    table, rejected = read_interactions(config.interactions_uri)
     log.info("read %d impression rows (%d rejected) in %.1fs", len(table), len(rejected), time.perf_counter() - t0)
     if len(table) == 0:
         raise UserError(f"interactions {config.interactions_uri}: no usable impression rows")
@@ -521,11 +405,11 @@ def run_evaluation(config: EvaluateConfig) -> dict:
     sections = {r: _model_section(v) for r, v in values.items()}
     images: dict[str, str] = {}
     if config.listings_uri:
-        listings, bad_listings = read_table(config.listings_uri, LISTING_SCHEMA, "listings")
-        if bad_listings:
-            log.warning("listings: %d rows without item_id/category/image_uri ignored", len(bad_listings))
-        category = dict(zip(listings["item_id"].to_pylist(), listings["category"].to_pylist()))
-        images = dict(zip(listings["item_id"].to_pylist(), listings["image_uri"].to_pylist()))
+        listings = read_listings(config.listings_uri)
+        if listings.rejected:
+            log.warning("listings: %d invalid rows ignored (%s)", sum(listings.rejected.values()), listings.rejected)
+        category = {row["item_id"]: row["category"] for row in listings.rows}
+        images = {row["item_id"]: row["image_uri"] for row in listings.rows}
         slice_of_list = np.array([top_level_category(category.get(q)) or "" for q in used.query_ids()], dtype=object)
         uplift["slices"] = {}
         for r in sections:
@@ -542,7 +426,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
 
     # The two reference rankings have no section of their own in metrics.json: their
     # values are the `value` of their uplift entries (random_vs_baseline, logged_order_vs_baseline).
-    result = {
+    scores = {
         "candidate": sections["candidate"],
         "baseline": sections["baseline"],
         "champion": sections["champion"] if has_champion else None,
@@ -550,13 +434,12 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         "lists_used": int(used.n_lists),
         "lists_skipped": int(sum(skipped.values())),
     }
-    decision, reasons = evaluate_gate(policy, result)
-    result["decision"] = decision
-    result["reasons"] = reasons
+    decision, reasons = evaluate_gate(policy, scores)
+    result = EvaluateResult(**scores, decision=decision, reasons=reasons)
     log.info("gate: %s (%d/%d thresholds passed)", decision, sum(r["passed"] for r in reasons), len(reasons))
 
     with io.output_dir(config.out_dir) as out:
-        io.write_json(str(out / "metrics.json"), result)
+        io.write_json(str(out / "metrics.json"), result.as_dict())
         io.write_text(str(out / "gate.yaml"), policy_text)
         if rejected:
             io.write_text(str(out / "rejected.jsonl"),
@@ -564,7 +447,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         examples = report_examples(used, models, images,
                                    config.report_examples, config.seed,
                                    image_base=io.parent(config.listings_uri) if config.listings_uri else None)
-        html = render_report(result, per_ranking=values, skipped=skipped, examples=examples,
+        html = render_report(result.as_dict(), per_ranking=values, skipped=skipped, examples=examples,
                              inputs={"interactions": config.interactions_uri, "candidate": config.candidate_uri,
                                      "baseline": config.baseline_uri, "champion": config.champion_uri,
                                      "listings": config.listings_uri, "gate policy": config.gate_config or DEFAULT_POLICY,

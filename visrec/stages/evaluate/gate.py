@@ -9,24 +9,36 @@ repeat the checks on their lists; a configured slice without lists fails. With
 no champion the champion thresholds are skipped; with nothing left to check the
 gate fails closed. The schema is documented in `docs/gate.md`; the default
 policy is `visrec/configs/gate.yaml`, shipped as package data.
+
+The gate also answers, from an evaluation's `metrics.json`, whether a candidate may
+ship (`gate_refusal`, `gate_decision_of`): the pipeline's branch and every deploy and
+promotion ask it, so they can never disagree. A rejected candidate is recorded in its
+registry's `rejections.jsonl` (`record_rejection`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from visrec.core import io
+from visrec.core import io, tables
+from visrec.core.clock import utc_now
 from visrec.core.errors import UserError
 from visrec.stages.evaluate.metrics import METRICS
+
+log = logging.getLogger(__name__)
 
 HIGHER = "higher_is_better"
 LOWER = "lower_is_better"
 DEPLOY = "deploy"
 REJECT = "reject"
+METRICS_FILE = "metrics.json"
+REJECTIONS = "rejections.jsonl"
 
 
 @dataclass(frozen=True)
@@ -279,7 +291,65 @@ def format_table(reasons: list[dict]) -> str:
         lim = "-" if r["limit"] is None else f"{r['limit']:+.4f}"
         rows.append((r.get("slice") or "(all)", r["metric"] or "-", r["comparison"], val, lim,
                      "pass" if r["passed"] else "FAIL"))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return tables.format_table(rows, rule=True)
+
+
+# ---------------------------------------------------------------- may this candidate ship?
+
+def read_metrics(uri: str) -> dict[str, Any]:
+    """An evaluation's metrics.json; `UserError` if it is missing or not a JSON object."""
+    try:
+        metrics = io.read_json(uri)
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read the evaluation's metrics.json at {uri}: {exc}") from exc
+    if not isinstance(metrics, dict):
+        raise UserError(f"{uri} is not a metrics.json object")
+    return metrics
+
+
+def gate_refusal(metrics: dict[str, Any]) -> str | None:
+    """Why `metrics` (an evaluation's metrics.json) forbids deployment, or None if it allows it.
+
+    Re-derived from the reasons rather than trusting `decision` alone: a deploy needs
+    decision `deploy`, at least one checked threshold, and every threshold passed.
+    """
+    decision = metrics.get("decision")
+    reasons = metrics.get("reasons") or []
+    failed = [r for r in reasons if not r.get("passed")]
+    if decision != DEPLOY:
+        detail = "; ".join(r.get("message", str(r)) for r in failed) or "no reasons given"
+        return f"the evaluation gate rejected this candidate (decision={decision!r}): {detail}"
+    if not reasons:
+        return "metrics.json says deploy but lists no checked thresholds (the gate fails closed)"
+    if failed:
+        detail = "; ".join(r.get("message", str(r)) for r in failed)
+        return f"metrics.json says deploy but {len(failed)} threshold(s) failed: {detail}"
+    return None
+
+
+def gate_decision_of(evaluation_dir: str) -> str:
+    """The decision (`deploy` | `reject`) in an evaluation directory's metrics.json.
+
+    `deploy` only when `gate_refusal` agrees, so the pipeline branch and the deploy
+    step can never disagree about a candidate.
+    """
+    metrics = read_metrics(io.join(evaluation_dir, METRICS_FILE))
+    return REJECT if gate_refusal(metrics) else DEPLOY
+
+
+def record_rejection(registry: str, evaluation_dir: str) -> str:
+    """Append a rejected candidate's gate result to `REGISTRY/rejections.jsonl`; returns that path.
+
+    Rejections are kept beside the releases so that "why did last Monday's retraining
+    not ship?" is answered from the registry alone.
+    """
+    metrics = read_metrics(io.join(evaluation_dir, METRICS_FILE))
+    failed = [r for r in metrics.get("reasons") or [] if not r.get("passed")]
+    path = io.join(registry, REJECTIONS)
+    io.append_jsonl(path, {"at": utc_now(), "evaluation": evaluation_dir, "decision": metrics.get("decision"),
+                         "reason": gate_refusal(metrics), "failed_thresholds": failed,
+                         "candidate": {k: v for k, v in (metrics.get("candidate") or {}).items()
+                                       if isinstance(v, (int, float))},
+                         "lists_used": metrics.get("lists_used")})
+    log.info("recorded rejected candidate in %s", path)
+    return path

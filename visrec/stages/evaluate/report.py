@@ -175,7 +175,8 @@ def render_report(metrics: dict, per_ranking: dict, skipped: dict[str, int], exa
 <div class="banner {_e(decision)}">Decision: <b>{_e(decision)}</b> &mdash; {passed} of {len(metrics['reasons'])}
 gate checks passed</div>
 <p>Lists evaluated: <b>{metrics['lists_used']}</b>; skipped: <b>{metrics['lists_skipped']}</b> ({skipped_txt}).
-Every ranking is scored on exactly the same lists; ties are broken by logged position; a candidate item a
+Every ranking is scored on exactly the same lists; equal scores are ordered by a fixed random key per
+impression (never by the logged position, which carries the production ranker's signal); a candidate item a
 model has no embedding for ranks last.</p>
 <h2>Gate</h2>{_gate_table(metrics['reasons'])}
 <h2>Metrics</h2>

@@ -1,6 +1,7 @@
 """Serving releases on Vertex AI: one parent model with a version per release, one endpoint.
 
-The lifecycle, driven by `visrec.stages.release.registry` (whose registry `CURRENT` stays the source of truth):
+The lifecycle, driven by `visrec.stages.release.deploy` and `visrec.stages.release.promote` (the
+registry's `CURRENT` stays the source of truth):
 
 - **register**: a release that passed the gate is uploaded as a new version of the parent
   model `model_id` (created on the first release), aliased `release-<version>`. Nothing is
@@ -87,31 +88,35 @@ class VertexDeployConfig:
     predict_route: str = "/predict"
     labels: dict[str, str] = field(default_factory=lambda: {"app": "visrec"})
 
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> VertexDeployConfig:
+        """The config a release's manifest keeps (`dataclasses.asdict`; JSON made the aliases a list)."""
+        return cls(**{**settings, "version_aliases": tuple(settings.get("version_aliases") or ())})
 
-def validate_config(config: VertexDeployConfig) -> None:
-    """Fail with a clear message before any request is sent."""
-    for name in ("project", "region", "serving_image"):
-        if not getattr(config, name):
-            raise UserError(f"Vertex deployment needs --{name.replace('_', '-')}")
-    if not _MODEL_ID.match(config.model_id):
-        raise UserError(f"invalid model id {config.model_id!r}: up to 63 of [a-z0-9_-], not starting with "
-                        "a digit or '-'")
-    if not _ENDPOINT_ID.match(config.endpoint_id):
-        raise UserError(f"invalid endpoint id {config.endpoint_id!r}: [a-z0-9-] starting with a letter, "
-                        "or up to 9 digits")
-    if not 0 < config.canary_percent <= 100:
-        raise UserError(f"canary percent must be in 1..100, got {config.canary_percent}")
-    if config.keep_previous < 0:
-        raise UserError(f"keep_previous must be >= 0, got {config.keep_previous}")
-    if not 1 <= config.min_replica_count <= config.max_replica_count:
-        raise UserError(f"need 1 <= min replicas ({config.min_replica_count}) "
-                        f"<= max replicas ({config.max_replica_count})")
-    if not 0.0 <= config.request_logging_sampling_rate <= 1.0:
-        raise UserError(f"request logging sampling rate must be in [0, 1], got {config.request_logging_sampling_rate}")
-    for alias in config.version_aliases:
-        if not _ALIAS.match(alias) or alias in (CHAMPION, CHALLENGER, DEFAULT):
-            raise UserError(f"invalid version alias {alias!r}: lower-case letters, digits and '-', starting with "
-                            f"a letter, and not one visrec moves itself ({CHAMPION}, {CHALLENGER}, {DEFAULT})")
+    def __post_init__(self) -> None:
+        """Fail with a clear message before any request is sent."""
+        for name in ("project", "region", "serving_image"):
+            if not getattr(self, name):
+                raise UserError(f"Vertex deployment needs --{name.replace('_', '-')}")
+        if not _MODEL_ID.match(self.model_id):
+            raise UserError(f"invalid model id {self.model_id!r}: up to 63 of [a-z0-9_-], not starting with "
+                            "a digit or '-'")
+        if not _ENDPOINT_ID.match(self.endpoint_id):
+            raise UserError(f"invalid endpoint id {self.endpoint_id!r}: [a-z0-9-] starting with a letter, "
+                            "or up to 9 digits")
+        if not 0 < self.canary_percent <= 100:
+            raise UserError(f"canary percent must be in 1..100, got {self.canary_percent}")
+        if self.keep_previous < 0:
+            raise UserError(f"keep_previous must be >= 0, got {self.keep_previous}")
+        if not 1 <= self.min_replica_count <= self.max_replica_count:
+            raise UserError(f"need 1 <= min replicas ({self.min_replica_count}) "
+                            f"<= max replicas ({self.max_replica_count})")
+        if not 0.0 <= self.request_logging_sampling_rate <= 1.0:
+            raise UserError(f"request logging sampling rate must be in [0, 1], got {self.request_logging_sampling_rate}")
+        for alias in self.version_aliases:
+            if not _ALIAS.match(alias) or alias in (CHAMPION, CHALLENGER, DEFAULT):
+                raise UserError(f"invalid version alias {alias!r}: lower-case letters, digits and '-', starting with "
+                                f"a letter, and not one visrec moves itself ({CHAMPION}, {CHALLENGER}, {DEFAULT})")
 
 
 def model_name(config: VertexDeployConfig) -> str:
@@ -137,7 +142,6 @@ def upload_kwargs(config: VertexDeployConfig, artifact_uri: str, version: str, f
     `first`: the parent model does not exist yet, so this upload creates it (`model_id`) and
     its version is the default one; a later version becomes default only when promoted.
     """
-    validate_config(config)
     if not artifact_uri.startswith("gs://"):
         raise UserError(f"Vertex needs the release on gs://, got {artifact_uri!r} (use a gs:// --registry)")
     aliases = [release_alias(version)] + [a for a in config.version_aliases if a != release_alias(version)]
@@ -173,7 +177,6 @@ def upload_kwargs(config: VertexDeployConfig, artifact_uri: str, version: str, f
 
 def endpoint_kwargs(config: VertexDeployConfig) -> dict[str, Any]:
     """Keyword arguments for `aiplatform.Endpoint.create(...)` (the first release creates the endpoint)."""
-    validate_config(config)
     kwargs: dict[str, Any] = {
         "endpoint_id": config.endpoint_id,
         "display_name": config.endpoint_display_name,
@@ -196,7 +199,6 @@ def deploy_kwargs(config: VertexDeployConfig, version: str, endpoint_has_traffic
     An endpoint that serves nothing yet gets the new version at 100%: there is nothing to
     compare a canary with.
     """
-    validate_config(config)
     kwargs: dict[str, Any] = {
         "deployed_model_display_name": f"{config.model_display_name}-{release_alias(version)}",
         "traffic_percentage": config.canary_percent if endpoint_has_traffic else 100,

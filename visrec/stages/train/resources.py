@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from visrec.core.errors import UserError
+from visrec.stages.configs import CHECKPOINTING
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ WEIGHT_BYTES, GRADIENT_BYTES, ADAM_BYTES, DDP_BUCKET_BYTES = 4, 4, 8, 4
 MEMORY_HEADROOM = 0.15
 PREFETCH_FACTOR = 2  # batches each loader worker has in flight (DataLoader's default)
 NCCL_SHM_PER_PROCESS = 256 * MiB  # NCCL's shared-memory transport between GPUs of one machine (estimate)
-CHECKPOINTING = ("auto", "on", "off")
 
 
 # ---- the accelerator ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,19 +34,17 @@ import torch.nn.functional as F
 
 from visrec.core import io
 from visrec.core.errors import UserError
-from visrec.model.encoders import (SIGLIP_HUB_ID, TEXT_MAX_LENGTH, image_features, load_siglip, resolve_precision,
-                           text_features)
+from visrec.model.encoders import TEXT_MAX_LENGTH, image_features, load_siglip, resolve_precision, text_features
 from visrec.model.siglip_loss import distributed_sigmoid_loss, sigmoid_loss
 from visrec.stages.train.data import Augment, Collate, PairDataset, RunBatchSampler, read_prepared
-from visrec.stages.train.resources import (CHECKPOINTING, MemoryPlan, check_memory, choose_checkpointing,
-                                    default_num_workers, disable_nccl_shared_memory_if_short, measure_activations,
-                                    model_sizes, nccl_shared_memory_needed, plan_shared_memory, resolve_device,
-                                    shared_memory_free, usable_memory)
+from visrec.stages.configs import TrainConfig
+from visrec.stages.train.resources import (MemoryPlan, check_memory, choose_checkpointing, default_num_workers,
+                                           disable_nccl_shared_memory_if_short, measure_activations, model_sizes,
+                                           nccl_shared_memory_needed, plan_shared_memory, resolve_device,
+                                           shared_memory_free, usable_memory)
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("bf16", "fp16", "fp32")
-GRADIENT_COMPRESSION = ("none", "bf16")
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_MARKER = "COMPLETE"  # written last: a checkpoint without it is incomplete and ignored
 STATE_FILE = "state.pt"
@@ -55,51 +53,59 @@ RECALL_KS = (1, 5)
 LOSS_READBACK_STEPS = 10  # step losses are read back (a device sync) every this many steps
 
 
-@dataclass
-class TrainConfig:
-    """Fine-tuning settings; defaults are the paper's (5 epochs, batch 256, lr 5e-5).
+@dataclass(frozen=True)
+class TrainResult:
+    """What `train` returns: the content of `train_metrics.json` (docs/training.md), one field per key.
 
-    `batch_size` is the global batch per optimizer step, over all processes and
-    accumulation steps; the sigmoid loss sees `batch_size / grad_accum` pairs at once
-    (negatives are shared across processes), so results do not depend on the GPU count.
+    Settings and sizes of the run, progress (`global_step`, `epochs_completed`, `resumed_from`),
+    the model selection (`best_epoch` by `selection_metric`, its `best_val`, `initial_val` before
+    training), throughput, the memory and shared-memory plans (their `as_dict`s), the learned
+    logit scale/bias, every epoch's entry and every step's loss. `stopped_at` (epoch, step and
+    validation) only when `max_steps` stopped the run inside an epoch.
     """
 
+    model_uri: str
     data_uri: str
     out_dir: str
-    model_uri: str = SIGLIP_HUB_ID
-    epochs: int = 5
-    batch_size: int = 256
-    lr: float = 5e-5
-    # None: 5% of all optimizer steps; -1 stands for None in KFP parameters, where 0 means no warmup.
-    warmup_steps: int | None = field(default=None, metadata={"kfp_unset": -1})
-    weight_decay: float = 0.1
-    precision: str | None = None  # None: bf16 on a GPU with bf16 tensor cores (L4, A100, H100), else fp32
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    resume: bool = False
-    seed: int = 0
-    max_steps: int | None = None  # stop (resumably) after this many optimizer steps
-    checkpoint_every_steps: int = 500  # 0: only at epoch ends
-    keep_checkpoints: int = 2
-    augment: bool = True
-    augment_min_crop_area: float = 0.8
-    augment_hflip: bool = True
-    # None: the machine's CPUs shared out over its training processes (-1 in KFP parameters).
-    num_workers: int | None = field(default=None, metadata={"kfp_unset": -1})
-    val_max_items: int = 10_000  # recall is O(n^2): a fixed seeded subset of larger val splits
-    # None: cuda:LOCAL_RANK when usable, else cpu. "cuda"/"gpu": fail at once if CUDA is not usable.
-    device: str | None = None
-    # "auto": on only when the run would not fit the device without it (train_resources.CHECKPOINTING).
-    gradient_checkpointing: str = "auto"
-    memory_check: bool = True  # refuse at start a run whose estimated peak memory exceeds the device's
-    # The multilingual vocabulary is half the model (192M of 371M parameters): freezing it halves
-    # gradients, optimizer state and each step's all-reduce.
-    freeze_token_embedding: bool = False
-    gradient_compression: str = "none"  # "bf16": all-reduce gradients in bf16 (half the traffic)
-    # Collectives wait this long, e.g. while process 0 validates and writes ~7 GB of checkpoint and
-    # models to GCS at an epoch end (torch's default of 10 minutes does not cover a slow upload).
-    process_group_timeout_minutes: int = 60
-    progress: bool = True
+    config: TrainConfig
+    precision: str
+    device: str
+    world_size: int
+    train_pairs: int
+    val_pairs: int
+    steps_per_epoch: int
+    warmup_steps: int
+    global_step: int
+    epochs_completed: int
+    resumed_from: str | None
+    selection_metric: str
+    best_epoch: int | None
+    best_val: dict[str, float] | None
+    initial_val: dict[str, float] | None
+    final_train_loss: float | None
+    samples_per_second: float | None
+    steady_samples_per_second: float | None
+    train_seconds: float
+    num_workers: int
+    memory_plan: dict[str, Any]
+    shared_memory: dict[str, Any]
+    logit_scale: float
+    logit_bias: float
+    epochs: list[dict[str, Any]]
+    step_loss: list[float]
+    stopped_at: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The `train_metrics.json` content (no `stopped_at` key for a run that ended at an epoch end)."""
+        out = asdict(self)
+        if self.stopped_at is None:
+            del out["stopped_at"]
+        return out
+
+    @classmethod
+    def from_dict(cls, metrics: dict[str, Any]) -> "TrainResult":
+        """The result a `train_metrics.json` records."""
+        return cls(**{**metrics, "config": TrainConfig(**metrics["config"])})
 
 
 @dataclass
@@ -116,27 +122,6 @@ class _Processes:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def _check_config(config: TrainConfig) -> None:
-    if config.epochs < 1:
-        raise UserError(f"--epochs must be >= 1, got {config.epochs}")
-    if config.grad_accum < 1 or config.batch_size < 2:
-        raise UserError("--batch-size must be >= 2 and --grad-accum >= 1")
-    if config.precision is not None and config.precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {PRECISIONS}, got {config.precision!r}")
-    if config.lr <= 0:
-        raise UserError(f"--lr must be positive, got {config.lr}")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise UserError(f"--max-steps must be >= 1, got {config.max_steps}")
-    if config.gradient_checkpointing not in CHECKPOINTING:
-        raise UserError(f"--gradient-checkpointing must be one of {CHECKPOINTING}, "
-                        f"got {config.gradient_checkpointing!r}")
-    if config.gradient_compression not in GRADIENT_COMPRESSION:
-        raise UserError(f"--gradient-compression must be one of {GRADIENT_COMPRESSION}, "
-                        f"got {config.gradient_compression!r}")
-    if config.num_workers is not None and config.num_workers < 0:
-        raise UserError(f"--num-workers must be >= 0, got {config.num_workers}")
 
 
 def _local_processes() -> int:
@@ -449,9 +434,9 @@ def _broadcast(obj: Any, procs: _Processes) -> Any:
     return box[0]
 
 
-def train(config: TrainConfig) -> dict:
-    """Fine-tune `config.model_uri` on `config.data_uri`; write stage-2 outputs; return the train metrics."""
-    _check_config(config)
+def train(config: TrainConfig) -> TrainResult:
+    """Fine-tune `config.model_uri` on `config.data_uri`; write stage-2 outputs; return what
+    `train_metrics.json` records."""
     procs = _setup_processes(config.device, config.process_group_timeout_minutes)
     try:
         return SiglipTrainer(config, procs).run()
@@ -716,8 +701,8 @@ class SiglipTrainer:
         progress["epoch"], progress["step_in_epoch"] = epoch + 1, 0
         self.save_checkpoint()
 
-    def run(self) -> dict:
-        """Train to the last epoch (or `max_steps`), write the outputs, return the train metrics."""
+    def run(self) -> TrainResult:
+        """Train to the last epoch (or `max_steps`), write the outputs, return what `train_metrics.json` records."""
         config, progress = self.config, self.progress
         if progress["initial_val"] is None:
             progress["initial_val"] = self.validate()
@@ -739,46 +724,43 @@ class SiglipTrainer:
             self._batches = None  # ends the loader's workers
             if bar is not None:
                 bar.close()
-        metrics = self.metrics()
+        stopped_at = None
         if progress["step_in_epoch"]:
             # Stopped mid-epoch by max_steps: validate what we have; `last/` (and `model/` while no
             # epoch has finished) get these weights. Not part of `progress`: a resumed run redoes it.
-            metrics["stopped_at"] = {"epoch": progress["epoch"] + 1, "global_step": progress["global_step"],
-                                     "val": self.validate()}
+            stopped_at = {"epoch": progress["epoch"] + 1, "global_step": progress["global_step"],
+                          "val": self.validate()}
             self._save_model("last")
             if progress["best_epoch"] is None:
                 self._save_model("model")
+        result = self.result(stopped_at)
         if self.procs.main:
-            self.output.write_file("train_metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+            self.output.write_file("train_metrics.json", (json.dumps(result.as_dict(), indent=2) + "\n").encode())
             self.output.write_file("loss_curve.png", plot_loss_curve(
                 progress["step_loss"], progress["epochs"], self.steps_per_epoch))
             self.output.close()
-        return metrics
+        return result
 
-    def metrics(self) -> dict:
-        """`train_metrics.json`: settings, per-epoch loss/recall/throughput, best epoch, loss per step."""
+    def result(self, stopped_at: dict[str, Any] | None) -> TrainResult:
+        """The run as `TrainResult`: settings, per-epoch loss/recall/throughput, best epoch, loss per step."""
         config, progress = self.config, self.progress
         best = next((e for e in progress["epochs"] if e["epoch"] == progress["best_epoch"]), None)
-        return {
-            "model_uri": config.model_uri, "data_uri": config.data_uri, "out_dir": config.out_dir,
-            "config": asdict(config), "precision": self.precision, "device": str(self.device),
-            "world_size": self.procs.world_size, "train_pairs": len(self.train_set),
-            "val_pairs": len(self.val_set), "steps_per_epoch": self.steps_per_epoch,
-            "warmup_steps": self.warmup, "global_step": progress["global_step"],
-            "epochs_completed": len(progress["epochs"]), "resumed_from": self.resumed_from,
-            "selection_metric": SELECTION_METRIC, "best_epoch": progress["best_epoch"],
-            "best_val": best["val"] if best else None, "initial_val": progress["initial_val"],
-            "final_train_loss": progress["step_loss"][-1] if progress["step_loss"] else None,
-            "samples_per_second": self._run_samples / self._run_seconds if self._run_seconds > 0 else None,
-            "steady_samples_per_second": self._steady_samples_per_second(),
-            "train_seconds": round(self._run_seconds, 3),
-            "num_workers": self.num_workers, "memory_plan": self.memory_plan.as_dict(),
-            "shared_memory": self.shared_memory.as_dict(),
-            "logit_scale": float(self.model.logit_scale.detach().exp()),
-            "logit_bias": float(self.model.logit_bias.detach()),
-            "epochs": progress["epochs"],
-            "step_loss": progress["step_loss"],
-        }
+        return TrainResult(
+            model_uri=config.model_uri, data_uri=config.data_uri, out_dir=config.out_dir, config=config,
+            precision=self.precision, device=str(self.device), world_size=self.procs.world_size,
+            train_pairs=len(self.train_set), val_pairs=len(self.val_set), steps_per_epoch=self.steps_per_epoch,
+            warmup_steps=self.warmup, global_step=progress["global_step"],
+            epochs_completed=len(progress["epochs"]), resumed_from=self.resumed_from,
+            selection_metric=SELECTION_METRIC, best_epoch=progress["best_epoch"],
+            best_val=best["val"] if best else None, initial_val=progress["initial_val"],
+            final_train_loss=progress["step_loss"][-1] if progress["step_loss"] else None,
+            samples_per_second=self._run_samples / self._run_seconds if self._run_seconds > 0 else None,
+            steady_samples_per_second=self._steady_samples_per_second(),
+            train_seconds=round(self._run_seconds, 3), num_workers=self.num_workers,
+            memory_plan=self.memory_plan.as_dict(), shared_memory=self.shared_memory.as_dict(),
+            logit_scale=float(self.model.logit_scale.detach().exp()),
+            logit_bias=float(self.model.logit_bias.detach()),
+            epochs=progress["epochs"], step_loss=progress["step_loss"], stopped_at=stopped_at)
 
     def _steady_samples_per_second(self) -> float | None:
         """Throughput past warm-up: the loss read-back windows after this invocation's first."""
@@ -791,7 +773,7 @@ def _fmt(val: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in val.items())
 
 
-def train_on_all_devices(config: TrainConfig) -> dict:
+def train_on_all_devices(config: TrainConfig) -> TrainResult:
     """`train` on every GPU of this machine: one DDP process per GPU via torchrun when there are
     several (and we are not already one of torchrun's processes), else in this process."""
     import subprocess
@@ -800,12 +782,11 @@ def train_on_all_devices(config: TrainConfig) -> dict:
     gpus = torch.cuda.device_count()
     if gpus <= 1 or "WORLD_SIZE" in os.environ or (config.device or "cuda").startswith("cpu"):
         return train(config)
-    _check_config(config)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
            "-m", "visrec.stages.train.trainer", json.dumps(asdict(config))]
     log.info("training on %d GPUs: %s", gpus, " ".join(cmd[:6]))
     subprocess.run(cmd, check=True)
-    return io.read_json(io.join(config.out_dir, "train_metrics.json"))
+    return TrainResult.from_dict(io.read_json(io.join(config.out_dir, "train_metrics.json")))
 
 
 if __name__ == "__main__":  # what torchrun starts in each process (see train_on_all_devices)

@@ -1,0 +1,36 @@
+"""`ProcessLock`: which one of the worker processes of a machine does a job that only one may do
+(following another release's journal into this one's)."""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+from typing import IO
+
+
+class ProcessLock:
+    """A non-blocking exclusive file lock held until `release` (None path: always granted).
+
+    The operating system drops it with the process, so a worker that dies hands the job on.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._handle: IO | None = None
+
+    def try_acquire(self) -> bool:
+        if self.path is None or self._handle is not None:
+            return True
+        handle = open(self.path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
