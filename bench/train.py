@@ -121,14 +121,14 @@ GPU_USABLE_GIB = {"L4 (24 GB)": 21.9, "A100 40GB": 38.9, "A100 80GB / H100 80GB"
 
 
 def _probe_forward(model, device: torch.device, precision: str):
-    from visrec.stages.train.trainer import PairEncoder, _autocast
+    from visrec.stages.train.encoder import PairEncoder, autocast
 
     encoder = PairEncoder(model).train()
 
     def forward(pairs: int):
         pixels = torch.randn(pairs, 3, 256, 256, device=device)
         ids = torch.zeros(pairs, TEXT_MAX_LENGTH, dtype=torch.long, device=device)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             return encoder(pixels, ids)
 
     return forward

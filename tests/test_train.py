@@ -23,7 +23,9 @@ from PIL import Image, ImageDraw
 from visrec.core.errors import UserError
 from visrec.model.encoders import TinyModelConfig, init_models
 from visrec.stages.configs import TrainConfig
-from visrec.stages.train.trainer import TrainResult, list_checkpoints, lr_multiplier, retrieval_recall, train
+from visrec.stages.train.checkpoints import list_checkpoints
+from visrec.stages.train.encoder import lr_multiplier, retrieval_recall
+from visrec.stages.train.trainer import TrainResult, train
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (235, 200, 20),
            "black": (20, 20, 20), "purple": (140, 40, 170)}

@@ -25,7 +25,8 @@ import torch, torch.distributed as dist, torch.nn.functional as F
 torch.set_num_threads(1)
 from visrec.model.siglip_loss import distributed_sigmoid_loss, sigmoid_loss
 from visrec.stages.configs import TrainConfig
-from visrec.stages.train.trainer import SiglipTrainer, _setup_processes, bf16_allreduce_hook
+from visrec.stages.train.distributed import bf16_allreduce_hook, setup_processes
+from visrec.stages.train.trainer import SiglipTrainer
 
 args = json.loads(sys.argv[1])
 report_dir = args.pop("report_dir")
@@ -79,12 +80,12 @@ report["bf16_rel_err"] = float((hooked.weight.grad - plain.weight.grad).abs().ma
 report["bf16_exact"] = torch.equal(hooked.weight.grad, plain.weight.grad)
 
 # 3. A few training steps under DDP, then the same with the scaling options.
-trainer = SiglipTrainer(TrainConfig(**args), _setup_processes("cpu"))
+trainer = SiglipTrainer(TrainConfig(**args), setup_processes("cpu"))
 metrics = trainer.run()
 torch.save(trainer.model.state_dict(), f"{report_dir}/rank{rank}.pt")
 report.update(world_size=metrics.world_size, step_loss=metrics.step_loss)
 options = SiglipTrainer(TrainConfig(**dict(args, out_dir=args["out_dir"] + "-options", freeze_token_embedding=True,
-                                           gradient_compression="bf16")), _setup_processes("cpu"))
+                                           gradient_compression="bf16")), setup_processes("cpu"))
 report["options_step_loss"] = options.run().step_loss
 torch.save(options.model.state_dict(), f"{report_dir}/options-rank{rank}.pt")
 with open(f"{report_dir}/rank{rank}.json", "w") as fh:

@@ -16,7 +16,9 @@ from PIL import Image
 from test_train import _config, shape_model, small_data  # noqa: F401  (shared fixtures)
 from visrec.stages.train import resources as tr
 from visrec.core.errors import UserError
-from visrec.stages.train.trainer import PairEncoder, SiglipTrainer, _setup_processes, train
+from visrec.stages.train.distributed import setup_processes
+from visrec.stages.train.encoder import PairEncoder
+from visrec.stages.train.trainer import SiglipTrainer, train
 
 GiB, MiB = tr.GiB, tr.MiB
 
@@ -137,7 +139,7 @@ def test_auto_checkpointing_trains_where_only_checkpointing_fits(small_data, sha
 
     plain = train(_config(small_data, tmp_path / "plain", shape_model, epochs=1, gradient_checkpointing="off"))
     monkeypatch.setattr("visrec.stages.train.trainer.choose_checkpointing", device_in_between)
-    trainer = SiglipTrainer(_config(small_data, tmp_path / "auto", shape_model, epochs=1), _setup_processes("cpu"))
+    trainer = SiglipTrainer(_config(small_data, tmp_path / "auto", shape_model, epochs=1), setup_processes("cpu"))
     layers = tr.checkpointable_layers(trainer.model)
     assert layers and all(layer.gradient_checkpointing for layer in layers)
     auto = trainer.run()
@@ -182,7 +184,7 @@ def test_process_group_timeout_covers_slow_checkpoint_uploads(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
-    _setup_processes("cpu", timeout_minutes=60)
+    setup_processes("cpu", timeout_minutes=60)
     assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=60)}
 
 

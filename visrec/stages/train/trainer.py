@@ -13,43 +13,35 @@ Output (docs/artifacts.md section 2): `model/` (best epoch by validation recall)
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
-import math
 import os
-import random
-import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from visrec.core import io
 from visrec.core.errors import UserError
-from visrec.model.encoders import TEXT_MAX_LENGTH, image_features, load_siglip, resolve_precision, text_features
-from visrec.model.siglip_loss import distributed_sigmoid_loss, sigmoid_loss
-from visrec.stages.train.data import Augment, Collate, PairDataset, RunBatchSampler, read_prepared
+from visrec.model.encoders import TEXT_MAX_LENGTH, load_siglip, resolve_precision
+from visrec.model.siglip_loss import distributed_sigmoid_loss
 from visrec.stages.configs import TrainConfig
+from visrec.stages.train.checkpoints import (RunOutput, list_checkpoints, load_state, model_writer, rng_state,
+                                             seed_everything, set_rng_state)
+from visrec.stages.train.data import Augment, Collate, PairDataset, RunBatchSampler, read_prepared
+from visrec.stages.train.distributed import (Processes, bf16_allreduce_hook, broadcast, local_processes,
+                                             setup_processes)
+from visrec.stages.train.encoder import (SELECTION_METRIC, PairEncoder, autocast, lr_multiplier, on_device,
+                                         param_groups, validate)
 from visrec.stages.train.resources import (MemoryPlan, check_memory, choose_checkpointing, default_num_workers,
-                                           disable_nccl_shared_memory_if_short, measure_activations, model_sizes,
-                                           nccl_shared_memory_needed, plan_shared_memory, resolve_device,
-                                           shared_memory_free, usable_memory)
+                                           measure_activations, model_sizes, nccl_shared_memory_needed,
+                                           plan_shared_memory, shared_memory_free, usable_memory)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_MARKER = "COMPLETE"  # written last: a checkpoint without it is incomplete and ignored
-STATE_FILE = "state.pt"
-SELECTION_METRIC = "recall@5_mean"  # mean of image->text and text->image recall@5
-RECALL_KS = (1, 5)
 LOSS_READBACK_STEPS = 10  # step losses are read back (a device sync) every this many steps
 
 
@@ -108,287 +100,7 @@ class TrainResult:
         return cls(**{**metrics, "config": TrainConfig(**metrics["config"])})
 
 
-@dataclass
-class _Processes:
-    rank: int
-    world_size: int
-    device: torch.device
-    owns_group: bool
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def _local_processes() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-
-
-def _setup_processes(device: str | None, timeout_minutes: int = 60) -> _Processes:
-    """Resolve the device (failing fast when a requested GPU is not usable) and join the torchrun
-    process group if the environment describes one (NCCL on GPU, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
-            disable_nccl_shared_memory_if_short(_local_processes(), shared_memory_free())
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
-        owns = True
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    return _Processes(rank, world, dev, owns)
-
-
-def bf16_allreduce_hook(process_group, bucket):  # no annotations: DDP checks them, and they are strings here
-    """DDP communication hook: all-reduce each gradient bucket in bf16, half the bytes of fp32.
-
-    What torch's `default_hooks.bf16_compress_hook` does, for every backend: torch's
-    refuses gloo, and the CPU tests and quality measurement must run this very code.
-    """
-    group = process_group or dist.group.WORLD
-    compressed = bucket.buffer().to(torch.bfloat16).div_(group.size())
-    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
-
-    def decompress(fut: Any) -> torch.Tensor:
-        buffer = bucket.buffer()
-        buffer.copy_(fut.value()[0])
-        return buffer
-
-    return future.then(decompress)
-
-
-def _autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
-
-
-class PairEncoder(torch.nn.Module):
-    """`(pixel_values, input_ids) -> (image_emb, text_emb, logit_scale, logit_bias)`, embeddings L2-normalised.
-
-    One forward for both towers so DDP sees every parameter used in its own forward.
-    The text tower gets no attention mask: SigLIP was trained on max-length padded
-    text without one and pools the last position.
-    """
-
-    def __init__(self, model: Any):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor):
-        img = image_features(self.model, pixel_values)
-        txt = text_features(self.model, input_ids)
-        return (F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
-                self.model.logit_scale, self.model.logit_bias)
-
-
-def lr_multiplier(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Linear warmup from 0 to 1 over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return multiplier
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on biases, norms, or the logit scale/bias."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, titles: list[str],
-                     ks: tuple[int, ...] = RECALL_KS, chunk: int = 4096) -> dict[str, float]:
-    """Image->text and text->image recall@k of matching pairs (row i of both is one item).
-
-    Items with identical titles share one text in the gallery (as captions of one image
-    do), so an image counts as found when its title is among the top k distinct titles
-    and a title when any of its images is among the top k images.
-    """
-    groups: dict[str, int] = {}
-    first: list[int] = []  # row of each distinct title's first occurrence
-    rows_group = []
-    for i, title in enumerate(titles):
-        if title not in groups:
-            groups[title] = len(first)
-            first.append(i)
-        rows_group.append(groups[title])
-    group = torch.tensor(rows_group)
-    texts = text_emb[first]
-    k_max = max(ks)
-    i2t_hits = {k: 0 for k in ks}
-    for s in range(0, len(image_emb), chunk):
-        top = (image_emb[s:s + chunk] @ texts.T).topk(min(k_max, len(texts)), dim=1).indices
-        match = top == group[s:s + chunk, None]
-        for k in ks:
-            i2t_hits[k] += int(match[:, :k].any(dim=1).sum())
-    t2i_hits = {k: 0 for k in ks}
-    for s in range(0, len(texts), chunk):
-        top = (texts[s:s + chunk] @ image_emb.T).topk(min(k_max, len(image_emb)), dim=1).indices
-        match = group[top] == torch.arange(s, s + len(top))[:, None]
-        for k in ks:
-            t2i_hits[k] += int(match[:, :k].any(dim=1).sum())
-    out = {}
-    for k in ks:
-        out[f"image_to_text_recall@{k}"] = i2t_hits[k] / len(image_emb)
-        out[f"text_to_image_recall@{k}"] = t2i_hits[k] / len(texts)
-    out[SELECTION_METRIC] = (out["image_to_text_recall@5"] + out["text_to_image_recall@5"]) / 2
-    return out
-
-
-@torch.no_grad()
-def validate(encoder: PairEncoder, dataset: PairDataset, collate: Collate, batch_size: int,
-             device: torch.device, precision: str, num_workers: int = 0) -> dict[str, float]:
-    """Sigmoid loss (over consecutive groups of `batch_size` pairs) and retrieval recall on `dataset`."""
-    was_training = encoder.training
-    encoder.eval()
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=[[(0, i) for i in range(s, min(s + batch_size, len(dataset)))]
-                                for s in range(0, len(dataset), batch_size)],
-        collate_fn=collate, num_workers=num_workers)
-    images, texts, loss_sum = [], [], 0.0
-    for pixels, input_ids in loader:
-        with _autocast(device, precision):
-            img, txt, scale, bias = encoder(collate.normalise(_on(device, pixels)), _on(device, input_ids))
-        loss_sum += float(sigmoid_loss(img, txt, scale, bias)) * len(img)
-        images.append(img.cpu())
-        texts.append(txt.cpu())
-    encoder.train(was_training)
-    out = {"loss": loss_sum / len(dataset)}
-    out.update(retrieval_recall(torch.cat(images), torch.cat(texts), dataset.titles))
-    return out
-
-
-def _on(device: torch.device, batch: Any) -> torch.Tensor:
-    """A loader's tensor (or NumPy array, when batches come through pipes) on `device`."""
-    return torch.as_tensor(batch).to(device, non_blocking=True)
-
-
 # ---- checkpoints and outputs -------------------------------------------------------------
-
-def _checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints under `out_dir/checkpoints` as (step, uri), oldest first.
-
-    A checkpoint is complete when its marker exists; a directory a crash left
-    half-written (no marker, or a temp name) is never picked.
-    """
-    found = []
-    for marker in io.list_files(io.join(out_dir, CHECKPOINT_DIR), pattern=CHECKPOINT_MARKER):
-        ckpt = io.parent(marker)
-        m = re.fullmatch(r"step-(\d+)", ckpt.rstrip("/").rsplit("/", 1)[-1])
-        if m and io.parent(ckpt).rstrip("/") == io.join(out_dir, CHECKPOINT_DIR).rstrip("/"):
-            found.append((int(m.group(1)), ckpt))
-    return sorted(found)
-
-
-class _Output:
-    """The output directory: written locally (the directory itself, or a temp dir for `gs://`),
-    each finished piece published to `gs://` right away so a preempted job loses nothing."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        self.remote = io.is_gcs(uri)
-        self.local = Path(tempfile.mkdtemp(prefix="visrec-train-")) if self.remote else Path(uri)
-        self.local.mkdir(parents=True, exist_ok=True)
-        for stale in (self.local / CHECKPOINT_DIR).glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-
-    def replace_dir(self, name: str, write: Callable[[Path], None]) -> None:
-        """Write directory `name` via `write(tmp)`, then swap it in by rename (never half-written)."""
-        tmp = self.local / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write(tmp)
-        old = self.local / f".old-{name}"
-        target = self.local / name
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-        if self.remote:
-            io.upload_dir(target, io.join(self.uri, name))
-
-    def write_checkpoint(self, state: dict, step: int, keep: int) -> None:
-        name = _checkpoint_name(step)
-        root = self.local / CHECKPOINT_DIR
-        tmp = root / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(state, tmp / STATE_FILE)
-        (tmp / CHECKPOINT_MARKER).write_text(f"{step}\n")
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        if self.remote:  # GCS has no rename: the marker goes up last, after the state it vouches for
-            remote = io.join(self.uri, CHECKPOINT_DIR, name)
-            io.upload_file(final / STATE_FILE, io.join(remote, STATE_FILE))
-            io.upload_file(final / CHECKPOINT_MARKER, io.join(remote, CHECKPOINT_MARKER))
-            shutil.rmtree(final)  # the local copy of a remote run is only a staging area
-        for _, old in list_checkpoints(self.uri)[:-keep] if keep > 0 else []:
-            io.remove_tree(old)
-
-    def write_file(self, name: str, data: bytes) -> None:
-        io.write_bytes(io.join(self.uri, name), data)  # locally `self.local` is `uri` itself
-
-    def close(self) -> None:
-        if self.remote:
-            shutil.rmtree(self.local, ignore_errors=True)
-
-
-def _load_state(uri: str) -> dict:
-    # Our own checkpoint (RNG states are plain Python/NumPy objects), hence weights_only=False.
-    import io as bytes_io
-
-    return torch.load(bytes_io.BytesIO(io.read_bytes(io.join(uri, STATE_FILE))), map_location="cpu",
-                      weights_only=False)
-
-
-def _rng_state(device: torch.device) -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-
-
-def _save_model(model: Any, processor: Any) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        model.save_pretrained(path)
-        processor.save_pretrained(path)
-
-    return write
 
 
 def plot_loss_curve(step_loss: list[float], epochs: list[dict], steps_per_epoch: int) -> bytes:
@@ -426,18 +138,10 @@ def _subset(table, max_items: int, seed: int):
     return table.take(sorted(rows.tolist()))
 
 
-def _broadcast(obj: Any, procs: _Processes) -> Any:
-    if not procs.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def train(config: TrainConfig) -> TrainResult:
     """Fine-tune `config.model_uri` on `config.data_uri`; write stage-2 outputs; return what
     `train_metrics.json` records."""
-    procs = _setup_processes(config.device, config.process_group_timeout_minutes)
+    procs = setup_processes(config.device, config.process_group_timeout_minutes)
     try:
         return SiglipTrainer(config, procs).run()
     finally:
@@ -452,7 +156,7 @@ class SiglipTrainer:
     scheduler, loss-scaler and RNG states, which `save_checkpoint` writes together.
     """
 
-    def __init__(self, config: TrainConfig, procs: _Processes):
+    def __init__(self, config: TrainConfig, procs: Processes):
         self.config, self.procs = config, procs
         self.device = device = procs.device
         self.precision = resolve_precision(config.precision, device.type)
@@ -460,7 +164,7 @@ class SiglipTrainer:
         if config.batch_size % config.grad_accum or self.group % procs.world_size:
             raise UserError(f"--batch-size {config.batch_size} must split evenly into --grad-accum "
                             f"{config.grad_accum} x {procs.world_size} process(es)")
-        _seed_everything(config.seed)
+        seed_everything(config.seed)
 
         self.model, self.processor = load_siglip(config.model_uri)
         if config.freeze_token_embedding:
@@ -478,12 +182,12 @@ class SiglipTrainer:
         self.train_set = PairDataset(train_table, augment=augment, seed=config.seed)
         self.val_set = PairDataset(val_table)
         self.num_workers = config.num_workers if config.num_workers is not None else \
-            default_num_workers(_local_processes())
+            default_num_workers(local_processes())
         micro = self.group // procs.world_size
         nccl_shm = 0 if os.environ.get("NCCL_SHM_DISABLE") == "1" or device.type != "cuda" else \
-            nccl_shared_memory_needed(_local_processes())
+            nccl_shared_memory_needed(local_processes())
         collate = Collate(self.processor)
-        self.shared_memory = plan_shared_memory(self.num_workers, collate.batch_bytes(micro), _local_processes(),
+        self.shared_memory = plan_shared_memory(self.num_workers, collate.batch_bytes(micro), local_processes(),
                                                 nccl_shm, shared_memory_free())
         if not self.shared_memory.batches_in_shared_memory:
             log.warning("%s", self.shared_memory.advice())
@@ -502,12 +206,12 @@ class SiglipTrainer:
                 broadcast_buffers=False)
             if config.gradient_compression == "bf16":
                 self.step_encoder.register_comm_hook(None, bf16_allreduce_hook)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.encoder, config.weight_decay), lr=config.lr,
+        self.optimizer = torch.optim.AdamW(param_groups(self.encoder, config.weight_decay), lr=config.lr,
                                            fused=device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_multiplier(self.warmup, self.total_steps))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.output = _Output(config.out_dir) if procs.main else None
+        self.output = RunOutput(config.out_dir) if procs.main else None
         self.progress: dict[str, Any] = {
             "epoch": 0, "step_in_epoch": 0, "global_step": 0, "step_loss": [], "epochs": [],
             "initial_val": None, "best_epoch": None, "best_score": None}
@@ -527,7 +231,7 @@ class SiglipTrainer:
         def probe(pairs: int):
             pixels = torch.randn(pairs, 3, vision.image_size, vision.image_size, device=device)
             ids = torch.zeros(pairs, TEXT_MAX_LENGTH, dtype=torch.long, device=device)
-            with _autocast(device, self.precision):
+            with autocast(device, self.precision):
                 return self.encoder(pixels, ids)
 
         was_training = self.encoder.training
@@ -536,7 +240,7 @@ class SiglipTrainer:
         self.encoder.train(was_training)
         sizes = model_sizes(self.model)
         held = sizes["parameters"] * 4 if device.type == "cpu" else 0
-        usable, name = usable_memory(device, held, _local_processes() if device.type == "cpu" else 1)
+        usable, name = usable_memory(device, held, local_processes() if device.type == "cpu" else 1)
         plan = choose_checkpointing(config.gradient_checkpointing, profile, usable, **sizes,
                                     pairs_per_process=micro, world_size=self.procs.world_size)
         if config.memory_check:
@@ -561,13 +265,13 @@ class SiglipTrainer:
             log.info("--resume: no complete checkpoint under %s; starting fresh", self.config.out_dir)
             return None
         uri = checkpoints[-1][1]
-        state = _load_state(uri)
+        state = load_state(uri)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
-        _set_rng_state(rng[self.procs.rank] if len(rng) == self.procs.world_size else rng[0], self.device)
+        set_rng_state(rng[self.procs.rank] if len(rng) == self.procs.world_size else rng[0], self.device)
         self.progress = state["progress"]
         log.info("resumed from %s (epoch %d, step %d)", uri, self.progress["epoch"] + 1,
                  self.progress["global_step"])
@@ -576,10 +280,10 @@ class SiglipTrainer:
     def save_checkpoint(self) -> None:
         """Write the resumable state (collective: every process calls it; process 0 writes)."""
         self._flush_losses()
-        rng = [_rng_state(self.device)]
+        rng = [rng_state(self.device)]
         if self.procs.distributed:
             rng = [None] * self.procs.world_size
-            dist.all_gather_object(rng, _rng_state(self.device))
+            dist.all_gather_object(rng, rng_state(self.device))
         if self.procs.main:
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
@@ -588,7 +292,7 @@ class SiglipTrainer:
 
     def _save_model(self, name: str) -> None:
         if self.procs.main:
-            self.output.replace_dir(name, _save_model(self.model, self.processor))
+            self.output.replace_dir(name, model_writer(self.model, self.processor))
 
     def _flush_losses(self) -> None:
         if not self._pending:
@@ -608,7 +312,7 @@ class SiglipTrainer:
                               self.precision, self.num_workers)
         if self.procs.distributed:
             dist.barrier()
-        return _broadcast(result, self.procs)
+        return broadcast(result, self.procs)
 
     # -- training ------------------------------------------------------------------------------
 
@@ -618,12 +322,12 @@ class SiglipTrainer:
         step_loss = torch.zeros((), device=device)
         for micro in range(config.grad_accum):
             pixels, input_ids = next(batches)
-            pixel_values = self.collate.normalise(_on(device, pixels))
-            input_ids = _on(device, input_ids)
+            pixel_values = self.collate.normalise(on_device(device, pixels))
+            input_ids = on_device(device, input_ids)
             # DDP all-reduces gradients only on the last micro-batch of the step.
             sync = micro == config.grad_accum - 1 or not self.procs.distributed
             with contextlib.nullcontext() if sync else self.step_encoder.no_sync():
-                with _autocast(device, self.precision):
+                with autocast(device, self.precision):
                     img, txt, scale, bias = self.step_encoder(pixel_values, input_ids)
                 loss = distributed_sigmoid_loss(img, txt, scale, bias) / config.grad_accum
                 self.scaler.scale(loss).backward()
