@@ -450,3 +450,13 @@ def test_serving_a_release_checksums_each_index_file_once(inputs, tmp_path, monk
     vectors.write_bytes(vectors.read_bytes()[:-4] + b"\0\0\0\1")
     with pytest.raises(ReleaseInvalid, match="corrupt: index/vectors.npy"):
         load_release(str(registry))
+
+
+def test_the_encoder_kind_comes_from_the_checkpoint(inputs, tmp_path):
+    """Unset, the release records the checkpoint's own kind; a contradicting kind is refused before any write."""
+    registry = tmp_path / "registry"
+    with pytest.raises(UserError, match="mobilenet_v2"):
+        deploy_release(config(inputs, registry, encoder_kind="mobilenet_v2"))
+    assert not (registry / CURRENT).exists()
+    deploy_release(config(inputs, registry))
+    assert load_release(str(registry)).manifest["encoder_kind"] == "siglip"

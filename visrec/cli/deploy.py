@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=("local", "vertex"), default=deploy["target"],
                         help="local: registry pointer only; vertex: also upload and deploy on Vertex AI")
     parser.add_argument("--encoder-kind", default=deploy["encoder_kind"],
-                        help="model kind of --model (siglip | mobilenet_v2)")
+                        help="model kind of --model (siglip | mobilenet_v2; default: its config.json)")
     parser.add_argument("--catalog-snapshot-at", metavar="ISO8601",
                         help="when the listings were exported (default: the listings file's modification time); "
                              "serving carries writes made after it into this release")

@@ -35,6 +35,7 @@ from visrec.core.checksums import checksum_files
 from visrec.core.clock import utc_now
 from visrec.core.errors import UserError
 from visrec.core.versions import library_versions
+from visrec.model.encoders import encoder_kind
 from visrec.stages.evaluate.gate import gate_refusal, read_metrics
 from visrec.stages.release.promote import put_into_production
 from visrec.stages.release.registry import (active_canary, current_user, current_version, deployed_versions,
@@ -66,7 +67,8 @@ class DeployConfig:
     version: None = derived from the content's checksums (same inputs, same version).
     require_approval: store a passing release as `pending` until `approve_release`.
     target: `local` (registry pointer only) or `vertex` (also upload and deploy on Vertex AI).
-    encoder_kind: model kind of `model_dir` (`visrec.model.encoders.KINDS`), to load it when verifying.
+    encoder_kind: model kind of `model_dir` (`visrec.model.encoders.KINDS`); "" = the checkpoint's own
+        (its `config.json`); a kind the checkpoint contradicts is an error.
     smoke_k: neighbours asked for by the verification query.
     catalog_snapshot_at: when the listings were exported (ISO 8601); None = the listings
         file's modification time. Serving carries writes made after it, against the
@@ -83,7 +85,7 @@ class DeployConfig:
     require_approval: bool = False
     target: str = "local"
     vertex: VertexDeployConfig | None = None
-    encoder_kind: str = "siglip"
+    encoder_kind: str = ""
     smoke_k: int = 5
     catalog_snapshot_at: str | None = None
 
@@ -228,6 +230,7 @@ def deploy_release(config: DeployConfig) -> DeployResult:
                             f"got {config.registry}")
     if config.version is not None and not _VERSION.match(config.version):
         raise UserError(f"invalid version {config.version!r}: letters, digits, '.', '_' and '-' only")
+    config = dataclasses.replace(config, encoder_kind=encoder_kind(config.model_dir, config.encoder_kind))
     catalog_snapshot_at = _catalog_snapshot_at(config)
     metrics = read_metrics(config.metrics_uri)
     refusal = gate_refusal(metrics)
