@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "releases": "releases",
     "runs": "runs",
     "serve": "serve",
+    "ingest": "ingest",
     "compile": "compile",
     "run-local": "run_local",
     "submit": "submit",

@@ -13,8 +13,9 @@ re-embeds listings made after its catalog snapshot with its own encoder
 - `FileJournal`: `state/journal.jsonl` on local disk. Appends take an exclusive file
   lock, so the worker processes of one `visrec serve` share it; readers keep a byte
   offset and take a shared lock, so they never see an append that may yet be undone.
-- `GcsJournal`: one object per entry under `gs://.../state/journal/`, named by the
-  write time. A release served from `gs://` (Vertex AI) keeps its writes across
+- `GcsJournal`: one object per append under `gs://.../state/journal/`, named by the
+  write time: one entry, or a segment of up to `SEGMENT_ENTRIES` entries (one per line)
+  for a batch. A release served from `gs://` (Vertex AI) keeps its writes across
   container restarts, and every replica behind an endpoint sees every replica's writes.
   Object listings are only eventually in write order (clocks differ between replicas,
   an upload can finish after a later one), so readers re-list a trailing window and
@@ -45,6 +46,8 @@ JOURNAL_PREFIX = "journal/"
 IMAGES_PREFIX = "images/"
 # How far back (seconds of write time) a GCS reader re-lists for entries that arrived late.
 LATE_ENTRY_WINDOW_SECONDS = 60.0
+# Most entries per object of a GCS batch append: few round trips, objects of a few MB at most.
+SEGMENT_ENTRIES = 500
 # How much of a torn tail is read at a time while looking for the last complete line.
 _TAIL_SCAN_BYTES = 1 << 16
 
@@ -197,7 +200,8 @@ class FileJournal:
 
 
 class GcsJournal:
-    """One object per entry under a `gs://` prefix, named `<write time ns>-<entry id>.json`.
+    """One object per append under a `gs://` prefix, named `<write time ns>-<entry id>.json`
+    (`.jsonl` for a segment of a batch's entries, one per line).
 
     The name carries the time of the append (not the entry's `at`, which is older for
     an entry carried over from the previous release): readers tail by name.
@@ -213,14 +217,19 @@ class GcsJournal:
             self._horizon = f"{self.prefix}{max(0, int((since - LATE_ENTRY_WINDOW_SECONDS) * 1e9)):020d}"
 
     def append(self, entry: JournalEntry) -> None:
-        name = f"{self.prefix}{time.time_ns():020d}-{entry.id or new_entry_id()}.json"
-        blob = io.gcs_client().bucket(self.bucket_name).blob(name)
-        # Create-only: a retried upload can never overwrite another writer's entry.
-        blob.upload_from_string(entry.to_json(), content_type="application/json", if_generation_match=0)
+        self._upload(f"{entry.id or new_entry_id()}.json", entry.to_json())
 
     def append_many(self, entries: list[JournalEntry]) -> None:
+        """Segments of up to `SEGMENT_ENTRIES` entries, one object each (each all or none), uploaded concurrently."""
+        segments = ["".join(e.to_json() + "\n" for e in entries[start:start + SEGMENT_ENTRIES])
+                    for start in range(0, len(entries), SEGMENT_ENTRIES)]
         with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(self.append, entries))
+            list(pool.map(lambda text: self._upload(f"{new_entry_id()}.jsonl", text), segments))
+
+    def _upload(self, suffix: str, text: str) -> None:
+        blob = io.gcs_client().bucket(self.bucket_name).blob(f"{self.prefix}{time.time_ns():020d}-{suffix}")
+        # Create-only: a retried upload can never overwrite another writer's entries.
+        blob.upload_from_string(text, content_type="application/json", if_generation_match=0)
 
     def _write_ns(self, name: str) -> int | None:
         stamp = name[len(self.prefix):].split("-", 1)[0]
@@ -243,5 +252,11 @@ class GcsJournal:
             horizon_ns = max(0, max(written_ns) - int(LATE_ENTRY_WINDOW_SECONDS * 1e9))
             self._horizon = f"{self.prefix}{horizon_ns:020d}"
             self._seen = {n for n in self._seen if n >= self._horizon}
-        return _readable([(data, f"gs://{self.bucket_name}/{name}") for name, data in zip(new, payloads)], self)
+        return _readable([(entry, f"gs://{self.bucket_name}/{name}") for name, data in zip(new, payloads)
+                          for entry in _object_entries(name, data)], self)
+
+
+def _object_entries(name: str, data: bytes) -> list[bytes]:
+    """The stored entries of one journal object: a segment's lines, or a single entry's whole text."""
+    return [line for line in data.splitlines() if line.strip()] if name.endswith(".jsonl") else [data]
 

@@ -136,6 +136,14 @@ class TrainConfig:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
 
 
+def check_encoder_placement(device: str, precision: str | None) -> None:
+    """`UserError` unless the image encoder can run on `device` at `precision` (`visrec embed`, `visrec ingest`)."""
+    if device.lower() not in EMBED_DEVICES:
+        raise UserError(f"unknown device {device!r}; expected one of {EMBED_DEVICES}")
+    if precision is not None and precision not in EMBED_PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; expected one of {EMBED_PRECISIONS}")
+
+
 @dataclass
 class EmbedConfig:
     """Stage-3 settings (`visrec.stages.embed`).
@@ -192,10 +200,7 @@ class EmbedConfig:
                             f"({self.batch_size_max})")
         if self.shards < 1:
             raise UserError(f"shards must be >= 1, got {self.shards}")
-        if self.device.lower() not in EMBED_DEVICES:
-            raise UserError(f"unknown device {self.device!r}; expected one of {EMBED_DEVICES}")
-        if self.precision is not None and self.precision not in EMBED_PRECISIONS:
-            raise UserError(f"unknown precision {self.precision!r}; expected one of {EMBED_PRECISIONS}")
+        check_encoder_placement(self.device, self.precision)
 
     @property
     def batch_size_min(self) -> int:
