@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from visrec.cli.flags import add_beam_flags, add_encoder_placement_flags, beam_options
 from visrec.core.defaults import field_defaults
 
 HELP = ("embed every image (prepared Parquet or raw listings) with the SigLIP or MobileNetV2 image encoder "
@@ -12,7 +13,7 @@ HELP = ("embed every image (prepared Parquet or raw listings) with the SigLIP or
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from visrec.model.encoders import KINDS
-    from visrec.stages.configs import EMBED_DEVICES, EMBED_PRECISIONS, EmbedConfig
+    from visrec.stages.configs import EmbedConfig
 
     defaults = field_defaults(EmbedConfig)
     parser.add_argument("--data", required=True, help="prepared dataset dir (data-*.parquet) or a listings file "
@@ -34,28 +35,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let Beam's adaptive batching go down to this size (default: the batch size)")
     parser.add_argument("--shards", type=int, default=defaults["shards"],
                         help="number of embeddings-*.parquet files (default: %(default)s)")
-    parser.add_argument("--device", choices=EMBED_DEVICES, default=defaults["device"],
-                        help="where the model runs on each worker (default: %(default)s = GPU when present)")
-    parser.add_argument("--precision", choices=EMBED_PRECISIONS, default=defaults["precision"],
-                        help="bf16 autocast or fp32 on each worker (default: bf16 on a GPU, fp32 on CPU)")
+    add_encoder_placement_flags(parser, defaults)
     parser.add_argument("--share-model", action="store_true", default=defaults["share_model"],
                         help="one model copy per worker machine shared by its processes (big model, one GPU)")
-    parser.add_argument("--runner", default=defaults["runner"], help="Beam runner (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults["seed"],
                         help="selects the PCA sample (default: %(default)s)")
-    parser.add_argument("beam_options", nargs=argparse.REMAINDER,
-                        help="Beam pipeline options after --, e.g. -- --project=P --region=R --temp_location=gs://...")
+    add_beam_flags(parser, defaults)
 
 
 def run(args: argparse.Namespace) -> int:
     from visrec.stages.configs import EmbedConfig
     from visrec.stages.embed import run_embed
 
-    beam_options = args.beam_options[1:] if args.beam_options[:1] == ["--"] else args.beam_options
     stats = run_embed(EmbedConfig(
         data_uri=args.data, model_uri=args.model, out_dir=args.out, kind=args.kind, pca_dims=args.pca_dims,
         pca_uri=args.pca, pca_sample_size=args.pca_sample, batch_size=args.batch_size,
-        min_batch_size=args.min_batch_size, runner=args.runner, beam_options=beam_options, shards=args.shards,
+        min_batch_size=args.min_batch_size, runner=args.runner, beam_options=beam_options(args), shards=args.shards,
         device=args.device, precision=args.precision, share_model=args.share_model, seed=args.seed))
     explained = stats.pca_explained_variance
     print(f"embedded {stats.items} items ({stats.rejected} rejected) to {stats.dims} dims "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from visrec.cli.flags import add_beam_flags, add_encoder_placement_flags, beam_options
 from visrec.core.defaults import field_defaults
 
 HELP = ("stream listing events (new/changed listing, status or price change, delete) from a watched prefix "
@@ -13,7 +14,6 @@ HELP = ("stream listing events (new/changed listing, status or price change, del
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from visrec.online.ingest_config import IngestConfig
-    from visrec.stages.configs import EMBED_DEVICES, EMBED_PRECISIONS
 
     defaults = field_defaults(IngestConfig)
     parser.add_argument("--release", required=True, help="registry (its CURRENT release) or release dir, local or gs://")
@@ -28,25 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most images per encoder call (default: %(default)s)")
     parser.add_argument("--segment-size", type=int, default=defaults["segment_size"],
                         help="most journal entries per append (default: %(default)s)")
-    parser.add_argument("--device", choices=EMBED_DEVICES, default=defaults["device"],
-                        help="where the encoder runs on each worker (default: %(default)s = GPU when present)")
-    parser.add_argument("--precision", choices=EMBED_PRECISIONS, default=defaults["precision"],
-                        help="bf16 autocast or fp32 on each worker (default: bf16 on a GPU, fp32 on CPU)")
-    parser.add_argument("--runner", default=defaults["runner"], help="Beam runner (default: %(default)s)")
+    add_encoder_placement_flags(parser, defaults)
     parser.add_argument("--cache-dir", default=defaults["cache_dir"],
                         help="where a gs:// release is downloaded (default: a temporary directory)")
-    parser.add_argument("beam_options", nargs=argparse.REMAINDER,
-                        help="Beam pipeline options after --, e.g. -- --project=P --region=R --temp_location=gs://...")
+    add_beam_flags(parser, defaults)
 
 
 def run(args: argparse.Namespace) -> int:
     from visrec.online.ingest import run_ingest
     from visrec.online.ingest_config import IngestConfig
 
-    beam_options = args.beam_options[1:] if args.beam_options[:1] == ["--"] else args.beam_options
     files = run_ingest(IngestConfig(
         release=args.release, source=args.source, poll_seconds=args.poll_seconds, max_polls=args.max_polls,
         batch_size=args.batch_size, segment_size=args.segment_size, device=args.device, precision=args.precision,
-        runner=args.runner, beam_options=beam_options, cache_dir=args.cache_dir))
+        runner=args.runner, beam_options=beam_options(args), cache_dir=args.cache_dir))
     print(f"ingested {files} event file(s) from {args.source}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from visrec.cli.flags import add_beam_flags, beam_options
 from visrec.core.defaults import field_defaults
 
 HELP = ("validate listings, drop reserved/duplicate/bad-image rows, resize images and write sharded Parquet "
@@ -30,17 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JPEG quality of the stored images (default: %(default)s)")
     parser.add_argument("--shards", type=int, default=defaults["shards"],
                         help="number of Parquet files (default: %(default)s)")
-    parser.add_argument("--runner", default=defaults["runner"],
-                        help="Beam runner: DirectRunner or DataflowRunner (default: %(default)s)")
     parser.add_argument("--direct-workers", type=int, default=1,
                         help="DirectRunner worker processes (>1: --direct_running_mode=multi_processing)")
-    parser.add_argument("beam_options", nargs=argparse.REMAINDER,
-                        help="Beam pipeline flags after `--`, e.g. -- --project=P --region=R --temp_location=gs://...")
+    add_beam_flags(parser, defaults)
 
 
 def beam_flags(args: argparse.Namespace) -> list[str]:
     """The Beam flags a command line asks for: the ones after `--`, plus `--direct-workers`."""
-    flags = [f for f in args.beam_options if f != "--"]
+    flags = beam_options(args)
     if args.runner == "DirectRunner" and args.direct_workers > 1:
         flags += [f"--direct_num_workers={args.direct_workers}", "--direct_running_mode=multi_processing"]
     return flags

@@ -1,0 +1,29 @@
+"""Flags that several subcommands share, so each is defined (and documented) once."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from visrec.stages.configs import EMBED_DEVICES, EMBED_PRECISIONS
+
+
+def add_encoder_placement_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """`--device` and `--precision` of an image encoder on Beam workers (`check_encoder_placement`)."""
+    parser.add_argument("--device", choices=EMBED_DEVICES, default=defaults["device"],
+                        help="where the encoder runs on each worker (default: %(default)s = GPU when present)")
+    parser.add_argument("--precision", choices=EMBED_PRECISIONS, default=defaults["precision"],
+                        help="bf16 autocast or fp32 on each worker (default: bf16 on a GPU, fp32 on CPU)")
+
+
+def add_beam_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """`--runner` and the Beam pipeline options given after `--` (read back with `beam_options`)."""
+    parser.add_argument("--runner", default=defaults["runner"],
+                        help="Beam runner: DirectRunner or DataflowRunner (default: %(default)s)")
+    parser.add_argument("beam_options", nargs=argparse.REMAINDER,
+                        help="Beam pipeline options after --, e.g. -- --project=P --region=R --temp_location=gs://...")
+
+
+def beam_options(args: argparse.Namespace) -> list[str]:
+    """The Beam pipeline options a command line gave after `--`."""
+    return [flag for flag in args.beam_options if flag != "--"]
