@@ -172,8 +172,7 @@ def target_of(config: IngestConfig) -> IngestTarget:
 
     release = load_release(config.release, config.cache_dir)
     pca = PcaProjection.load(str(release.pca_path)) if release.pca_path is not None else None
-    return IngestTarget(release.state_uri, str(release.model_dir), release.manifest.get("encoder_kind", "siglip"),
-                        pca)
+    return IngestTarget(release.state_uri, str(release.model_dir), release.encoder_kind, pca)
 
 
 def _dead_letter(reason: str, **extra: Any) -> beam.pvalue.TaggedOutput:

@@ -64,8 +64,7 @@ def load_state(release_uri: str, config: ServingConfig, version: str | None = No
     label_index_with_catalog(index, catalog, index.ids())
     encoder_future: Future[PreprocessingEncoder | None] = Future()
     if release.model_dir.is_dir():
-        kind = release.manifest.get("encoder_kind", "siglip")
-        threading.Thread(target=_load_encoder, args=(str(release.model_dir), kind, encoder_future),
+        threading.Thread(target=_load_encoder, args=(str(release.model_dir), release.encoder_kind, encoder_future),
                          name="visrec-encoder", daemon=True).start()
     else:
         encoder_future.set_result(None)

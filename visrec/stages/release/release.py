@@ -94,6 +94,11 @@ class Release:
         return self.path / "model"
 
     @property
+    def encoder_kind(self) -> str:
+        """The model kind of `model_dir` the release recorded (releases from before it was recorded: siglip)."""
+        return self.manifest.get("encoder_kind", "siglip")
+
+    @property
     def pca_path(self) -> Path | None:
         path = self.path / "pca" / "pca.npz"
         return path if path.exists() else None
