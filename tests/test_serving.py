@@ -20,7 +20,7 @@ import pytest
 
 from visrec.core.errors import UserError
 
-from visrec.core.servers import free_port, wait_for_port
+from visrec.core.servers import free_port, stop_process, wait_healthy
 
 pytestmark = pytest.mark.integration
 
@@ -108,18 +108,12 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "visrec", "serve", *where, "--image-root", str(self.image_root), *self.args],
             env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        wait_for_port(self.port, timeout=60, proc=self.proc)
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{self.url}/healthz").status_code != 200:
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "release did not load in 60 s"
-            time.sleep(0.1)
+        wait_healthy(f"{self.url}/healthz", self.proc, timeout=60, log_path=self.log)
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=20)
+        if self.proc:
+            stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")
