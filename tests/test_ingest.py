@@ -267,8 +267,115 @@ def test_gcs_batch_appends_are_segments_of_many_entries(gcs_emulator, monkeypatc
 
 def test_cli_defaults_come_from_the_config():
     from visrec import cli
+    from visrec.cli.ingest import config_from
 
     args = cli.build_parser().parse_args(["ingest", "--release", "r", "--source", "s", "--", "--project=p"])
-    assert (args.poll_seconds, args.batch_size, args.segment_size, args.max_polls) == (
-        IngestConfig.poll_seconds, IngestConfig.batch_size, IngestConfig.segment_size, IngestConfig.max_polls)
-    assert args.beam_options == ["--", "--project=p"]
+    config = config_from(args)
+    assert (config.poll_seconds, config.batch_size, config.segment_size, config.max_polls, config.follow_seconds) == (
+        IngestConfig.poll_seconds, IngestConfig.batch_size, IngestConfig.segment_size, IngestConfig.max_polls,
+        IngestConfig.follow_seconds)
+    assert config.beam_options == ["--project=p"]
+
+
+def test_vertex_config_makes_ingest_a_dataflow_streaming_job_and_flags_win(tmp_path):
+    from visrec import cli
+    from visrec.cli.ingest import config_from
+    from visrec.core import io
+
+    packaged = str(Path(cli.__file__).parents[1] / "configs" / "vertex.yaml")
+    config = config_from(cli.build_parser().parse_args(["ingest", "--config", packaged]))
+    assert config.from_pubsub and (config.runner, config.device) == ("DataflowRunner", "gpu")
+    assert config.release.startswith("gs://") and "--job_name=visrec-ingest" in config.beam_options
+    assert config.poll_seconds == IngestConfig.poll_seconds  # not in the file: the dataclass default
+
+    given = config_from(cli.build_parser().parse_args(
+        ["ingest", "--config", packaged, "--runner", "DirectRunner", "--batch-size", "16", "--", "--x=1"]))
+    assert (given.runner, given.batch_size, given.beam_options) == ("DirectRunner", 16, ["--x=1"])
+
+    typo = tmp_path / "typo.yaml"
+    io.write_text(str(typo), "ingest:\n  release: r\n  sorce: s\n")
+    with pytest.raises(UserError, match="sorce"):
+        config_from(cli.build_parser().parse_args(["ingest", "--config", str(typo)]))
+    with pytest.raises(UserError, match="--source"):
+        config_from(cli.build_parser().parse_args(["ingest", "--release", "r"]))
+
+
+# ---------------------------------------------------------------- following CURRENT
+
+@pytest.fixture
+def two_releases(registry, tmp_path, tiny_models) -> Path:
+    """A copy of the module's registry with a second release, v2; CURRENT is v1."""
+    import shutil
+
+    copy = tmp_path / "registry"
+    shutil.copytree(registry, copy, ignore=shutil.ignore_patterns("state"))
+    build_release(tiny_models, copy, "v2", n_items=12)
+    (copy / "CURRENT").write_text("v1\n")
+    return copy
+
+
+def test_a_watched_prefix_follows_current_and_keeps_one_encoder_loaded(registry, two_releases, tmp_path,
+                                                                       monkeypatch):
+    import threading
+
+    from visrec.stages import embed
+
+    loads = []
+    real_load = embed.load_image_encoder
+    monkeypatch.setattr(embed, "load_image_encoder", lambda uri, kind: loads.append(uri) or real_load(uri, kind))
+    events = tmp_path / "events"
+    events.mkdir()
+    image = str(registry.parent / "images" / "red.jpg")
+    config = IngestConfig(release=str(two_releases), source=str(events), poll_seconds=0.1, max_polls=150,
+                          follow_seconds=0)
+    v1, v2 = (str(two_releases / "releases" / v / "state") for v in ("v1", "v2"))
+    worker = threading.Thread(target=run_ingest, args=(config,), daemon=True)
+    (events / "001.jsonl").write_bytes(listing("first", image, T0) + b"\n")
+    worker.start()
+    wait_for(lambda: registers_of(v1)[0].alive("first", False), 30, "the first listing in v1's journal")
+    (events / "002.jsonl").write_bytes(listing("second", image, T0 + 1) + b"\n")
+    wait_for(lambda: registers_of(v1)[0].alive("second", False), 30, "the second listing in v1's journal")
+    (two_releases / "CURRENT").write_text("v2\n")  # a deploy
+    (events / "003.jsonl").write_bytes(listing("third", image, T0 + 2) + b"\n")
+    wait_for(lambda: registers_of(v2)[0].alive("third", False), 30, "the third listing in v2's journal")
+    assert not registers_of(v1)[0].alive("third", False)
+    # One load per release, not per poll: the second file reused v1's encoder.
+    assert [Path(uri).parent.name for uri in loads] == ["v1", "v2"]
+
+
+def test_a_dataflow_ingest_job_is_replaced_in_place_when_current_moves(two_releases, monkeypatch):
+    """Dataflow cannot run here: `Pipeline.run` is intercepted (the launch), everything before it is real."""
+    import apache_beam as beam
+
+    from visrec.stages import dataflow
+
+    launched = []
+
+    class Running:
+        state = "RUNNING"
+
+    def launch(pipeline):
+        appends = [t.transform.fn.state_uri for t in pipeline.transforms_stack[0].parts
+                   if t.full_label == "AppendSegments"]
+        launched.append((pipeline.options.get_all_options(), appends))
+        (two_releases / "CURRENT").write_text("v2\n")  # a deploy while the first job runs
+        return Running()
+
+    monkeypatch.setattr(beam.Pipeline, "run", launch)
+    monkeypatch.setattr(dataflow, "find_active_job", lambda project, region, name: None)
+    # Beam's own test flags: no credentials looked up, no bucket checked.
+    options = ["--project=visrec-test", "--region=us-central1", "--temp_location=gs://visrec-test/tmp", "--no_auth",
+               "--dry_run=True"]
+    config = IngestConfig(release=str(two_releases), source="projects/visrec-test/subscriptions/listing-events",
+                          runner="DataflowRunner", max_polls=2, follow_seconds=0,
+                          beam_options=[*options, "--job_name=visrec-ingest"])
+    assert run_ingest(config) == 0
+    (first, first_state), (second, second_state) = launched
+    assert first["streaming"] and not first["update"] and second["streaming"] and second["update"]
+    assert first["job_name"] == second["job_name"] == "visrec-ingest"
+    assert first_state == [str(two_releases / "releases" / "v1" / "state")]
+    assert second_state == [str(two_releases / "releases" / "v2" / "state")]
+
+    with pytest.raises(UserError, match="job_name"):
+        run_ingest(IngestConfig(release=str(two_releases), source=config.source, runner="DataflowRunner",
+                                beam_options=options))

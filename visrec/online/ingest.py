@@ -160,6 +160,7 @@ def _update_fields(raw: dict) -> tuple[tuple[str, Any], ...]:
 class IngestTarget:
     """Where entries go and what embeds them: the release's state directory, encoder and PCA."""
 
+    version: str
     state_uri: str
     model_uri: str
     kind: str
@@ -172,7 +173,45 @@ def target_of(config: IngestConfig) -> IngestTarget:
 
     release = load_release(config.release, config.cache_dir)
     pca = PcaProjection.load(str(release.pca_path)) if release.pca_path is not None else None
-    return IngestTarget(release.state_uri, str(release.model_dir), release.encoder_kind, pca)
+    return IngestTarget(release.version, release.state_uri, str(release.model_dir), release.encoder_kind, pca)
+
+
+class ReleaseFollower:
+    """The release ingest writes to, following the registry's CURRENT as deploys move it.
+
+    `CURRENT` (one small object) is re-read at most every `follow_seconds`; when it names a new
+    release, that release is loaded (verified) with its encoder's image processor, and every later
+    entry goes to its journal, embedded by its encoder. Nothing is lost in the switch: entries
+    already written to the old release after the new one's catalog snapshot are carried over by the
+    new release's hand-over (`visrec.online.follow`), re-embedded with its encoder. A release
+    directory given instead of a registry is never switched.
+    """
+
+    def __init__(self, config: IngestConfig):
+        from visrec.stages.release.registry import CURRENT
+
+        self.config = config
+        self.follows = io.exists(io.join(config.release, CURRENT))
+        self.target = target_of(config)
+        self.image_processor = load_image_processor(self.target.model_uri)
+        self.checked_at = time.monotonic()
+
+    def check(self) -> bool:
+        """Re-read CURRENT if `follow_seconds` have passed; True if ingest switched to a new release."""
+        from visrec.stages.release.registry import current_version
+
+        if not self.follows or time.monotonic() - self.checked_at < self.config.follow_seconds:
+            return False
+        self.checked_at = time.monotonic()
+        version = current_version(self.config.release)
+        if version in (None, self.target.version):
+            return False
+        previous = self.target.version
+        self.target = target_of(self.config)
+        self.image_processor = load_image_processor(self.target.model_uri)
+        log.info("CURRENT moved from %s to %s: ingesting into %s with its encoder", previous, self.target.version,
+                 self.target.state_uri)
+        return True
 
 
 def _dead_letter(reason: str, **extra: Any) -> beam.pvalue.TaggedOutput:
@@ -251,7 +290,8 @@ def ingest_events(lines: Any, target: IngestTarget, config: IngestConfig, image_
                | "DecodePreprocess" >> beam.ParDo(DecodeAndPreprocess(image_processor))
                .with_outputs("rejected", main="pixels"))
     handler = KeyedModelHandler(ImageEncoderHandler(target.model_uri, target.kind, config.device,
-                                                    precision=config.precision, max_batch_size=config.batch_size))
+                                                    precision=config.precision, max_batch_size=config.batch_size,
+                                                    keep_loaded=True))
     embedded = (decoded.pixels | "Embed" >> RunInference(handler)
                 | "ToEntries" >> beam.Map(_embedded_entry, target.pca))
     metadata = parsed.events | "MetadataEntries" >> beam.Map(ListingEvent.entry)
@@ -295,29 +335,77 @@ def run_ingest(config: IngestConfig, test_pipeline: beam.Pipeline | None = None)
     """Run `visrec ingest` to its end (a watched prefix: `max_polls` polls; Pub/Sub: until the
     job stops); returns the number of event files read (0 for Pub/Sub).
 
+    Both follow the registry's CURRENT (`ReleaseFollower`): a watched prefix checks it before a
+    poll's files run; a Dataflow streaming job is replaced in place (`--update`) with the new
+    release's encoder.
+
     test_pipeline: the pipeline to build the Pub/Sub branch in (not run: tests construct it).
     """
-    target = target_of(config)
-    image_processor = load_image_processor(target.model_uri)
-    log.info("ingesting %s into %s with the encoder %s", config.source, target.state_uri, target.model_uri)
+    follower = ReleaseFollower(config)
+    log.info("ingesting %s into %s with the encoder %s", config.source, follower.target.state_uri,
+             follower.target.model_uri)
     if config.from_pubsub:
-        p = test_pipeline or make_pipeline(config.runner, [*config.beam_options, "--streaming"])
-        ingest_events(pubsub_lines(p, config.source), target, config, image_processor)
-        if test_pipeline is None:
-            run_pipeline(p)
+        if test_pipeline is not None:
+            ingest_events(pubsub_lines(test_pipeline, config.source), follower.target, config,
+                          follower.image_processor)
+        else:
+            _run_streaming(config, follower)
         return 0
     seen: set[str] = set()
     polls = 0
     while config.max_polls is None or polls < config.max_polls:
         files = new_files(config.source, seen)
         if files:
+            follower.check()
             p = make_pipeline(config.runner, config.beam_options)
-            ingest_events(file_lines(p, files), target, config, image_processor)
+            ingest_events(file_lines(p, files), follower.target, config, follower.image_processor)
             run_pipeline(p)
             seen.update(files)
-            log.info("ingested %d event file(s) from %s", len(files), config.source)
+            log.info("ingested %d event file(s) from %s into release %s", len(files), config.source,
+                     follower.target.version)
         polls += 1
         if config.max_polls is None or polls < config.max_polls:
             time.sleep(config.poll_seconds)
     return len(seen)
 
+
+def streaming_pipeline(config: IngestConfig, follower: ReleaseFollower, update: bool) -> beam.Pipeline:
+    """The Pub/Sub pipeline into `follower`'s release; `update`: it replaces the running Dataflow job
+    of the same `--job_name` in place (Dataflow keeps its in-flight data and the subscription's
+    unacknowledged messages, so no event is lost)."""
+    p = make_pipeline(config.runner, [*config.beam_options, "--streaming", *(["--update"] if update else [])])
+    ingest_events(pubsub_lines(p, config.source), follower.target, config, follower.image_processor)
+    return p
+
+
+def _run_streaming(config: IngestConfig, follower: ReleaseFollower) -> None:
+    """Run the Pub/Sub pipeline. On Dataflow, launch it (replacing a running job of the same name)
+    and stay as its supervisor: every `follow_seconds` CURRENT is read, and a new release replaces
+    the job in place. Elsewhere (the local runner) it runs in this process until stopped."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    from visrec.stages.dataflow import DATAFLOW_RUNNER, find_active_job
+
+    if config.runner != DATAFLOW_RUNNER:
+        run_pipeline(streaming_pipeline(config, follower, update=False))
+        return
+    p = streaming_pipeline(config, follower, update=False)
+    cloud = p.options.view_as(GoogleCloudOptions)
+    if not cloud.job_name:
+        raise UserError("a Dataflow ingest job needs --job_name: the job is replaced by name (--update) when "
+                        "a new release becomes CURRENT")
+    if find_active_job(cloud.project, cloud.region, cloud.job_name) is not None:
+        log.info("Dataflow job %s is running: replacing it with release %s", cloud.job_name, follower.target.version)
+        p = streaming_pipeline(config, follower, update=True)
+    result = p.run()
+    checks = 0
+    while config.max_polls is None or checks < config.max_polls:
+        time.sleep(config.follow_seconds)
+        checks += 1
+        if str(result.state) in _TERMINAL_STATES:
+            raise RuntimeError(f"the Dataflow ingest job {cloud.job_name} ended {result.state}")
+        if follower.check():
+            result = streaming_pipeline(config, follower, update=True).run()
+
+
+_TERMINAL_STATES = {"DONE", "FAILED", "CANCELLED", "DRAINED", "UPDATED"}

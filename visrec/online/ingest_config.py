@@ -19,7 +19,10 @@ class IngestConfig:
     source: a Pub/Sub subscription `projects/P/subscriptions/S`, or a prefix (local or
         `gs://`) whose `*.jsonl` files hold events, one JSON object a line.
     poll_seconds: how often a watched prefix is listed for new files.
-    max_polls: stop a watched prefix after this many polls (None: run until stopped).
+    max_polls: stop after this many polls (None: run until stopped): of a watched prefix, or of
+        CURRENT by the supervisor of a Dataflow job (the job itself keeps running).
+    follow_seconds: how often the registry's CURRENT is re-read, so ingest writes to (and embeds
+        with) the release a deploy made current.
     batch_size: most images per encoder call (`RunInference` batches up to it).
     segment_size: most journal entries per append.
     device / precision: where and how the encoder runs on each worker (as `visrec embed`).
@@ -31,6 +34,7 @@ class IngestConfig:
     source: str
     poll_seconds: float = 2.0
     max_polls: int | None = None
+    follow_seconds: float = 10.0
     batch_size: int = 16
     segment_size: int = 500
     device: str = "auto"
@@ -42,6 +46,8 @@ class IngestConfig:
     def __post_init__(self) -> None:
         if self.poll_seconds <= 0:
             raise UserError(f"--poll-seconds must be > 0, got {self.poll_seconds}")
+        if self.follow_seconds < 0:
+            raise UserError(f"--follow-seconds must be >= 0, got {self.follow_seconds}")
         if self.max_polls is not None and self.max_polls < 1:
             raise UserError(f"--max-polls must be >= 1, got {self.max_polls}")
         if self.batch_size < 1 or self.segment_size < 1:

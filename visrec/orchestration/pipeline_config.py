@@ -1,8 +1,9 @@
 """Pipeline run configuration files (`visrec/configs/local.yaml`, `visrec/configs/vertex.yaml`).
 
 A file has a `parameters:` mapping (the pipeline's parameters) and, for Vertex AI,
-a `vertex:` mapping (project, region, pipeline root, service account, ...). Flags
-given on the command line override the file.
+a `vertex:` mapping (project, region, pipeline root, service account, ...) and an
+`ingest:` mapping (`visrec ingest --config`: the listing-events job beside the pipeline).
+Flags given on the command line override the file.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import yaml
 from visrec.core import io
 from visrec.core.errors import UserError
 
+SECTIONS = ("parameters", "vertex", "ingest")
+
 
 def load_run_config(uri: str | None, default_name: str) -> dict[str, Any]:
-    """The parsed config file (`visrec/configs/<default_name>` when `uri` is None), with both sections present."""
+    """The parsed config file (`visrec/configs/<default_name>` when `uri` is None), with every section present."""
     if uri is None:
         text = io.packaged_config(default_name)
     else:
@@ -30,11 +33,11 @@ def load_run_config(uri: str | None, default_name: str) -> dict[str, Any]:
         raise UserError(f"config {uri or default_name} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"config {uri or default_name} must be a mapping")
-    unknown = set(data) - {"parameters", "vertex"}
+    unknown = set(data) - set(SECTIONS)
     if unknown:
         raise UserError(f"config {uri or default_name}: unknown sections {sorted(unknown)}")
-    data.setdefault("parameters", {})
-    data.setdefault("vertex", {})
+    for section in SECTIONS:
+        data.setdefault(section, {})
     return data
 
 

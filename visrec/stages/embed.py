@@ -182,6 +182,10 @@ class EncoderOnDevice:
             return self.encoder(pixel_values.to(self.device)).float().cpu()
 
 
+# The encoder an `ImageEncoderHandler(keep_loaded=True)` loaded last, by (model, kind, device, precision).
+_KEPT_ENCODER: dict[tuple[str, str, str, str], EncoderOnDevice] = {}
+
+
 class ImageEncoderHandler(ModelHandler):
     """RunInference handler: batches of (3, H, W) tensors -> L2-normalised float32 embeddings.
 
@@ -191,12 +195,14 @@ class ImageEncoderHandler(ModelHandler):
     """
 
     def __init__(self, model_uri: str, kind: str, device: str = "auto", *, precision: str | None = None,
-                 min_batch_size: int = 1, max_batch_size: int = 64, share_model: bool = False):
+                 min_batch_size: int = 1, max_batch_size: int = 64, share_model: bool = False,
+                 keep_loaded: bool = False):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size, large_model=share_model)
         self.model_uri = model_uri
         self.kind = kind
         self.device = device.lower()
         self.precision = precision
+        self.keep_loaded = keep_loaded
 
     def _torch_device(self) -> str:
         import torch
@@ -207,12 +213,21 @@ class ImageEncoderHandler(ModelHandler):
         return "cpu"
 
     def load_model(self) -> "EncoderOnDevice":
+        """The encoder on this worker's device. With `keep_loaded`, the last one loaded stays in the
+        process for the next pipeline with the same model (`visrec ingest` runs one per poll)."""
         device = self._torch_device()
         precision = resolve_precision(self.precision, device)
+        key = (self.model_uri, self.kind, device, precision)
+        if self.keep_loaded and key in _KEPT_ENCODER:
+            return _KEPT_ENCODER[key]
         encoder = load_image_encoder(self.model_uri, self.kind).to(device)
         log.info("loaded %s encoder from %s on %s, %s (%d dims)", self.kind, self.model_uri, device, precision,
                  encoder.dims)
-        return EncoderOnDevice(encoder, device, precision)
+        loaded = EncoderOnDevice(encoder, device, precision)
+        if self.keep_loaded:
+            _KEPT_ENCODER.clear()  # one at a time: a new release's encoder replaces the old one
+            _KEPT_ENCODER[key] = loaded
+        return loaded
 
     def run_inference(self, batch: Sequence[Any], model: "EncoderOnDevice",
                       inference_args: dict | None = None) -> list[np.ndarray]:
