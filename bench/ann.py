@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from visrec.data.embeddings import read_embeddings  # noqa: E402
 from visrec.model.pca import l2_normalise  # noqa: E402
 from visrec.stages.index.build import build_index  # noqa: E402
-from visrec.stages.index.config import IndexConfig  # noqa: E402
+from visrec.stages.index.config import REORDER_DTYPES, IndexConfig  # noqa: E402
 from visrec.stages.index.searcher import SimilarityIndex  # noqa: E402
 from visrec.stages.index.tuning import exact_top_k  # noqa: E402
 from benchkit import RESULTS_DIR, machine_info, print_table, write_results  # noqa: E402
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--target", type=float, default=0.95, help="recall@k every method is matched to")
-    parser.add_argument("--reorder-dtype", default="float32", choices=("float32", "bfloat16", "int8"))
+    parser.add_argument("--reorder-dtype", default=IndexConfig.reorder_dtype, choices=REORDER_DTYPES)
     parser.add_argument("--tuning-queries", type=int, default=1000)
     parser.add_argument("--single", type=int, default=1000, help="queries timed one at a time")
     parser.add_argument("--exact-single", type=int, default=200, help="queries timed one at a time for exact")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import pytest
 
 from visrec.core import io
 from visrec.online.entry import BadEntry, JournalEntry
+from visrec.online.journal import LATE_ENTRY_WINDOW_SECONDS as LATE_WINDOW
 from visrec.online.journal import FileJournal, GcsJournal, open_journal
 
 
@@ -268,3 +270,81 @@ def test_replicas_reading_entries_in_different_orders_converge(tiny_state):
         assert state.catalog.get("i4")["price"] == 80
         np.testing.assert_allclose(state.index.vector("i4"), states[0].index.vector("i4"))
         assert sorted(state.index.ids()) == sorted(states[0].index.ids())
+
+
+def test_gcs_polls_list_only_the_folders_after_their_horizon(gcs_emulator):
+    """Objects go to a folder per `BUCKET_SECONDS` of write time, so a poll lists the newest
+    folders only: its work does not grow with the journal's history, even on a store (the
+    emulator) that ignores startOffset. A reader opened at a position starts there."""
+    from visrec.online.journal import BUCKET_SECONDS, JournalPosition
+
+    state = f"gs://{gcs_emulator()}/registry/releases/v1/state"
+    prefix = io.join(state, "journal")
+    now = time.time_ns()
+    clock = iter([])
+
+    def writer(history_ns: list[int]) -> GcsJournal:
+        nonlocal clock
+        clock = iter(history_ns)
+        return GcsJournal(prefix, clock=lambda: next(clock))
+
+    # A day of history, 5 writes every folder (one of them a batch), then "now".
+    folder_ns = BUCKET_SECONDS * 10**9
+    starts = [now - (144 - n) * folder_ns for n in range(144)]
+    history = writer([start + k * 10**9 for start in starts for k in range(5)])
+    for n, _ in enumerate(starts):
+        history.append(JournalEntry("delete", f"old-{n}", float(n), id=f"old-{n}"))
+        history.append_many([JournalEntry("delete", f"old-{n}-{k}", float(n), id=f"old-{n}-{k}") for k in range(3)])
+        for k in range(3):
+            history.append(JournalEntry("delete", f"older-{n}-{k}", float(n)))
+    reader = open_journal(state)
+    assert len(reader.read_new()) == 144 * 7
+    before = dataclasses.replace(reader.stats)
+    writer([now + 10**9]).append(JournalEntry("delete", "new", 200.0))
+    assert [e.item_id for e in reader.read_new()] == ["new"]
+    polled = reader.stats.listed - before.listed
+    # The journal's 145 folder names, then the objects of the folders from the horizon's (a minute
+    # before the newest write seen: at most two folders of history) to the newest.
+    assert polled <= 145 + 2 * 5 + 1 and reader.stats.list_requests - before.list_requests <= 4
+    assert reader.stats.objects_read - before.objects_read == 1
+    # A reader opened at that reader's position reads what came after, nothing twice.
+    writer([now + 2 * 10**9]).append(JournalEntry("delete", "newer", 201.0))
+    at = reader.position()
+    assert isinstance(at, JournalPosition) and at.seen
+    assert [e.item_id for e in open_journal(state, position=at).read_new()] == ["newer"]
+
+
+def test_gcs_objects_of_the_layout_before_folders_are_still_read(gcs_emulator):
+    """A journal written before folders existed (objects directly under `journal/`) is read,
+    alongside and in write order with the new layout, at start-up and when they keep coming."""
+    state = f"gs://{gcs_emulator()}/registry/releases/v1/state"
+    now = time.time_ns()
+    io.write_text(io.join(state, f"journal/{now - 5 * 10**9:020d}-a.json"), JournalEntry("delete", "a", 1.0).to_json())
+    io.write_text(io.join(state, f"journal/{now - 4 * 10**9:020d}-b.jsonl"),
+                  JournalEntry("delete", "b", 2.0).to_json() + "\n" + JournalEntry("delete", "c", 3.0).to_json() + "\n")
+    reader = open_journal(state)
+    open_journal(state).append(JournalEntry("delete", "d", 4.0))
+    assert [e.item_id for e in reader.read_new()] == ["a", "b", "c", "d"]
+    io.write_text(io.join(state, f"journal/{time.time_ns():020d}-e.json"), JournalEntry("delete", "e", 5.0).to_json())
+    assert [e.item_id for e in reader.read_new()] == ["e"]
+
+
+def test_a_local_follower_from_a_time_starts_at_the_checkpoint_before_it(tmp_path):
+    """Compactions checkpoint the local journal (offset, time): a hand-over following it from a
+    later time skips what was appended before, and never an entry appended after."""
+    state = tmp_path / "state"
+    journal = open_journal(str(state))
+    journal.append_many([JournalEntry("delete", f"early-{n}", float(n)) for n in range(5)])
+    journal.read_new()
+    journal.checkpoint()
+    checkpointed = journal.path.stat().st_size
+    time.sleep(0.01)
+    since = time.time() + LATE_WINDOW
+    journal.append(JournalEntry("delete", "late", since + 1))
+    follower = open_journal(str(state), since=since)
+    assert follower.position().offset == checkpointed
+    assert [e.item_id for e in follower.read_new()] == ["late"]
+    assert len(open_journal(str(state), since=since - 2 * LATE_WINDOW).read_new()) == 6  # before the checkpoint
+    # A checkpoint that no longer fits the file (the journal was replaced) is ignored.
+    journal.path.write_bytes(_line(FIRST_RAW))
+    assert open_journal(str(state), since=since).read_new() == [FIRST]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from visrec.stages.index.searcher import SimilarityIndex
-from visrec.online.ranking import (ItemCatalog, RankingConfig, category_path, category_similarity,
+from visrec.online.ranking import (CodedColumn, ItemCatalog, RankingConfig, category_path, category_similarity,
                             label_index_with_catalog, price_band_filter, recommend, rerank)
 
 
@@ -136,3 +136,58 @@ def test_catalog_upsert_delete_and_growth():
     assert catalog.category_similarities(catalog.category_codes[0]).tolist() == [1.0, 0.5, pytest.approx(2 / 3)]
     with pytest.raises(ValueError):
         ItemCatalog.from_columns(["x", "x"], [1, 1], ["a", "a"], ["on_sale", "on_sale"])
+
+
+def test_catalog_from_bytes_and_codes_matches_catalog_from_strings():
+    ids = ["q", "a", "bb", "c"]
+    prices = [100, 200, 300, 400]
+    categories = ["f/w/bags", "home", "f/w/bags", "f/w/shoes"]
+    statuses = ["on_sale", "sold", "on_sale", "reserved"]
+    plain = ItemCatalog.from_columns(ids, prices, categories, statuses)
+    vocabulary = sorted(set(categories))
+    coded = ItemCatalog.from_columns(
+        np.array([i.encode() for i in ids]), np.array(prices),
+        CodedColumn(np.array([vocabulary.index(c) for c in categories], np.int32), vocabulary),
+        CodedColumn(np.array([0, 1, 0, 2], np.int32), ["on_sale", "sold", "reserved"]))
+    for catalog in (plain, coded):
+        assert [catalog.get(i) for i in ids] == [{"price": p, "category": c, "status": s}
+                                                 for p, c, s in zip(prices, categories, statuses)]
+        assert catalog.on_sale[catalog.rows(ids)].tolist() == [True, False, True, False]
+        assert len(catalog) == 4 and catalog.item_id(catalog.row("bb")) == "bb" and catalog.row("zz") == -1
+    catalog, row_a = plain, plain.row("a")
+    assert catalog.delete("a") and not catalog.delete("a") and len(catalog) == 3
+    catalog.upsert("a", 5, "home", "on_sale")  # back in its own row: rows never change
+    catalog.upsert("new", 5, "home", "on_sale")
+    assert len(catalog) == 5 and catalog.rows(["new", "a"]).tolist() == [4, row_a]
+
+
+def test_labels_from_the_index_s_own_ids_equal_labels_from_a_list():
+    catalog, index = _catalog_and_index()
+    index.upsert(["x"], np.array([[0.97, 0.2]]))
+    catalog.upsert("x", 100, "f/w/bags", "on_sale")
+    index.delete(["c"])
+    label_index_with_catalog(index, catalog, index.ids())  # vectorised: no str per item
+    vectorised = index.search_labels(index.vector("q"), 6)[0].tolist()
+    label_index_with_catalog(index, catalog, list(index.ids()))
+    assert index.search_labels(index.vector("q"), 6)[0].tolist() == vectorised
+    assert sorted(vectorised) == sorted(catalog.rows(["q", "a", "b", "d", "e", "x"]).tolist())
+
+
+def test_read_catalog_keeps_values_and_reads_missing_categories_as_empty(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from visrec.online.loading import read_catalog
+
+    path = tmp_path / "items.parquet"
+    pq.write_table(pa.table({"item_id": ["m1", "m22", "m333"], "price": [10, None, 30],
+                             "category": ["a/b", None, "a/b"], "status": ["on_sale", "sold", None]}), path)
+    catalog = read_catalog(str(path))
+    assert catalog.get("m1") == {"price": 10, "category": "a/b", "status": "on_sale"}
+    assert catalog.get("m333") == {"price": 30, "category": "a/b", "status": ""}
+    assert catalog.get("m22") == {"price": 0, "category": "", "status": "sold"}
+    assert catalog.on_sale[catalog.rows(["m1", "m22", "m333"])].tolist() == [True, False, False]
+    pq.write_table(pa.table({"item_id": ["m1", "m1"], "price": [1, 2], "category": ["a", "a"],
+                             "status": ["on_sale", "on_sale"]}), path)
+    with pytest.raises(ValueError, match="duplicate item id 'm1'"):
+        read_catalog(str(path))

@@ -18,12 +18,13 @@ server. The flow for one query item (`recommend`):
 from __future__ import annotations
 
 import functools
-import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
+
+from visrec.stages.index.idmap import IdMap, IdSequence
 
 ON_SALE = "on_sale"
 
@@ -87,16 +88,35 @@ def _encode(value: str, vocabulary: list[str], codes: dict[str, int]) -> int:
 
 
 @dataclass
+class CodedColumn:
+    """A column of repeated strings (categories, statuses) as int32 codes into `values`.
+
+    What `read_catalog` hands over from Arrow's dictionary encoding, so loading ten million
+    rows never makes a Python string per row.
+    """
+
+    codes: np.ndarray
+    values: list[str]
+
+    @classmethod
+    def of(cls, column: Sequence[str] | CodedColumn) -> CodedColumn:
+        if isinstance(column, CodedColumn):
+            return column
+        values, codes = np.unique(np.asarray(list(column), dtype=str), return_inverse=True)
+        return cls(codes.astype(np.int32), values.tolist())
+
+
+@dataclass
 class ItemCatalog:
     """Item metadata needed at serving time, columnar so filtering 200 candidates is vectorised.
 
-    Rows are append-only (an upsert of a new item appends; a delete only clears
-    `present`), so a row number stays valid for the catalog's lifetime. Arrays grow
-    by doubling to keep upserts amortised O(1).
+    A row is the item's key in `ids` (an `IdMap`: no Python object per item). Rows are
+    append-only (an upsert of a new item appends; a delete only clears `present`), so a row
+    number stays valid for the catalog's lifetime. Arrays grow by doubling to keep upserts
+    amortised O(1).
     """
 
-    row_of: dict[str, int] = field(default_factory=dict)
-    item_ids: list[str] = field(default_factory=list)
+    ids: IdMap = field(default_factory=lambda: IdMap.from_ids([])[0])
     prices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float64))
     on_sale: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     present: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
@@ -107,24 +127,28 @@ class ItemCatalog:
     _category_code: dict[str, int] = field(default_factory=dict)
     _status_code: dict[str, int] = field(default_factory=dict)
     _similarity_rows: dict[int, np.ndarray] = field(default_factory=dict)
+    _count: int = 0
 
     @classmethod
-    def from_columns(cls, item_ids: Sequence[str], prices: Sequence[float],
-                     categories: Sequence[str], statuses: Sequence[str]) -> "ItemCatalog":
-        """Build from parallel columns (e.g. the release's `items.parquet`)."""
-        n = len(item_ids)
-        catalog = cls()
-        catalog.item_ids = list(item_ids)
-        catalog.row_of = {item_id: row for row, item_id in enumerate(catalog.item_ids)}
-        if len(catalog.row_of) != n:
-            raise ValueError("duplicate item_id in catalog")
-        catalog.prices = np.asarray(prices, dtype=np.float64).copy()
-        catalog.on_sale = np.fromiter((s == ON_SALE for s in statuses), dtype=bool, count=n)
-        catalog.present = np.ones(n, dtype=bool)
-        catalog.category_codes = np.fromiter((catalog._category(c) for c in categories),
-                                             dtype=np.int32, count=n)
-        catalog.status_codes = np.fromiter((catalog._status(s) for s in statuses),
-                                           dtype=np.int32, count=n)
+    def from_columns(cls, item_ids: Sequence[str] | np.ndarray, prices: Sequence[float] | np.ndarray,
+                     categories: Sequence[str] | CodedColumn,
+                     statuses: Sequence[str] | CodedColumn) -> "ItemCatalog":
+        """Build from parallel columns (e.g. the release's `items.parquet`); `item_ids` may be
+        fixed-width UTF-8 bytes. `ValueError` for a duplicate item id."""
+        ids, order = IdMap.from_ids(item_ids)  # row r holds input row order[r]
+        category, status = CodedColumn.of(categories), CodedColumn.of(statuses)
+        if not len(order) == len(prices) == len(category.codes) == len(status.codes):
+            raise ValueError("catalog columns of different lengths")
+        catalog = cls(ids=ids, categories=list(category.values), statuses=list(status.values))
+        catalog._category_code = {value: code for code, value in enumerate(catalog.categories)}
+        catalog._status_code = {value: code for code, value in enumerate(catalog.statuses)}
+        catalog.prices = np.asarray(prices, dtype=np.float64)[order]
+        catalog.category_codes = np.asarray(category.codes, dtype=np.int32)[order]
+        catalog.status_codes = np.asarray(status.codes, dtype=np.int32)[order]
+        on_sale = catalog._status_code.get(ON_SALE, -1)
+        catalog.on_sale = catalog.status_codes == on_sale
+        catalog.present = np.ones(len(order), dtype=bool)
+        catalog._count = len(order)
         return catalog
 
     def _category(self, category: str) -> int:
@@ -134,16 +158,23 @@ class ItemCatalog:
         return _encode(status, self.statuses, self._status_code)
 
     def __len__(self) -> int:
-        return int(self.present.sum())
+        return self._count
+
+    def row(self, item_id: str) -> int:
+        """The row of `item_id` (present or deleted), or -1 if the catalog never had it."""
+        return self.ids.key(item_id)
+
+    def item_id(self, row: int) -> str:
+        return self.ids.id(row)
 
     def __contains__(self, item_id: str) -> bool:
-        row = self.row_of.get(item_id)
-        return row is not None and bool(self.present[row])
+        row = self.ids.key(item_id)
+        return row >= 0 and bool(self.present[row])
 
     def get(self, item_id: str) -> dict | None:
         """`{"price", "category", "status"}` of a present item, else None."""
-        row = self.row_of.get(item_id)
-        if row is None or not self.present[row]:
+        row = self.ids.key(item_id)
+        if row < 0 or not self.present[row]:
             return None
         return {"price": int(self.prices[row]),
                 "category": self.categories[self.category_codes[row]],
@@ -151,26 +182,27 @@ class ItemCatalog:
 
     def upsert(self, item_id: str, price: float, category: str, status: str) -> None:
         """Insert or overwrite one item's metadata."""
-        row = self.row_of.get(item_id)
-        if row is None:
-            row = len(self.item_ids)
-            if row >= len(self.prices):
+        row = self.ids.key(item_id)
+        if row < 0:
+            if len(self.ids) >= len(self.prices):
                 self._grow(max(16, 2 * len(self.prices)))
-            self.item_ids.append(item_id)
-            self.row_of[item_id] = row
+            row = self.ids.add(item_id)
         self.prices[row] = price
         self.on_sale[row] = status == ON_SALE
         self.category_codes[row] = self._category(category)
         self.status_codes[row] = self._status(status)
-        self.present[row] = True
+        if not self.present[row]:
+            self.present[row] = True
+            self._count += 1
 
     def delete(self, item_id: str) -> bool:
         """Forget an item; returns whether it was present."""
-        row = self.row_of.get(item_id)
-        if row is None or not self.present[row]:
+        row = self.ids.key(item_id)
+        if row < 0 or not self.present[row]:
             return False
         self.present[row] = False
         self.on_sale[row] = False
+        self._count -= 1
         return True
 
     def _grow(self, capacity: int) -> None:
@@ -200,9 +232,14 @@ class ItemCatalog:
         return sims
 
     def rows(self, item_ids: Sequence[str]) -> np.ndarray:
-        """Row numbers of `item_ids`; -1 for ids the catalog does not know."""
-        return np.fromiter(map(self.row_of.get, item_ids, itertools.repeat(-1)), dtype=np.int64,
-                           count=len(item_ids))
+        """Row numbers of `item_ids` (int64, vectorised); -1 for ids the catalog does not know."""
+        return self.ids.keys(item_ids)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held, by part: the id map and the numpy columns."""
+        return {"ids": self.ids.nbytes,
+                "columns": int(sum(a.nbytes for a in (self.prices, self.on_sale, self.present,
+                                                        self.category_codes, self.status_codes)))}
 
 
 @dataclass
@@ -279,8 +316,8 @@ def label_index_with_catalog(index: VectorIndex, catalog: ItemCatalog, item_ids:
     for every indexed item once after loading and again for items whose catalog entry is
     new (a catalog row never changes once given: the catalog is append-only).
     """
-    ids = list(item_ids)
-    if ids:
+    ids = item_ids if isinstance(item_ids, IdSequence) else list(item_ids)  # the index's own: vectorised
+    if len(ids):
         index.set_labels(ids, catalog.rows(ids))
 
 
@@ -303,7 +340,7 @@ def recommend(item_id: str, k: int, index: VectorIndex, catalog: ItemCatalog,
     The index's labels must be catalog rows (`label_index_with_catalog`). Raises
     `KeyError` when the item is unknown to the catalog or has no stored embedding.
     """
-    query_row = catalog.row_of.get(item_id, -1)
+    query_row = catalog.row(item_id)
     if query_row < 0 or not catalog.present[query_row]:
         raise KeyError(item_id)
     query = index.vector(item_id)
@@ -323,7 +360,7 @@ def recommend(item_id: str, k: int, index: VectorIndex, catalog: ItemCatalog,
     codes = catalog.category_codes[rows]
     sims = catalog.category_similarities(int(catalog.category_codes[query_row]))[codes]
     order, blended = rerank(ann, sims, config.category_weight)
-    items = [Recommendation(item_id=catalog.item_ids[rows[i]], score=float(blended[i]),
+    items = [Recommendation(item_id=catalog.item_id(int(rows[i])), score=float(blended[i]),
                             price=int(catalog.prices[rows[i]]), category=catalog.categories[codes[i]])
              for i in order[:k].tolist()]
     return RankedList(items=items, fetched=fetch, survivors=len(rows), widened=widened)

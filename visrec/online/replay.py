@@ -32,10 +32,12 @@ def sync_journal(state: ServingState) -> int:
     entries = state.journal.read_new()
     if not entries:
         return 0
+    state.tail_entries += len(entries)
     vectors: dict[str, np.ndarray] = {}
     touched: set[str] = set()
     applied = 0
     with state.lock:
+        state.writes.load(entry.item_id for entry in entries)
         for entry in entries:
             if entry.vector is not None and len(entry.vector) != state.index.dims:
                 state.skipped_entries += 1
@@ -55,24 +57,40 @@ def sync_journal(state: ServingState) -> int:
 
 def _materialise(state: ServingState, items: set[str], vectors: dict[str, np.ndarray]) -> None:
     """Bring the catalog and the index of `state` in line with its write registers for `items`
-    (the caller holds `state.lock`)."""
+    (the caller holds `state.lock`).
+
+    Catalog rows are looked up once for all items (a replay touches every item the journal
+    names), and only what changed is relabelled: a price or status change keeps its row and
+    its index entry, so it costs no index work at all.
+    """
     gone, upserts, labelled = [], {}, []
-    for item in items:
-        if not state.writes.alive(item, default=item in state.catalog):
-            state.catalog.delete(item)
+    catalog, writes = state.catalog, state.writes
+    touched = list(items)
+    rows = catalog.rows(touched)  # -1: never in the catalog
+    present = (rows >= 0) & catalog.present[np.maximum(rows, 0)]
+    for item, row, here in zip(touched, rows.tolist(), present.tolist()):
+        if not writes.alive(item, default=here):
+            if here:
+                writes.keep_base(item, catalog.get(item))
+                catalog.delete(item)
             gone.append(item)
+            state.pending_vectors.pop(item, None)  # only a newer image upsert can re-list it
             continue
-        metadata = state.writes.metadata(item, state.catalog.get(item))
+        # The current row matters only for the fields no entry has set yet.
+        current = catalog.get(item) if here and not writes.complete(item) else None
+        metadata = writes.metadata(item, current)
         if metadata is None:
             # A partial update seen before the item's creation: applied when the creation arrives.
             if item in vectors:
                 state.pending_vectors[item] = vectors[item]
             continue
-        state.catalog.upsert(item, float(metadata["price"]), metadata["category"], metadata["status"])
-        vector = vectors.get(item, state.pending_vectors.pop(item, None))
+        catalog.upsert(item, float(metadata["price"]), metadata["category"], metadata["status"])
+        vector = state.pending_vectors.pop(item, None)
+        vector = vectors.get(item, vector)
         if vector is not None:
             upserts[item] = vector
-        labelled.append(item)
+        if vector is not None or row < 0:
+            labelled.append(item)
     gone = [i for i in gone if i in state.index]
     if gone:
         state.index.delete(gone)
@@ -80,4 +98,4 @@ def _materialise(state: ServingState, items: set[str], vectors: dict[str, np.nda
         state.index.upsert(list(upserts), np.stack(list(upserts.values())))
     # New index entries start unlabelled, and a new catalog row may belong to an already
     # indexed item: both need their catalog row as label.
-    label_index_with_catalog(state.index, state.catalog, [i for i in labelled if i in state.index])
+    label_index_with_catalog(state.index, catalog, [i for i in labelled if i in state.index])

@@ -51,7 +51,11 @@ class ServingState:
     writes: per item, the newest write of each metadata field, of the vector and of its existence.
     pending_vectors: vectors of items whose creation has not been seen yet.
     skipped_entries: journal entries that parsed but could not be applied (a vector of the
-        wrong size); skipped and counted.
+        wrong size); skipped and counted (with those a snapshot it started from counted).
+    snapshot: the id of the snapshot of the state the release started from
+        (`visrec.online.snapshot`); None: it replayed the whole journal.
+    tail_entries: journal entries read since that snapshot (or since the beginning): how
+        much a restart would replay, what the in-service compaction watches.
     handover / successor_handover: the writes followed from the predecessor, and from the release
         that replaced this one once it has (`visrec.online.follow`).
     handover_lock: of several worker processes of one machine, one follows the other releases
@@ -71,6 +75,8 @@ class ServingState:
     image_size: int | None = None
     degraded: Degraded | None = None
     skipped_entries: int = 0
+    snapshot: str | None = None
+    tail_entries: int = 0
     handover: Handover | None = None
     successor_handover: Handover | None = None
     successor_checked_at: float = -math.inf

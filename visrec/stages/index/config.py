@@ -17,12 +17,17 @@ class IndexConfig:
     k: neighbours per query the recall target is measured at.
     recall_target: recall@k (vs exact search) the tuned search setting must reach.
     num_leaves: tree partitions; None = about sqrt(N), ScaNN's rule of thumb.
-    reorder_dtype: precision of the re-ordering copy ScaNN keeps (float32 | bfloat16 | int8);
-        smaller saves memory (4 / 2 / 1 bytes per dimension) at some recall.
+    reorder_dtype: precision of the re-ordering copy ScaNN keeps (float32 | bfloat16 | int8): 4 / 2 / 1
+        bytes per dimension, the largest part of an item's memory. bfloat16 by default: at 1M
+        items it reaches recall@10 0.99 where float32 does, for half the memory; int8 saves half
+        again but its rounding caps recall (0.965 on the benchmark's vectors, docs/index.md).
     max_p99_ms: gate on single-query p99 latency (None: no latency gate). 25 ms leaves room
         for the HTTP, filtering and re-ranking work inside a ~100 ms serving budget.
     tuning_queries: sample queries for tuning; as many again, disjoint, validate the choice.
-    training_sample_size: vectors sampled to train the partitions and AH codebooks.
+    training_sample_size: vectors sampled to train the partitions and AH codebooks, at least.
+    training_points_per_leaf: and at least this many per partition (capped at N): k-means with
+        fewer places partitions so poorly that queries must search many more of them
+        (`searcher.training_sample`; 10M items need a 790k sample).
     seed: sample-query selection.
     dims_per_block: AH block size (2 dims per 4-bit code: ScaNN's recommended lut16 setup).
     anisotropic_threshold: AH anisotropic quantisation threshold for dot product (ScaNN's 0.2).
@@ -32,10 +37,11 @@ class IndexConfig:
     k: int = 10
     recall_target: float = 0.95
     num_leaves: int | None = None
-    reorder_dtype: str = "float32"
+    reorder_dtype: str = "bfloat16"
     max_p99_ms: float | None = 25.0
     tuning_queries: int = 1000
     training_sample_size: int = 250_000
+    training_points_per_leaf: int = 250
     seed: int = 0
     dims_per_block: int = 2
     anisotropic_threshold: float = 0.2
@@ -52,6 +58,8 @@ class IndexConfig:
             raise ValueError(f"reorder_dtype must be one of {REORDER_DTYPES}, got {self.reorder_dtype!r}")
         if self.max_p99_ms is not None and self.max_p99_ms <= 0:
             raise ValueError("max_p99_ms must be > 0 (or None for no latency gate)")
-        if self.tuning_queries < 1 or self.training_sample_size < 1 or self.dims_per_block < 1:
-            raise ValueError("tuning_queries, training_sample_size and dims_per_block must be >= 1")
+        if min(self.tuning_queries, self.training_sample_size, self.training_points_per_leaf,
+               self.dims_per_block) < 1:
+            raise ValueError("tuning_queries, training_sample_size, training_points_per_leaf and dims_per_block "
+                             "must be >= 1")
 
