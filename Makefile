@@ -7,7 +7,7 @@ DEMO_DIR ?= demo-work
 DEMO_ITEMS ?= 2000
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo compile lint images-smoke clean
+.PHONY: venv test test-fast demo loop compile lint images-smoke clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ test-fast: venv
 demo: venv
 	$(PY) -m pipelines.demo --work-dir $(DEMO_DIR) --items $(DEMO_ITEMS)
 
+## The loop twice round: run, serve with logging to simulated users, join their taps, run again gated on them.
+loop: venv
+	$(PY) -m pipelines.loop --work-dir loop-work --items $(DEMO_ITEMS)
+
 compile: venv
 	$(VENV)/bin/visrec compile --out pipeline.yaml
 
@@ -41,4 +45,4 @@ images-smoke: venv
 	$(PY) containers/smoke.py $(SMOKE_ARGS)
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache pipeline.yaml
+	rm -rf $(DEMO_DIR) loop-work .pytest_cache pipeline.yaml

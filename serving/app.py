@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import threading
+from datetime import datetime, timezone
 import time
 from typing import Any, Awaitable, Callable, Literal
 from urllib.parse import parse_qsl
@@ -44,6 +45,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from visrec.core.errors import UserError
 from visrec.online.config import ServingConfig
 from visrec.online.errors import BadItem, NoEncoder, UnknownItem
+from visrec.online.experiments import Shown
 from visrec.online.service import RecommenderService
 from visrec.online.workers import WorkerSpec, header_timeout_seconds, serve_release
 
@@ -79,9 +81,33 @@ class PredictInstance(BaseModel):
     k: StrictInt = DEFAULT_K  # `true` is not a number of neighbours
 
 
+class PredictParameters(BaseModel):
+    """Who is asking (the Vertex AI contract's `parameters`): the experiment arm and the impression log's keys."""
+
+    user_id: str | None = Field(default=None, min_length=1)
+    session_id: str | None = Field(default=None, min_length=1)
+
+
 class PredictRequest(BaseModel):
     # Bounded so one request cannot hold the event loop for long (each instance is one search).
     instances: list[PredictInstance] = Field(max_length=MAX_INSTANCES)
+    parameters: PredictParameters = Field(default_factory=PredictParameters)
+
+
+class UserEvent(BaseModel):
+    """`POST /v1/events`: what a user did with an answer (`request_id`) and one of its items."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1)
+    item_id: str = Field(min_length=1)
+    type: Literal["tap", "purchase"]
+    ts: datetime | None = Field(default=None, description="when; default: when the service received it")
+    user_id: str | None = None
+
+
+class UserEvents(BaseModel):
+    events: list[UserEvent] = Field(min_length=1, max_length=MAX_INSTANCES)
 
 
 class ServingMetrics:
@@ -112,6 +138,13 @@ class ServingMetrics:
         degraded.set_function(lambda: float(service.ready and service.state.degraded is not None))
         # The hand-over from the predecessor (docs/serving.md): what it carried, and what still
         # waits for re-embedding (new listings not yet recommendable); 0 without a predecessor.
+        # The impression and event logs (`visrec.online.eventlog`): a slow sink drops rather than waits.
+        for name, doc in (("written_rows", "Log rows written"), ("dropped_rows", "Log rows dropped (sink slow or down)"),
+                          ("failed_batches", "Log batch writes that failed")):
+            gauge = Gauge(f"visrec_log_{name}", doc, ["stream"], registry=self.registry)
+            for stream in service.log.sinks:
+                gauge.labels(stream=stream).set_function(
+                    functools.partial(lambda s, n: service.log.counters()[s][n], stream, name))
         for name, doc in (("carried", "Writes carried from the predecessor release"),
                           ("embedded", "Predecessor upserts re-embedded with this release's encoder"),
                           ("failed", "Predecessor upserts that could not be re-embedded"),
@@ -160,7 +193,7 @@ class ServingLayer:
     limit (413)."""
 
     def __init__(self, app: Any, metrics: ServingMetrics, max_body_bytes: int,
-                 similar: Callable[[str, str | None], tuple[int, dict]]):
+                 similar: Callable[[str, str | None, str | None, str | None], tuple[int, dict]]):
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
@@ -188,9 +221,9 @@ class ServingLayer:
                 if scope["method"] not in ("GET", "POST"):
                     await send_json(send_status, 405, {"error": "Method Not Allowed"}, [(b"allow", b"GET, POST")])
                     return
-                k = next((v for name, v in parse_qsl(scope["query_string"].decode("latin-1")) if name == "k"),
-                         None)
-                await send_json(send_status, *self.similar(item_id, k))
+                query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
+                await send_json(send_status, *self.similar(item_id, query.get("k"), query.get("user_id"),
+                                                           query.get("session_id")))
                 return
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
@@ -337,13 +370,15 @@ def configured_admin_token() -> str | None:
 
 
 def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_token: str | None = None,
-               health_route: str | None = None, predict_route: str | None = None,
+               events_token: str | None = None, health_route: str | None = None, predict_route: str | None = None,
                on_load_error: Callable[[], None] = _stop_process) -> FastAPI:
     """The similar-items app serving the release at `release_uri` (release dir or registry, local or gs://).
 
     admin_token: bearer token for write endpoints; default `VISREC_ADMIN_TOKEN`, else the content
         of the file or `gs://` object `VISREC_ADMIN_TOKEN_URI` names (how a Vertex AI deployment
         gets it without the token showing in the model's settings); neither -> writes 403.
+    events_token: bearer token `POST /v1/events` accepts besides the admin token; default
+        `VISREC_EVENTS_TOKEN`.
     health_route, predict_route: extra paths for the Vertex AI contract; default
         `AIP_HEALTH_ROUTE` / `AIP_PREDICT_ROUTE`.
     on_load_error: called when the release cannot be loaded (`app.state.load_error` says why);
@@ -351,6 +386,8 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
     """
     config = config or ServingConfig()
     admin_token = admin_token if admin_token is not None else configured_admin_token()
+    # Clients (the marketplace's app backend) report taps with a token of their own, not the admin one.
+    events_token = events_token if events_token is not None else os.environ.get("VISREC_EVENTS_TOKEN") or None
     health_route = health_route or os.environ.get("AIP_HEALTH_ROUTE")
     predict_route = predict_route or os.environ.get("AIP_PREDICT_ROUTE")
     service = RecommenderService(release_uri, config)
@@ -370,6 +407,8 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
         serve_release(service, stop, on_release=metrics.serving, on_load_error=load_failed)
         yield
         stop.set()
+        service.log.close()  # what is buffered is written before the process ends
+        service.experiments.close()
 
     app = FastAPI(title="visrec similar items", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
@@ -392,27 +431,29 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
         if not service.ready:
             raise HTTPException(503, "release is still loading")
 
-    def require_admin(request: Request) -> None:
-        if admin_token is None:
-            raise HTTPException(403, "write endpoints are disabled: no VISREC_ADMIN_TOKEN configured")
+    def require_token(request: Request, accepted: list[str], what: str) -> None:
+        if not accepted:
+            raise HTTPException(403, f"{what} are disabled: no token configured")
         # Through a Vertex AI endpoint `Authorization` carries the caller's Google token, so the
-        # admin token may come in `X-Visrec-Token` instead.
+        # token may come in `X-Visrec-Token` instead.
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if request.headers.get(ADMIN_TOKEN_HEADER) is not None:
             scheme, token = "bearer", request.headers[ADMIN_TOKEN_HEADER]
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), admin_token.encode()):
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), t.encode()) for t in accepted):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def similar_answer(item_id: str, version: str, ranked: Any) -> dict:
+    def require_admin(request: Request) -> None:
+        require_token(request, [admin_token] if admin_token else [], "write endpoints (VISREC_ADMIN_TOKEN)")
+
+    def similar_answer(item_id: str, shown: Shown) -> dict:
+        ranked = shown.ranked
         metrics.survivors.observe(ranked.survivors)
         if ranked.widened:
             metrics.widened.inc()
-        return {"item_id": item_id, "release": version,
-                "items": [{"item_id": r.item_id, "score": r.score, "price": r.price, "category": r.category}
+        # request_id: what a client sends back with a tap (`POST /v1/events`).
+        return {"item_id": item_id, "release": shown.release, "request_id": shown.request_id, "arm": shown.arm,
+                "experiment": shown.experiment, "items": [{"item_id": r.item_id, "score": r.score, "price": r.price, "category": r.category}
                           for r in ranked.items]}
-
-    def similar_payload(item_id: str, k: int) -> dict:
-        return similar_answer(item_id, *service.similar(item_id, k))
 
     async def health() -> JSONResponse:
         if not service.ready:
@@ -423,14 +464,16 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
                              "journal_entries_skipped": state.entries_skipped(),
                              "handover": state.handover.status.as_dict() if state.handover else None,
                              "handover_from_successor": state.successor_handover.status.as_dict()
-                             if state.successor_handover else None})
+                             if state.successor_handover else None,
+                             "experiment": service.experiments.status()})
 
     # GET for probes and people; POST as well wherever Vertex AI's invoke API must reach a route.
     for path in dict.fromkeys(["/healthz", "/readyz", health_route or "/healthz"]):
         app.add_api_route(path, health, methods=["GET", "POST"], include_in_schema=False)
 
-    def similar(item_id: str, raw_k: str | None) -> tuple[int, dict]:
-        """(status, body) of `GET /v1/items/{item_id}/similar` (served by `ServingLayer`)."""
+    def similar(item_id: str, raw_k: str | None, user_id: str | None = None,
+                session_id: str | None = None) -> tuple[int, dict]:
+        """(status, body) of `GET /v1/items/{item_id}/similar?k=&user_id=&session_id=` (served by `ServingLayer`)."""
         if not service.ready:
             return 503, {"error": "release is still loading"}
         try:
@@ -438,7 +481,7 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
         except ValueError as exc:
             return 400, {"error": str(exc)}
         try:
-            return 200, similar_payload(item_id, k)
+            return 200, similar_answer(item_id, service.answer(item_id, k, user_id or None, session_id or None))
         except UnknownItem:
             return 404, {"error": f"unknown item {item_id!r}"}
 
@@ -461,10 +504,10 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
                                 headers={"Retry-After": "1"})
         predicts_in_flight += 1
         try:
-            answers = await run_in_threadpool(service.similar_many, [(i.item_id, i.k) for i in body.instances])
+            results = await run_in_threadpool(service.similar_many, [(i.item_id, i.k) for i in body.instances],
+                                              body.parameters.user_id, body.parameters.session_id)
         finally:
             predicts_in_flight -= 1
-        version, results = answers
         predictions = []
         for instance, result in zip(body.instances, results):
             if not 1 <= instance.k <= max_k:
@@ -472,7 +515,10 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
             elif isinstance(result, UnknownItem):
                 predictions.append({"item_id": instance.item_id, "error": "unknown item"})
             else:
-                predictions.append(similar_answer(instance.item_id, version, result))
+                # Who asked, echoed: Vertex AI's request-response log keeps the predictions, not the
+                # parameters, and `visrec join-events --impressions-from` reads them back from it.
+                predictions.append({**similar_answer(instance.item_id, result),
+                                    **body.parameters.model_dump(exclude_none=True)})
         return JSONResponse({"predictions": predictions})
 
     for path in dict.fromkeys(["/predict", predict_route or "/predict"]):
@@ -529,6 +575,32 @@ def create_app(release_uri: str, config: ServingConfig | None = None, *, admin_t
             raise HTTPException(409, f"release refused, still serving {previous}: {exc}") from None
         metrics.serving(version)
         return JSONResponse({"release": version, "previous": previous})
+
+    @app.post("/v1/events", status_code=202)
+    async def events(request: Request) -> JSONResponse:
+        """Taps and purchases on answers (one event, or `{"events": [...]}`), into the event log;
+        `visrec join-events` fills the impressions' `tapped` from them. Accepted (202) as soon as
+        they are buffered: logging never holds a client."""
+        require_token(request, [t for t in (events_token, admin_token) if t],
+                      "events (VISREC_EVENTS_TOKEN or VISREC_ADMIN_TOKEN)")
+        raw = await request.body()
+        if len(raw) > config.max_body_bytes:
+            raise HTTPException(413, f"payload over {config.max_body_bytes} bytes")
+        try:
+            parsed = json.loads(raw or b"null")
+            batch = (UserEvents.model_validate(parsed).events if isinstance(parsed, dict) and "events" in parsed
+                     else [UserEvent.model_validate(parsed)])
+        except ValueError as exc:
+            raise HTTPException(422, _validation_message(exc) if isinstance(exc, ValidationError)
+                                else f"not JSON: {exc}") from None
+        if not service.log.enabled:
+            raise HTTPException(503, "event logging is off: start visrec serve with --log-uri")
+        received = datetime.now(timezone.utc)
+        for event in batch:
+            stamp = (event.ts or received).astimezone(timezone.utc)
+            service.record_event({"request_id": event.request_id, "item_id": event.item_id, "type": event.type,
+                                  "ts": stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "user_id": event.user_id})
+        return JSONResponse({"accepted": len(batch)}, status_code=202)
 
     @app.api_route("/metrics", methods=["GET", "POST"])
     async def prometheus() -> Response:

@@ -79,3 +79,19 @@ def test_ties_are_broken_at_random_not_by_logged_position():
     # Scores still decide wherever they differ.
     scores = np.where(np.arange(n * m) % m == 0, 1.0, 0.0)
     assert score_lists(grouped, scores)["precision@1"].mean() == 1.0
+
+
+def test_ips_ndcg_equals_ndcg_without_propensities_and_weights_explored_taps():
+    from visrec.stages.evaluate.metrics import IPS_METRIC
+
+    rows = {"query_item_id": ["q"] * 4 + ["r"] * 3, "item_id": ["a", "b", "c", "d", "a", "b", "c"],
+            "position": [0, 1, 2, 3, 0, 1, 2], "tapped": [0, 1, 0, 1, 1, 0, 0], "session_id": ["s"] * 7,
+            "ts": ["2025-01-01T00:00:00+00:00"] * 7}
+    scores = np.array([4.0, 3.0, 2.0, 1.0, 1.0, 2.0, 3.0])  # the model ranks each list by these
+    plain = score_lists(group_lists(pa.table(rows)), scores)
+    np.testing.assert_allclose(plain[IPS_METRIC], plain["ndcg@5"])
+    # The tap on d (ranked last by the model) was shown in an explored slot: it weighs 10x, so the
+    # model's miss of it costs more than the plain metric says.
+    weighted = score_lists(group_lists(pa.table({**rows, "propensity": [1, 1, 1, 0.1, 1, 1, 1]})), scores)
+    assert weighted[IPS_METRIC][0] < plain[IPS_METRIC][0] and weighted[IPS_METRIC][1] == plain[IPS_METRIC][1]
+    np.testing.assert_allclose(weighted["ndcg@5"], plain["ndcg@5"])  # the paper's metrics are unchanged

@@ -179,14 +179,18 @@ BAD_INTERACTIONS = [{**INTERACTION, "tapped": 2}, {**INTERACTION, "position": -1
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_interactions_reader_applies_the_row_rules_in_every_format(tmp_path, fmt):
     """Arrow reads each file; the verdict and the clean values are `validate_interaction`'s."""
-    rows = [INTERACTION, *BAD_INTERACTIONS]
+    # The optional propensity: absent is 1.0, a probability is kept, 0 is a bad row.
+    rows = [INTERACTION, {**INTERACTION, "propensity": 0.25}, *BAD_INTERACTIONS, {**INTERACTION, "propensity": 0.0}]
+    if fmt != "jsonl":  # a table has the column in every row
+        rows = [{"propensity": None, **r} for r in rows]
     if fmt == "csv":  # CSV has no null: an empty cell
         rows = [{k: "" if v is None else v for k, v in r.items()} for r in rows]
     table, dead = schema.read_interactions(str(_write(tmp_path, rows, fmt)))
     verdicts = [schema.validate_interaction(r) for r in rows]
     assert table.to_pylist() == [clean for clean, _ in verdicts if clean is not None]
     assert [d["reason"] for d in dead] == [reason for _, reason in verdicts if reason]
-    assert list(table.column_names) == list(schema.INTERACTION_COLUMNS)
+    assert list(table.column_names) == [*schema.INTERACTION_COLUMNS, "propensity"]
+    assert table.column("propensity").to_pylist()[:2] == [1.0, 0.25] and dead[-1]["reason"] == "invalid_propensity"
 
 
 def test_interactions_reader_reads_an_unusual_file_row_by_row(tmp_path):

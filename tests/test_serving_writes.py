@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from visrec.core.servers import free_port, wait_for_port
+from visrec.core.servers import free_port, wait_for_port, wait_healthy
 from test_serving import CATEGORIES, COLOURS, TOKEN, Server, build_release, jpeg
 
 pytestmark = pytest.mark.integration
@@ -77,6 +77,8 @@ def test_partial_updates_on_two_workers_never_undo_each_other(registry):
             r = httpx.put(f"{b.url}/v1/items/{target}", json={"price": 1234 + i}, headers=AUTH)
             assert r.status_code == 200 and r.json()["status"] == "sold", r.json()
         # An item created on one worker a moment ago can be updated and deleted on the other.
+        # (Once the encoder is loaded: torch takes >5 s to import on a loaded 2-core machine.)
+        wait_healthy(f"{a.url}/healthz", a.proc, 180, lambda health: health.get("encoder") == "ready")
         new = {"category": CATEGORIES[0], "price": 1000, "image_uri": "red.jpg"}
         for name in ("fresh-a", "fresh-b"):
             assert httpx.put(f"{a.url}/v1/items/{name}", json=new, headers=AUTH).status_code == 200
@@ -294,8 +296,8 @@ def test_a_reload_never_serves_an_acknowledged_delete_undone(registry, tiny_mode
     monkeypatch.setattr(service_module, "load_state", load_then_a_delete_arrives)
     assert live.reload() == "v2"
     assert "item-0007" not in live.state.catalog and "item-0007" not in live.state.index
-    version, results = live.similar_many([("item-0001", 50)])
-    assert version == "v2" and "item-0007" not in {r.item_id for r in results[0].items}
+    results = live.similar_many([("item-0001", 50)])
+    assert results[0].release == "v2" and "item-0007" not in {r.item_id for r in results[0].ranked.items}
     live.state.close()
 
 
@@ -323,9 +325,9 @@ def test_predict_runs_off_the_event_loop_and_is_bounded(app_and_service, monkeyp
     release_search = threading.Event()
     real = service.similar_many
 
-    def slow(queries):
+    def slow(queries, *who):
         release_search.wait(10)
-        return real(queries)
+        return real(queries, *who)
 
     monkeypatch.setattr(service, "similar_many", slow)
 
@@ -375,10 +377,11 @@ def test_one_prediction_comes_from_one_release(app_and_service, monkeypatch):
         return real(item_id, k, index, catalog, config)
 
     monkeypatch.setattr(service_module, "recommend", recommend)
-    version, results = service.similar_many([("item-0001", 5), ("item-0002", 5), ("item-0003", 5)])
+    results = service.similar_many([("item-0001", 5), ("item-0002", 5), ("item-0003", 5)])
     service._state = first_state
-    assert version == first_state.release.version and all(index is first_state.index for index in seen)
-    assert len(seen) == 3 and all(r.items for r in results)
+    assert {r.release for r in results} == {first_state.release.version}
+    assert all(index is first_state.index for index in seen)
+    assert len(seen) == 3 and all(r.ranked.items for r in results)
 
 
 def test_a_huge_image_is_refused_before_it_is_decoded(app_and_service):

@@ -12,6 +12,7 @@ HELP = "serve similar items for a release over HTTP (Vertex AI prediction contra
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from visrec.online.config import ServingConfig
+    from visrec.online.eventlog import LogConfig
     from visrec.online.ranking import RankingConfig
 
     ranking = field_defaults(RankingConfig)
@@ -44,6 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the most neighbours one /predict may ask for (sum of k)")
     parser.add_argument("--max-concurrent-predicts", type=int, default=limits["max_concurrent_predicts"],
                         help="/predict requests at once per process; beyond, 429")
+    logs = field_defaults(LogConfig)
+    parser.add_argument("--log-uri", default=os.environ.get("VISREC_LOG_URI", logs["uri"]),
+                        help="log impressions and taps under this root, local or gs:// (default: $VISREC_LOG_URI; "
+                             "unset: no logging); `visrec join-events` turns them into interactions")
+    parser.add_argument("--log-batch-rows", type=int, default=logs["batch_rows"],
+                        help="log rows per written object (default: %(default)s)")
+    parser.add_argument("--log-flush-seconds", type=float, default=logs["flush_seconds"],
+                        help="longest a log row waits in memory (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     from visrec.core.errors import UserError
     from visrec.online.config import ServingConfig
+    from visrec.online.eventlog import LogConfig
     from visrec.online.ranking import RankingConfig
     from visrec.online.workers import WorkerSpec, shared_by_workers
 
@@ -71,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
                            max_predict_neighbours=args.max_predict_neighbours,
                            max_concurrent_predicts=args.max_concurrent_predicts,
                            header_timeout_seconds=args.header_timeout, keep_alive_seconds=args.keep_alive,
-                           max_connections=args.max_connections)
+                           max_connections=args.max_connections,
+                           logging=LogConfig(uri=args.log_uri, batch_rows=args.log_batch_rows,
+                                             flush_seconds=args.log_flush_seconds))
     options = dict(host=args.host, port=args.port, access_log=args.access_log, log_level="info",
                    http="serving.app:HeaderTimeoutProtocol", timeout_keep_alive=config.keep_alive_seconds,
                    limit_concurrency=config.max_connections)

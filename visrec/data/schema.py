@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 LISTING_COLUMNS: tuple[str, ...] = ("item_id", "title", "image_uri", "category", "price", "status", "listed_at")
 INTERACTION_COLUMNS: tuple[str, ...] = ("query_item_id", "item_id", "position", "tapped", "session_id", "ts")
+# Optional impression columns, read when present and their default where absent or null.
+# `propensity`: the probability the serving policy showed this item at this position (the service
+# logs it; < 1 where it explores), for the inverse-propensity-weighted metric.
+OPTIONAL_INTERACTION_DEFAULTS: dict[str, float] = {"propensity": 1.0}
 # Listings with this status are excluded from training: their titles are messages to a buyer.
 RESERVED_STATUS = "reserved"
 # Stage 1's output shards (`visrec prepare`, docs/artifacts.md), read by training and embedding.
@@ -62,12 +66,16 @@ def file_format(uri: str) -> str:
 
 
 def input_files(uri: str) -> list[str]:
-    """The data files of `uri`: the file itself, or the .jsonl/.csv/.parquet files under a directory/prefix."""
+    """The data files of `uri`: the file itself, or the .jsonl/.csv/.parquet files under a directory/prefix.
+
+    Under a directory, names starting with `_` or `.` are side files, not data (the Hadoop/Spark
+    convention: `_SUCCESS`, `join-events`' `_rejected.jsonl`, an editor's `.swp`)."""
     if any(uri.lower().endswith(ext) for ext in FORMATS):
         if not io.exists(uri):
             raise UserError(f"listings file not found: {uri}")
         return [uri]
-    files = [f for f in io.list_files(uri) if any(f.lower().endswith(ext) for ext in FORMATS)]
+    files = [f for f in io.list_files(uri) if any(f.lower().endswith(ext) for ext in FORMATS)
+             and not f.rsplit("/", 1)[-1].startswith(("_", "."))]
     if not files:
         raise UserError(f"no .jsonl, .csv or .parquet files at {uri}")
     if len({file_format(f) for f in files}) > 1:
@@ -310,6 +318,16 @@ def _tapped(value: Any) -> tuple[int | None, str | None]:
     return (tapped, None) if tapped in (0, 1) else (None, "invalid_tapped")
 
 
+def _propensity(value: Any) -> tuple[float | None, str | None]:
+    if value is None or (isinstance(value, str) and not value.strip()):  # absent, or an empty CSV cell
+        return OPTIONAL_INTERACTION_DEFAULTS["propensity"], None
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    return (number, None) if 0.0 < number <= 1.0 else (None, "invalid_propensity")
+
+
 def _ts(value: Any) -> tuple[str | None, str | None]:
     ts = parse_timestamp(value)
     return (ts, None) if ts is not None else (None, "invalid_ts")
@@ -334,17 +352,18 @@ INTERACTION_RULES: dict[str, Callable[[Any], tuple[Any, str | None]]] = {
     "tapped": _present("tapped", _tapped),
     "ts": _present("ts", _ts),
 }
+OPTIONAL_INTERACTION_RULES: dict[str, Callable[[Any], tuple[Any, str | None]]] = {"propensity": _propensity}
 
 
 def validate_interaction(row: dict) -> tuple[dict | None, str | None]:
     """(clean impression row, None) or (None, reason): ids non-empty, `position` int >= 0, `tapped` 0/1,
     `ts` ISO 8601 (normalised as `parse_timestamp` does). Extra columns are dropped."""
     clean: dict[str, Any] = {}
-    for column, rule in INTERACTION_RULES.items():
+    for column, rule in {**INTERACTION_RULES, **OPTIONAL_INTERACTION_RULES}.items():
         clean[column], reason = rule(row.get(column))
         if reason:
             return None, reason
-    return {c: clean[c] for c in INTERACTION_COLUMNS}, None
+    return {c: clean[c] for c in (*INTERACTION_COLUMNS, *OPTIONAL_INTERACTION_RULES)}, None
 
 
 def _as_int(value: Any) -> int | None:
@@ -441,7 +460,8 @@ def read_interactions(uri: str) -> tuple[Any, list[dict[str, Any]]]:
 def _interaction_types() -> dict[str, Any]:
     import pyarrow as pa
 
-    return {c: pa.int64() if c in ("position", "tapped") else pa.string() for c in INTERACTION_COLUMNS}
+    return {**{c: pa.int64() if c in ("position", "tapped") else pa.string() for c in INTERACTION_COLUMNS},
+            **{c: pa.float64() for c in OPTIONAL_INTERACTION_RULES}}
 
 
 def _interactions_arrow(uri: str) -> Any:
@@ -454,14 +474,21 @@ def _interactions_arrow(uri: str) -> Any:
 
     source = pa.BufferReader(io.read_bytes(uri)) if io.is_gcs(uri) else uri
     fmt = file_format(uri)
+    columns = [*INTERACTION_COLUMNS, *OPTIONAL_INTERACTION_RULES]
     if fmt == "parquet":
-        return pq.read_table(source, columns=list(INTERACTION_COLUMNS))
-    if fmt == "csv":
-        return pcsv.read_csv(source, convert_options=pcsv.ConvertOptions(
-            column_types={c: pa.string() for c in INTERACTION_COLUMNS}, include_columns=list(INTERACTION_COLUMNS)))
-    return pjson.read_json(source, parse_options=pjson.ParseOptions(
-        explicit_schema=pa.schema(_interaction_types()), unexpected_field_behavior="ignore")).select(
-        list(INTERACTION_COLUMNS))
+        present = set(pq.ParquetFile(source).schema_arrow.names)
+        table = pq.read_table(source, columns=[c for c in columns if c in present])
+    elif fmt == "csv":
+        # Missing optional columns come as nulls; the required ones were checked by `plan_reads`.
+        table = pcsv.read_csv(source, convert_options=pcsv.ConvertOptions(
+            column_types={c: pa.string() for c in columns}, include_columns=columns, include_missing_columns=True))
+    else:
+        table = pjson.read_json(source, parse_options=pjson.ParseOptions(
+            explicit_schema=pa.schema(_interaction_types()), unexpected_field_behavior="ignore"))
+    for column in OPTIONAL_INTERACTION_RULES:
+        if column not in table.column_names:
+            table = table.append_column(column, pa.nulls(len(table), pa.float64()))
+    return table.select(columns)
 
 
 def _interactions_rows(uri: str) -> tuple[Any, list[dict[str, Any]]]:
@@ -475,7 +502,7 @@ def _interactions_rows(uri: str) -> tuple[Any, list[dict[str, Any]]]:
         else:
             clean_rows.append(clean)
     types = _interaction_types()
-    return pa.table({c: pa.array([r[c] for r in clean_rows], types[c]) for c in INTERACTION_COLUMNS}), dead
+    return pa.table({c: pa.array([r[c] for r in clean_rows], types[c]) for c in types}), dead
 
 
 def _check_interactions(table: Any, uri: str) -> tuple[Any, list[dict[str, Any]]]:
@@ -485,20 +512,22 @@ def _check_interactions(table: Any, uri: str) -> tuple[Any, list[dict[str, Any]]
 
     types = _interaction_types()
     columns, reasons = {}, []
-    for column, rule in INTERACTION_RULES.items():
+    for column, rule in {**INTERACTION_RULES, **OPTIONAL_INTERACTION_RULES}.items():
         values = table[column].combine_chunks()
         if pa.types.is_dictionary(values.type):
             values = values.dictionary_decode()
         encoded = values.dictionary_encode()  # nulls get a null index
         verdicts = [rule(v) for v in encoded.dictionary.to_pylist()]
         columns[column] = pa.array([v for v, _ in verdicts], types[column]).take(encoded.indices)
+        if column in OPTIONAL_INTERACTION_RULES:  # absent -> the default, not a bad row
+            columns[column] = pc.fill_null(columns[column], OPTIONAL_INTERACTION_DEFAULTS[column])
         reason = pa.array([r for _, r in verdicts], pa.string()).take(encoded.indices)
         reasons.append(pc.if_else(pc.is_null(encoded.indices), pa.scalar(rule(None)[1], pa.string()), reason))
     first = pc.coalesce(*reasons)  # the first bad column's reason, in INTERACTION_RULES order
     bad = pc.is_valid(first)
     dead = [{"reason": reason, "source": uri, "row": json_safe(row)}
             for reason, row in zip(first.filter(bad).to_pylist(), table.filter(bad).to_pylist())]
-    clean = pa.table({c: columns[c] for c in INTERACTION_COLUMNS})
+    clean = pa.table({c: columns[c] for c in types})
     return clean.filter(pc.invert(bad)), dead
 
 

@@ -11,13 +11,16 @@ keeps it in the state directory, appends one entry (with the vector, so replay n
 needs the image again) and then applies every entry it has not applied yet
 (`visrec.online.replay`), so there is one write path. A release loaded from a registry
 also follows its predecessor's journal and carries the writes made there after its
-catalog snapshot into its own (`visrec.online.follow`), on load and with every tail.
+catalog snapshot into its own (`visrec.online.follow`), on load and with every tail. Once
+a tail has grown long, the journal is folded into a snapshot of the state in the
+background (`visrec.online.compaction`), so a restart replays only what came after it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import shutil
 import tempfile
 import threading
@@ -25,9 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from visrec.core import io
+from visrec.online.compaction import Compactor
 from visrec.online.config import ServingConfig
 from visrec.online.entry import METADATA_FIELDS, JournalEntry
 from visrec.online.errors import BadItem, UnknownItem
+from visrec.online.eventlog import ServiceLog
+from visrec.online.experiments import ExperimentFollower, Shown, explore, impression_rows, new_request_id
 from visrec.online.follow import follow_successor, poll_handover
 from visrec.online.journal import store_image
 from visrec.online.loading import load_state
@@ -52,6 +58,11 @@ class RecommenderService:
         # Serialises writers and reloads: a write never lands in a state being replaced.
         self._write_lock = threading.Lock()
         self._reload_signal = ReloadSignal(self.config.reload_signal)
+        # What each answer showed, and the taps and purchases clients report (`visrec.online.eventlog`).
+        self.log = ServiceLog(self.config.logging)
+        self.experiments = ExperimentFollower(release_uri, self.config)
+        self._explore_rng = random.Random()
+        self.compactor = Compactor(self.config.compaction)
         # A gs:// release is downloaded. Without a configured cache the service keeps its copies
         # in a directory of its own and deletes each once a reload has replaced it, so weekly
         # reloads do not fill the disk.
@@ -147,14 +158,35 @@ class RecommenderService:
             log.error("cannot follow the reload to %s: %s", version, exc)
             return None
 
-    def similar(self, item_id: str, k: int) -> tuple[str, RankedList]:
-        """(release version, ranked list) for the item; `UnknownItem` if it has no embedding."""
-        state = self.state
+    def answer(self, item_id: str, k: int, user_id: str | None = None, session_id: str | None = None) -> Shown:
+        """Similar items for one page view, from the arm of the user (else the session) when an
+        experiment runs, logged as impressions; `UnknownItem` if the item has no embedding."""
+        assignment = self.experiments.assign(self.state, user_id or session_id)
+        state = assignment.state
         with state.lock:
             try:
-                return state.release.version, recommend(item_id, k, state.index, state.catalog, self.config.ranking)
+                ranked = recommend(item_id, k, state.index, state.catalog, self.config.ranking)
             except KeyError:
                 raise UnknownItem(item_id) from None
+        return self._shown(item_id, state, ranked, assignment.arm, assignment.experiment, user_id, session_id)
+
+    def _shown(self, item_id: str, state: ServingState, ranked: RankedList, arm: str | None,
+               experiment: dict[str, Any] | None, user_id: str | None, session_id: str | None) -> Shown:
+        """The answer as shown (exploration applied when the experiment asks for it), logged."""
+        exploration = float(experiment.get("exploration", 0.0)) if experiment else 0.0
+        depth = int(experiment.get("explore_depth", 2)) if experiment else 2
+        ranked, propensities, explored = explore(ranked, exploration, depth, self._explore_rng)
+        shown = Shown(new_request_id(), state.release.version, arm, experiment["id"] if experiment else None,
+                      ranked, propensities, explored)
+        if self.log.enabled:
+            self.log.impressions(impression_rows(shown, item_id, user_id, session_id))
+        return shown
+
+    def similar(self, item_id: str, k: int) -> tuple[str, RankedList]:
+        """(release version, ranked list) for the item, outside any experiment arm; `UnknownItem`
+        if it has no embedding."""
+        shown = self.answer(item_id, k)
+        return shown.release, shown.ranked
 
     def item(self, item_id: str) -> dict[str, Any]:
         """`{"item_id", "release", "price", "category", "status", "indexed"}` of a catalog item;
@@ -166,22 +198,31 @@ class RecommenderService:
                 raise UnknownItem(item_id)
             return {"item_id": item_id, "release": state.release.version, **row, "indexed": item_id in state.index}
 
-    def similar_many(self, queries: list[tuple[str, int]]) -> tuple[str, list[RankedList | UnknownItem]]:
-        """(release version, one ranked list or `UnknownItem` per (item, k)), all from the same
-        release: the state is read once, so a reload meanwhile cannot mix two releases in one
-        answer. Queries with k outside 1..max_k get `UnknownItem` too (the caller checks k)."""
-        state = self.state
-        results: list[RankedList | UnknownItem] = []
+    def similar_many(self, queries: list[tuple[str, int]], user_id: str | None = None,
+                     session_id: str | None = None) -> list[Shown | UnknownItem]:
+        """One answer (or `UnknownItem`) per (item, k), all from the same release and arm: the
+        state is read once, so a reload meanwhile cannot mix two releases in one answer. Queries
+        with k outside 1..max_k get `UnknownItem` too (the caller checks k)."""
+        assignment = self.experiments.assign(self.state, user_id or session_id)
+        state = assignment.state
+        results: list[Shown | UnknownItem] = []
         for item_id, k in queries:
             if not 1 <= k <= self.config.ranking.max_k:
                 results.append(UnknownItem(item_id))
                 continue
             with state.lock:  # per query, so writes interleave with a long request
                 try:
-                    results.append(recommend(item_id, k, state.index, state.catalog, self.config.ranking))
+                    ranked = recommend(item_id, k, state.index, state.catalog, self.config.ranking)
                 except KeyError:
                     results.append(UnknownItem(item_id))
-        return state.release.version, results
+                    continue
+            results.append(self._shown(item_id, state, ranked, assignment.arm, assignment.experiment, user_id,
+                                       session_id))
+        return results
+
+    def record_event(self, row: dict[str, Any]) -> None:
+        """Log a tap or purchase a client reports (validated by the HTTP layer)."""
+        self.log.event(row)
 
     def sync_journal(self) -> int:
         """Pick up journal lines written by other processes, and the followed releases' new writes."""
@@ -191,7 +232,14 @@ class RecommenderService:
         follow_successor(state)
         poll_handover(state)  # outside the write lock: it may list GCS, and only appends
         with self._write_lock:
-            return sync_journal(self._state)
+            applied = sync_journal(self._state)
+        self.compactor.maybe_start(self._state)  # in the background, once the tail is long
+        self.experiments.poll()
+        treatment = self.experiments.treatment
+        if treatment is not None:  # it follows the control's writes through its hand-over
+            poll_handover(treatment)
+            sync_journal(treatment)
+        return applied
 
     def upsert(self, item_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         """Create or update an item from request fields; embeds the image if one is given.

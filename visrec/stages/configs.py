@@ -14,6 +14,7 @@ or the machine (a model's kind, the device) is checked when the stage runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date
 
 from visrec.core import io
 from visrec.core.errors import UserError
@@ -239,3 +240,36 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.bootstrap_resamples < 0:
             raise UserError(f"bootstrap_resamples must be >= 0, got {self.bootstrap_resamples}")
+
+
+@dataclass
+class JoinConfig:
+    """`visrec join-events` settings (`visrec.stages.join_events`).
+
+    logs: the service's log root (`LogConfig.uri`). out: the interactions prefix (of `dt=` partitions).
+    dates: the days (YYYY-MM-DD) to join; None: every day of impressions before today (UTC) whose
+        output partition is not complete yet.
+    attribution_hours: how long after its impression a tap or purchase still counts.
+    shards: output files per day.
+    impressions_from: read the impressions from Vertex AI's request-response log instead of
+        `LOGS/impressions`: a prefix of that BigQuery table exported as JSON Lines
+        (`bq extract --destination_format=NEWLINE_DELIMITED_JSON`); events still come from `LOGS/events`.
+    """
+
+    logs: str
+    out: str
+    dates: list[str] | None = None
+    impressions_from: str | None = None
+    attribution_hours: float = 24.0
+    shards: int = 4
+    runner: str = "DirectRunner"
+    beam_options: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for day in self.dates or []:
+            try:
+                date.fromisoformat(day)
+            except ValueError:
+                raise UserError(f"--date wants YYYY-MM-DD, got {day!r}") from None
+        if self.shards < 1 or self.attribution_hours <= 0:
+            raise UserError("--shards must be >= 1 and --attribution-hours > 0")

@@ -14,9 +14,10 @@ from typing import Sequence
 import numpy as np
 
 from visrec.core.errors import UserError
-from visrec.core.hashing import stable_hash
 from visrec.core.servers import ServeProcess
-from visrec.sim.study.config import ARMS, TAP_STREAM
+from visrec.sim.study.config import ARMS, BASELINE, CANDIDATE, TAP_STREAM
+from visrec.stages.experiment.assignment import TREATMENT
+from visrec.stages.experiment.assignment import arm_of as assign
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ RANKING_VARIANTS = (RankingVariant("filter + re-rank", True, True),
 
 
 def arm_of(user_id: str, salt: str) -> str:
-    """The A/B arm of a user: a stable hash of (salt, user id), so a user always sees one arm."""
-    return ARMS[stable_hash(salt, user_id) % len(ARMS)]
+    """The A/B arm of a user, by the service's own assignment (`visrec.stages.experiment.assignment`,
+    half the users in the candidate arm), so a user always sees one arm."""
+    return CANDIDATE if assign(user_id, salt, 0.5) == TREATMENT else BASELINE
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""The study's statistics: Table 1 scored with the evaluation stage's own functions, percentile
-intervals, the ratio bootstrap over users and the A/B summary."""
+"""The study's statistics: Table 1 scored with the evaluation stage's own functions, and the A/B
+summary (user-level intervals from the online experiments' own `visrec.stages.experiment.stats`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from visrec.sim.study.config import ARMS, BASELINE, CANDIDATE, TAP_STREAM
+from visrec.stages.experiment.stats import percentile_ci, ratio_bootstrap
 
 
 def score_rankings(interactions_uri: str, models: dict[str, tuple[list[str], np.ndarray]],
@@ -31,30 +32,6 @@ def score_rankings(interactions_uri: str, models: dict[str, tuple[list[str], np.
     values, uplift = ev.summarise(per_list, comparisons, resamples, np.random.default_rng(seeds[1]))
     return {"values": values, "uplift": uplift, "lists_used": int(used.n_lists),
             "lists_skipped": int(lists.n_lists - used.n_lists)}
-
-
-def _percentile_ci(samples: np.ndarray) -> list[float | None]:
-    samples = samples[np.isfinite(samples)]
-    if not len(samples):
-        return [None, None]
-    low, high = np.quantile(samples, [0.025, 0.975])
-    return [round(float(low), 6), round(float(high), 6)]
-
-
-def ratio_bootstrap(numerators: np.ndarray, denominators: np.ndarray, resamples: int,
-                    rng: np.random.Generator) -> np.ndarray:
-    """(resamples, columns) bootstrap draws of sum(numerator) / sum(denominator), resampling
-    rows (users: the unit traffic is split by) jointly for every column."""
-    numerators = np.asarray(numerators, dtype=np.float64).reshape(len(numerators), -1)
-    denominators = np.asarray(denominators, dtype=np.float64).reshape(len(denominators), -1)
-    n = len(numerators)
-    out = np.empty((resamples, numerators.shape[1]))
-    chunk = max(1, 2_000_000 // max(n * numerators.shape[1], 1))
-    for s in range(0, resamples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, resamples - s), n))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[s:s + len(idx)] = numerators[idx].sum(axis=1) / denominators[idx].sum(axis=1)
-    return out
 
 
 def summarise_ab(records: list[dict], variants: Sequence[str], resamples: int, seed: int) -> dict[str, Any]:
@@ -92,7 +69,7 @@ def summarise_ab(records: list[dict], variants: Sequence[str], resamples: int, s
             lat = [r["latency_ms"] for r in records if r["variant"] == variant and r["arm"] == arm]
             entry[arm] = {
                 "sessions": int(c["sessions"][:, j].sum()), "impressions": int(imps), "taps": int(taps),
-                "ctr": round(taps / imps, 6) if imps else None, "ctr_ci95": _percentile_ci(draws[arm][:, j]),
+                "ctr": round(taps / imps, 6) if imps else None, "ctr_ci95": percentile_ci(draws[arm][:, j]),
                 "expected_ctr": round(c["expected"][:, j].sum() / imps, 6) if imps else None,
                 "session_ctr": round(c["tapped_sessions"][:, j].sum() / max(c["sessions"][:, j].sum(), 1), 6),
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat else None,
@@ -103,9 +80,9 @@ def summarise_ab(records: list[dict], variants: Sequence[str], resamples: int, s
                 ref = entry[arm]["ctr"], out["variants"][variants[0]][arm]["ctr"]
                 entry[arm]["relative_change_vs_full"] = (round(ref[0] / ref[1] - 1.0, 6)
                                                          if ref[0] is not None and ref[1] else None)
-                entry[arm]["relative_change_ci95"] = _percentile_ci(change)
+                entry[arm]["relative_change_ci95"] = percentile_ci(change)
         base, cand = entry[BASELINE]["ctr"], entry[CANDIDATE]["ctr"]
         entry["ctr_uplift"] = round(cand / base - 1.0, 6) if base and cand is not None else None
-        entry["ctr_uplift_ci95"] = _percentile_ci(draws[CANDIDATE][:, j] / draws[BASELINE][:, j] - 1.0)
+        entry["ctr_uplift_ci95"] = percentile_ci(draws[CANDIDATE][:, j] / draws[BASELINE][:, j] - 1.0)
         out["variants"][variant] = entry
     return out

@@ -31,7 +31,7 @@ from visrec.model.pca import l2_normalise
 from visrec.core.errors import UserError
 from visrec.stages.configs import EvaluateConfig
 from visrec.stages.evaluate.gate import DEFAULT_POLICY, evaluate_gate, parse_policy, read_policy_text
-from visrec.stages.evaluate.metrics import METRICS, all_metrics
+from visrec.stages.evaluate.metrics import IPS_METRIC, METRICS, all_metrics, graded_ndcg_at_k
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ DEPTH = max(k for _, k in METRICS.values())
 RANDOM = "random"
 LOGGED = "logged_order"
 TIE_BREAK_SEED = 20240607  # fixed: the same logs always break ties the same way
+# IPS weights are capped at 1 / MIN_PROPENSITY (clipped IPS): one rare explored slot must not decide a metric.
+MIN_PROPENSITY = 0.01
 # Keeps one bootstrap chunk (resamples x lists index matrix) around 32 MB.
 _BOOTSTRAP_CELLS = 4_000_000
 
@@ -62,6 +64,7 @@ class ImpressionLists:
     relevance: np.ndarray  # (rows,) float64 0/1 (tapped)
     query_code: np.ndarray  # (n_lists,) int64 into vocab
     tie_break: np.ndarray  # (rows,) float64, a fixed random key that orders equal scores
+    weight: np.ndarray  # (rows,) float64, 1 / logged propensity (clipped): the IPS weight of a tap
 
     @property
     def n_lists(self) -> int:
@@ -79,7 +82,7 @@ class ImpressionLists:
         rows = keep_list[self.list_of_row]
         return ImpressionLists(self.vocab, new_id[self.list_of_row[rows]], self.item_code[rows],
                                self.position[rows], self.relevance[rows], self.query_code[keep_list],
-                               self.tie_break[rows])
+                               self.tie_break[rows], self.weight[rows])
 
     def query_ids(self) -> np.ndarray:
         return np.asarray(self.vocab.take(pa.array(self.query_code)).to_pylist(), dtype=object)
@@ -105,6 +108,8 @@ def group_lists(table: pa.Table) -> ImpressionLists:
         relevance=(table["tapped"].to_numpy()[order] > 0).astype(np.float64),
         query_code=keys // max(len(session.dictionary), 1),
         tie_break=np.random.default_rng(TIE_BREAK_SEED).random(n),
+        weight=1.0 / np.clip(table["propensity"].to_numpy()[order] if "propensity" in table.column_names
+                             else np.ones(n), MIN_PROPENSITY, 1.0),
     )
 
 
@@ -133,8 +138,9 @@ def cosine_scores(lists: ImpressionLists, rows_of_vocab: np.ndarray, vectors: np
     return out
 
 
-def ranked_top(lists: ImpressionLists, scores: np.ndarray, depth: int = DEPTH) -> np.ndarray:
-    """(n_lists, depth) relevance of each list's top `depth` by descending score.
+def ranked_top(lists: ImpressionLists, scores: np.ndarray, depth: int = DEPTH,
+               values: np.ndarray | None = None) -> np.ndarray:
+    """(n_lists, depth) relevance (or per-row `values`) of each list's top `depth` by descending score.
 
     Ties (and missing items, all at -inf) are broken by a fixed random key per row,
     never by the logged `position`: the logged order carries the production ranker's
@@ -148,13 +154,17 @@ def ranked_top(lists: ImpressionLists, scores: np.ndarray, depth: int = DEPTH) -
     rank = np.arange(len(order)) - starts[sorted_list]
     keep = rank < depth
     top = np.zeros((lists.n_lists, depth), dtype=np.float64)
-    top[sorted_list[keep], rank[keep]] = lists.relevance[order][keep]
+    top[sorted_list[keep], rank[keep]] = (lists.relevance if values is None else values)[order][keep]
     return top
 
 
 def score_lists(lists: ImpressionLists, scores: np.ndarray) -> dict[str, np.ndarray]:
-    """Every metric per list for a ranking given by per-row `scores`."""
-    return all_metrics(ranked_top(lists, scores), lists.n_relevant(), lists.lengths())
+    """Every metric per list for a ranking given by per-row `scores`, and `IPS_METRIC` beside them."""
+    metrics = all_metrics(ranked_top(lists, scores), lists.n_relevant(), lists.lengths())
+    gains = lists.relevance * lists.weight
+    k = METRICS["ndcg@5"][1]
+    metrics[IPS_METRIC] = graded_ndcg_at_k(ranked_top(lists, scores, k, gains), ranked_top(lists, gains, k, gains), k)
+    return metrics
 
 
 def reference_rankings(lists: ImpressionLists, seed: np.random.SeedSequence) -> dict[str, dict[str, np.ndarray]]:

@@ -23,6 +23,11 @@ METRICS: dict[str, tuple[str, int]] = {
 }
 
 
+# Reported beside METRICS, never gated: nDCG@5 with each tap weighted by 1 / the serving policy's
+# logged propensity (position-debiased where the service explores; equal to nDCG@5 without propensities).
+IPS_METRIC = "ips_ndcg@5"
+
+
 def _top(ranked_relevance: np.ndarray, k: int) -> np.ndarray:
     rel = np.asarray(ranked_relevance, dtype=np.float64)
     if rel.ndim != 2:
@@ -52,6 +57,17 @@ def ndcg_at_k(ranked_relevance: np.ndarray, k: int, n_relevant: np.ndarray | Non
     n_ideal = np.minimum(np.asarray(n_relevant, dtype=np.int64), k)
     ideal = np.concatenate([[0.0], np.cumsum(_discounts(k))])[n_ideal]
     out = np.zeros(len(top), dtype=np.float64)
+    np.divide(dcg, ideal, out=out, where=ideal > 0)
+    return out
+
+
+def graded_ndcg_at_k(ranked_gains: np.ndarray, ideal_gains: np.ndarray, k: int) -> np.ndarray:
+    """nDCG@k per list with graded gains (e.g. IPS-weighted taps): DCG of the model's top-k gains over
+    the DCG of the same list's gains in descending order (`ideal_gains`); 0 for a list without gain."""
+    disc = _discounts(k)
+    dcg = np.asarray(ranked_gains, dtype=np.float64)[:, :k] @ disc[: min(k, np.shape(ranked_gains)[1])]
+    ideal = np.asarray(ideal_gains, dtype=np.float64)[:, :k] @ disc[: min(k, np.shape(ideal_gains)[1])]
+    out = np.zeros(len(dcg), dtype=np.float64)
     np.divide(dcg, ideal, out=out, where=ideal > 0)
     return out
 

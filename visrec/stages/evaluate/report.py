@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import html
 
-from visrec.stages.evaluate.metrics import METRICS
+from visrec.stages.evaluate.metrics import IPS_METRIC, METRICS
 
 RANKING_LABELS = {"candidate": "candidate", "baseline": "baseline (MobileNetV2)", "champion": "champion",
                   "random": "random ranking", "logged_order": "logged order"}
@@ -94,13 +94,15 @@ def _gate_table(reasons: list[dict]) -> str:
 
 
 def _metrics_table(per_ranking: dict) -> str:
-    head = "".join(f"<th>{_e(m)}</th>" for m in METRICS)
+    # The IPS metric is shown beside the paper's, labelled: informative, never gated.
+    names = [*METRICS, *([IPS_METRIC] if any(IPS_METRIC in v for v in per_ranking.values()) else [])]
+    head = "".join(f"<th>{_e(m)}{' (IPS, not gated)' if m == IPS_METRIC else ''}</th>" for m in names)
     rows = []
     for r in RANKING_LABELS:
         if r not in per_ranking:
             continue
         cells = "".join(f"<td class=num>{_num(per_ranking[r][m]['mean'])}{_ci(per_ranking[r][m]['ci95'])}</td>"
-                        for m in METRICS)
+                        if m in per_ranking[r] else "<td>-</td>" for m in names)
         rows.append(f"<tr><th>{_e(RANKING_LABELS[r])}</th>{cells}</tr>")
     return f"<table><tr><th>ranking</th>{head}</tr>{''.join(rows)}</table>"
 

@@ -1,0 +1,165 @@
+"""The service's impression and event logs: rows buffered in memory, written in batches by a
+background thread, one JSON Lines object per batch and day partition.
+
+    LOG_ROOT/impressions/dt=YYYY-MM-DD/<time ns>-<writer>.jsonl   one row per item shown
+    LOG_ROOT/events/dt=YYYY-MM-DD/<time ns>-<writer>.jsonl        taps and purchases
+
+`LOG_ROOT` is a local directory or a `gs://` prefix (Vertex AI: every replica writes its own
+objects, never the same name). `visrec join-events` (`visrec.stages.join_events`) turns them into
+the interactions partitions the pipeline's evaluation reads.
+
+Logging never slows or fails a request: `LogSink.add` appends to a bounded buffer and returns; a
+full buffer (the sink is slower than the traffic, or the store is down) drops the rows and counts
+them, and a batch that cannot be written is retried once at the next flush, then dropped and
+counted. The counters are in the service's `/metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Any
+
+from visrec.core import io
+
+log = logging.getLogger(__name__)
+
+IMPRESSIONS, EVENTS = "impressions", "events"
+STREAMS = (IMPRESSIONS, EVENTS)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Where and how the service logs what it showed and what users did.
+
+    uri: the log root (local or `gs://`); None: nothing is logged.
+    batch_rows: a batch is written once this many rows wait (or `flush_seconds` passed).
+    flush_seconds: the longest a row waits in memory before it is written.
+    max_buffered_rows: rows held per stream while the store is slow; beyond, new rows are dropped
+        and counted (bounded memory: ~300 bytes a row).
+    """
+
+    uri: str | None = None
+    batch_rows: int = 5000
+    flush_seconds: float = 5.0
+    max_buffered_rows: int = 200_000
+
+
+def partition_of(ts: str) -> str:
+    """The `dt=YYYY-MM-DD` partition of an ISO 8601 UTC timestamp."""
+    return f"dt={ts[:10]}"
+
+
+class LogSink:
+    """Batched, bounded, non-blocking writer of one stream's rows (`add`), flushed by a thread."""
+
+    def __init__(self, root: str, stream: str, config: LogConfig):
+        self.prefix = io.join(root, stream)
+        self.config = config
+        self.writer = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._rows: deque[dict[str, Any]] = deque()
+        self._retry: list[dict[str, Any]] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self.written_rows = self.dropped_rows = self.written_batches = self.failed_batches = 0
+        self._thread = threading.Thread(target=self._run, name=f"visrec-log-{stream}", daemon=True)
+        self._thread.start()
+
+    def add(self, rows: list[dict[str, Any]]) -> bool:
+        """Queue `rows`; False (and counted in `dropped_rows`) if the buffer is full. Never blocks on I/O."""
+        with self._wake:
+            if len(self._rows) + len(rows) > self.config.max_buffered_rows:
+                self.dropped_rows += len(rows)
+                return False
+            self._rows.extend(rows)
+            if len(self._rows) >= self.config.batch_rows:
+                self._wake.notify()
+        return True
+
+    def flush(self) -> None:
+        """Write everything queued now (the caller waits): at shutdown, and in tests."""
+        with self._wake:
+            retry, batch, self._retry = self._retry, list(self._rows), []
+            self._rows.clear()
+        self._write(retry, last_try=True)
+        self._write(batch, last_try=False)
+
+    def close(self) -> None:
+        """Stop the thread after a last flush."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        self.flush()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                if not self._closed and len(self._rows) < self.config.batch_rows:
+                    self._wake.wait(self.config.flush_seconds)
+                if self._closed:
+                    return
+                retry, batch, self._retry = self._retry, list(self._rows), []
+                self._rows.clear()
+            self._write(retry, last_try=True)
+            self._write(batch, last_try=False)
+
+    def _write(self, batch: list[dict[str, Any]], last_try: bool) -> None:
+        """One object per day partition of `batch`; a failed one is kept for one retry unless this
+        was its `last_try`, then dropped and counted."""
+        import json
+
+        by_day: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in batch:
+            by_day[partition_of(row["ts"])].append(row)
+        for day, rows in by_day.items():
+            uri = io.join(self.prefix, day, f"{time.time_ns():020d}-{self.writer}.jsonl")
+            try:
+                io.write_text(uri, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            except Exception as exc:  # noqa: BLE001 - a log write never takes the service down
+                self.failed_batches += 1
+                if not last_try:
+                    log.warning("cannot write %d log rows to %s (%s); retrying at the next flush", len(rows), uri, exc)
+                    with self._wake:
+                        self._retry.extend(rows)
+                else:
+                    log.error("dropping %d log rows: %s unwritable twice (%s)", len(rows), uri, exc)
+                    self.dropped_rows += len(rows)
+                continue
+            self.written_rows += len(rows)
+            self.written_batches += 1
+
+
+class ServiceLog:
+    """The service's two log streams (impressions, events), or nothing when `LogConfig.uri` is None."""
+
+    def __init__(self, config: LogConfig):
+        self.config = config
+        self.sinks = {stream: LogSink(config.uri, stream, config) for stream in STREAMS} if config.uri else {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sinks)
+
+    def impressions(self, rows: list[dict[str, Any]]) -> None:
+        if self.sinks:
+            self.sinks[IMPRESSIONS].add(rows)
+
+    def event(self, row: dict[str, Any]) -> None:
+        if self.sinks:
+            self.sinks[EVENTS].add([row])
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Per stream: rows written, rows dropped, batches written, batch writes failed."""
+        return {stream: {"written_rows": s.written_rows, "dropped_rows": s.dropped_rows,
+                         "written_batches": s.written_batches, "failed_batches": s.failed_batches}
+                for stream, s in self.sinks.items()}
+
+    def close(self) -> None:
+        for sink in self.sinks.values():
+            sink.close()
