@@ -1,10 +1,9 @@
 """`make demo`: the main job end to end on a generated marketplace.
 
-Generate a synthetic marketplace, take the stand-ins pretrained on the synthetic web corpus
-(`visrec init-models --pretrained`: built on first use, minutes, then cached), run the whole
-pipeline with kfp.local (fine-tuning the pretrained SigLIP, gated against the classification-
-pretrained MobileNetV2), start the serving container's app on the new release, ask it for
-similar items for a few listings and print them, and say where the HTML gate report is.
+Generate a synthetic marketplace, run the whole pipeline with kfp.local (tiny models
+from `visrec init-models`), start the serving container's app on the new release,
+ask it for similar items for a few listings and print them, and say where the HTML
+gate report is.
 """
 
 from __future__ import annotations
@@ -54,20 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.run_local import format_summary, run_local
     from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
 
-    from visrec.sim.pretrain import PretrainConfig, pretrained_models
-
     started = time.time()
     work = Path(args.work_dir).resolve()
     data = work / "data"
     if not (data / "interactions.jsonl").exists():
         generate_marketplace(data, DemoDataConfig(items=args.items, seed=args.seed))
-    models = pretrained_models()
-    print(f"pretrained models {models.key} ({'built now' if models.built_now else 'from the cache'}, "
-          f"{models.build_seconds:.0f}s to build): {Path(models.paths['siglip']).parent}", flush=True)
-    overrides = {"siglip_model": models.paths["siglip"], "baseline_model": models.paths["mobilenet_v2"],
-                 **PretrainConfig().finetune_parameters()}
-    summary = run_local(str(data / "listings.jsonl"), str(data / "interactions.jsonl"), work / "run",
-                        overrides=overrides)
+    summary = run_local(str(data / "listings.jsonl"), str(data / "interactions.jsonl"), work / "run")
     print("\n" + format_summary(summary))
     if summary.get("deployed") and summary.get("deploy_status") == "deployed":
         listings = [json.loads(line) for line in (data / "listings.jsonl").read_text().splitlines()]

