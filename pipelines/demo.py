@@ -43,6 +43,18 @@ def ask_for_recommendations(registry: Path, listings: list[dict], log_path: Path
         print(f"\n(release {release} served at {server.url}; server log {log_path})")
 
 
+def run_on_marketplace(work: Path, items: int, seed: int) -> tuple[Path, dict]:
+    """Generate the marketplace under `work/data` (unless it is there) and run the pipeline on it:
+    (the data directory, the run summary)."""
+    from pipelines.run_local import run_local
+    from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
+
+    data = work / "data"
+    if not (data / "interactions.jsonl").exists():
+        generate_marketplace(data, DemoDataConfig(items=items, seed=seed))
+    return data, run_local(str(data / "listings.jsonl"), str(data / "interactions.jsonl"), work / "run")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="demo-work")
@@ -50,15 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     configure_logging()
-    from pipelines.run_local import format_summary, run_local
-    from visrec.sim.demo_data import DemoDataConfig, generate_marketplace
+    from pipelines.run_local import format_summary
 
     started = time.time()
     work = Path(args.work_dir).resolve()
-    data = work / "data"
-    if not (data / "interactions.jsonl").exists():
-        generate_marketplace(data, DemoDataConfig(items=args.items, seed=args.seed))
-    summary = run_local(str(data / "listings.jsonl"), str(data / "interactions.jsonl"), work / "run")
+    data, summary = run_on_marketplace(work, args.items, args.seed)
     print("\n" + format_summary(summary))
     if summary.get("deployed") and summary.get("deploy_status") == "deployed":
         listings = [json.loads(line) for line in (data / "listings.jsonl").read_text().splitlines()]

@@ -32,18 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     configure_logging()
+    from pipelines.demo import run_on_marketplace
     from pipelines.run_local import format_summary, run_local
-    from visrec.sim.demo_data import DemoDataConfig, generate_marketplace, load_hidden
+    from visrec.sim.demo_data import load_hidden
     from visrec.sim.traffic import drive_users
     from visrec.stages.configs import JoinConfig
     from visrec.stages.join_events import join_events
 
     started = time.time()
     work = Path(args.work_dir).resolve()
-    data = work / "data"
-    if not (data / "interactions.jsonl").exists():
-        generate_marketplace(data, DemoDataConfig(items=args.items, seed=args.seed))
-    first = run_local(str(data / "listings.jsonl"), str(data / "interactions.jsonl"), work / "run")
+    data, first = run_on_marketplace(work, args.items, args.seed)
     print("\n== run 1 (generated logs) ==\n" + format_summary(first))
     if not first.get("deployed") or first.get("deploy_status") != "deployed":
         print("run 1 deployed nothing: no release to serve, the loop stops here")
