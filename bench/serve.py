@@ -402,7 +402,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--fetch", type=int, default=200)
-    parser.add_argument("--reorder-dtype", choices=REORDER_DTYPES, help="the index's (default: IndexConfig's)")
+    parser.add_argument("--reorder-dtype", choices=REORDER_DTYPES, default="bfloat16",
+                        help="the index's (default: %(default)s, what a 10M-item replica needs)")
     parser.add_argument("--upserts", type=int, default=100, help="listings PUT in the write phase (0: none)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/visrec-bench-serve"))
     parser.add_argument("--baseline-items", type=int, default=1000,
