@@ -80,6 +80,8 @@ class VectorStore:
         if self._array is not None:
             return self._array[slot].copy()
         data = os.pread(self._file.fileno(), self._row_bytes, self._offset + slot * self._row_bytes)
+        if len(data) != self._row_bytes:  # the file was cut short under a live index
+            raise OSError(f"vectors file ends before row {slot}")
         return np.frombuffer(data, dtype=np.float32).copy()
 
     def gather(self, slots: np.ndarray) -> np.ndarray:
