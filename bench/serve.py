@@ -16,7 +16,11 @@
    photo, base64, embedded by the release's encoder), each followed at once by a read of
    its similar items, which must answer 200 (recommendable as soon as the PUT returned);
    then concurrency 8 again while a writer upserts 5 listings a second.
-5. Reports the ratio of end-to-end latency to bare search, the overhead (end-to-end minus
+5. With `--logging-rounds N`: the same release served by two processes at once, impression
+   logging off and on (`--log-uri`, the service's batched writer), the load alternating between
+   them N rounds at concurrency 8 so both see the same machine; p99 and QPS of each from the
+   pooled rounds, their ratios, and the rows written and dropped.
+6. Reports the ratio of end-to-end latency to bare search, the overhead (end-to-end minus
    bare search) in units of the bare search, write latencies, recall@10 of the served index
    against exact search, start-up time, and the server's RSS per million items (anonymous and
    file-backed, and above the RSS of the same server over a `--baseline-items` release: what
@@ -257,6 +261,11 @@ class HttpConnection:
         self.writer.close()
 
 
+def warmup_requests(concurrency: int) -> int:
+    """Untimed requests before each timed level."""
+    return max(200, 10 * concurrency)
+
+
 async def _drive(host: str, port: int, ids: list[str], concurrency: int, requests: int, k: int,
                  server_pid: int) -> dict:
     latencies: list[float] = []
@@ -274,7 +283,7 @@ async def _drive(host: str, port: int, ids: list[str], concurrency: int, request
             errors += status != 200
 
     # Warm-up at the same concurrency, so caches and the server's allocator are warm.
-    warmup = iter(range(max(200, 10 * concurrency)))
+    warmup = iter(range(warmup_requests(concurrency)))
     await asyncio.gather(*(worker(c, warmup) for c in connections))
     latencies.clear()
     errors = 0
@@ -287,6 +296,7 @@ async def _drive(host: str, port: int, ids: list[str], concurrency: int, request
     for connection in connections:
         connection.close()
     return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
+            "seconds": elapsed, "latencies_s": latencies,
             "qps": round(len(latencies) / elapsed, 1), **percentiles_ms(latencies),
             # The client shares the cores with the server (and, on a shared VM, with others).
             "client_cpu_ms_per_request": round(1e3 * client_cpu / len(latencies), 3),
@@ -302,15 +312,69 @@ def load_generator(port: int, ids: list[str], levels: list[int], requests: int, 
     out.put([uvloop.run(_drive("127.0.0.1", port, ids, c, requests, k, server_pid)) for c in levels])
 
 
-def run_levels(port: int, ids: list[str], levels: list[int], requests: int, k: int, server_pid: int) -> list[dict]:
-    """The load generator in a fresh process, one result per concurrency level."""
+def run_levels(port: int, ids: list[str], levels: list[int], requests: int, k: int, server_pid: int,
+               keep_latencies: bool = False) -> list[dict]:
+    """The load generator in a fresh process, one result per concurrency level (with each request's
+    seconds in `latencies_s` and the level's wall `seconds` if `keep_latencies`)."""
     queue: mp.Queue = mp.get_context("spawn").Queue()
     gen = mp.get_context("spawn").Process(target=load_generator,
                                           args=(port, ids, levels, requests, k, server_pid, queue))
     gen.start()
     results = queue.get()
     gen.join()
+    if not keep_latencies:
+        for level in results:
+            del level["latencies_s"], level["seconds"]
     return results
+
+
+def count_log_rows(root: Path) -> int:
+    """Rows in the JSON Lines objects under a log root."""
+    return sum(sum(1 for _ in path.open()) for path in root.rglob("*.jsonl"))
+
+
+def logging_overhead(registry: Path, workdir: Path, ids: list[str], fetch: int, concurrency: int,
+                     requests: int, rounds: int, k: int) -> dict:
+    """Impression logging off vs on, in one run: two `visrec serve` processes over the same release
+    (the second with `--log-uri`), the load alternating between them round by round (off-on, then
+    on-off) so both meet the same machine; p99 and QPS from each server's pooled rounds."""
+    import httpx
+
+    log_root = workdir / "impression-logs"
+    shutil.rmtree(log_root, ignore_errors=True)
+    pooled: dict[str, dict] = {arm: {"latencies": [], "seconds": 0.0, "errors": 0, "server_cpu_ms": []}
+                               for arm in ("off", "on")}
+    flags = ["--fetch", str(fetch)]
+    env = {"PYTHONPATH": str(ROOT)}
+    with ServeProcess(registry, flags, workdir / "server-logging-off.log", env=env, timeout=3600.0) as off, \
+            ServeProcess(registry, [*flags, "--log-uri", str(log_root)], workdir / "server-logging-on.log",
+                         env=env, timeout=3600.0) as on:
+        servers = {"off": off, "on": on}
+        for server in servers.values():
+            server.wait_healthy(ready=lambda health: health["encoder"] != "loading")
+        for round_ in range(rounds):
+            for arm in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+                server = servers[arm]
+                level = run_levels(server.port, ids, [concurrency], requests, k, server.proc.pid,
+                                   keep_latencies=True)[0]
+                pooled[arm]["latencies"] += level["latencies_s"]
+                pooled[arm]["seconds"] += level["seconds"]
+                pooled[arm]["errors"] += level["errors"]
+                pooled[arm]["server_cpu_ms"].append(level["server_cpu_ms_per_request"])
+        metrics = httpx.get(on.url + "/metrics").text
+    arms = {arm: {"requests": len(p["latencies"]), "errors": p["errors"],
+                  "qps": round(len(p["latencies"]) / p["seconds"], 1), **percentiles_ms(p["latencies"]),
+                  "server_cpu_ms_per_request": round(float(np.mean(p["server_cpu_ms"])), 3)}
+            for arm, p in pooled.items()}
+    counters = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                if line.startswith(("visrec_log_written_rows", "visrec_log_dropped_rows"))}
+    return {"concurrency": concurrency, "rounds": rounds, "requests_per_round": requests, **arms,
+            "p99_on_over_off": round(arms["on"]["p99_ms"] / arms["off"]["p99_ms"], 3),
+            "qps_on_over_off": round(arms["on"]["qps"] / arms["off"]["qps"], 3),
+            # All rows are written once the server has stopped: about k per answer, warm-ups included.
+            "answers_logged": rounds * (requests + warmup_requests(concurrency)),
+            "impression_rows_written": count_log_rows(log_root / "impressions"),
+            "log_counters_before_stop": counters}
 
 
 def listing_photo(n: int) -> str:
@@ -409,6 +473,8 @@ def main() -> None:
     parser.add_argument("--baseline-items", type=int, default=1000,
                         help="size of the release whose server RSS is the fixed baseline (0: skip)")
     parser.add_argument("--recall-queries", type=int, default=300, help="queries for recall@k vs exact search")
+    parser.add_argument("--logging-rounds", type=int, default=0,
+                        help="rounds per server of the impression logging off-vs-on comparison (0: skip)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -454,6 +520,8 @@ def main() -> None:
             writes["background_put"] = percentiles_ms([t for t, _ in background]) if background else None
         rss_after = rss_mb(pid)
         metrics = httpx.get(url + "/metrics").text
+    logging = logging_overhead(registry, args.workdir, ids, args.fetch, 8, args.requests, args.logging_rounds,
+                               args.k) if args.logging_rounds else None
 
     bare_p50 = in_process["bare_search"]["p50_ms"]
     bare_p99 = in_process["bare_search"]["p99_ms"]
@@ -471,7 +539,7 @@ def main() -> None:
         # Process start to /healthz 200 (index, catalog, journal: reads are served) and to the
         # encoder loaded (image upserts too); both include checking every file's sha256.
         "startup_seconds": {"ready": round(ready_seconds, 1), "encoder_loaded": round(load_seconds, 1)},
-        "in_process": in_process, "levels": levels, "writes": writes,
+        "in_process": in_process, "levels": levels, "writes": writes, "logging": logging,
         "rss_mb": {"after_load": rss_loaded, "after_bench": rss_after,
                    "per_million_items": round(rss_after["total"] / (args.items / 1e6), 1),
                    "baseline": baseline,
@@ -482,7 +550,8 @@ def main() -> None:
                                                        "visrec_candidates_surviving_count",
                                                        "visrec_search_widened_total", "visrec_index_items"))],
         "goals": {"p99_ms_at_concurrency_8": 10.0, "overhead_over_bare_p50_at_concurrency_1": 2.0,
-                  "rss_mb_per_million_items": 500.0, "recall_at_10": 0.95},
+                  "rss_mb_per_million_items": 500.0, "recall_at_10": 0.95,
+                  "logging_on_over_off_p99_at_most": 1.1, "logging_on_over_off_qps_at_least": 0.9},
     }
 
     print(f"\n{args.items:,} items x {DIMS}-d, k={args.k}, fetch={args.fetch}, {os.cpu_count()} CPUs")
@@ -503,6 +572,15 @@ def main() -> None:
               f"{writes['recommendable_at_once']}/{writes['upserts']} recommendable on the next request; "
               f"concurrency 8 while upserting 5/s ({writes['background_upserts']} PUTs): {during['qps']} QPS, "
               f"p99 {during['p99_ms']} ms")
+    if logging:
+        print(f"impression logging, concurrency 8, {logging['rounds']} alternating rounds of {args.requests}:")
+        for arm in ("off", "on"):
+            lv = logging[arm]
+            print(f"  logging {arm:>3}: {lv['qps']:>8} QPS, p50 {lv['p50_ms']} ms, p99 {lv['p99_ms']} ms, "
+                  f"server cpu {lv['server_cpu_ms_per_request']} ms/request, errors {lv['errors']}")
+        print(f"  on/off: p99 {logging['p99_on_over_off']}, QPS {logging['qps_on_over_off']}; "
+              f"{logging['impression_rows_written']:,} impression rows written for {logging['answers_logged']:,} "
+              f"answers")
     above = result["rss_mb"]["per_million_items_above_baseline"]
     print(f"server RSS {rss_after['total']:.0f} MB (anonymous {rss_after['anon']:.0f}, file-backed "
           f"{rss_after['file']:.0f}) = {result['rss_mb']['per_million_items']} MB per million items"

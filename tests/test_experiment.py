@@ -13,7 +13,7 @@ import pytest
 from visrec.core import io
 from visrec.core.errors import UserError
 from visrec.data.schema import read_interactions
-from visrec.online.eventlog import LogConfig, LogSink, ServiceLog
+from visrec.online.eventlog import LogConfig, LogSink, ServiceLog, encode_rows
 from visrec.stages.experiment.assignment import CONTROL, TREATMENT, arm_of
 from visrec.stages.experiment.config import ExperimentConfig, ReportConfig
 from visrec.stages.experiment.report import decide, summarise, user_totals
@@ -78,8 +78,32 @@ def test_sink_drops_and_counts_when_the_store_is_down(tmp_path, monkeypatch):
 
 def test_service_log_off_by_default():
     log = ServiceLog(LogConfig())
-    log.impressions([impression("r", "a", 0, "u")])
+    log.impressions(encode_rows([impression("r", "a", 0, "u")])[0])
     assert not log.enabled and log.counters() == {}
+
+
+def test_impression_lines_are_the_contract_rows_of_one_answer(tmp_path):
+    from datetime import datetime, timezone
+
+    from visrec.online.experiments import Shown, impression_lines
+    from visrec.online.ranking import RankedList, Recommendation
+
+    items = [Recommendation(item_id, 0.9, 1000, "a/b") for item_id in ("a", 'b"q', "カメラ")]
+    shown = Shown("r1", "v1", "treatment", "exp-1", RankedList(items, 200, 120, False), (1.0, 0.25, 0.25), True)
+    encoded = impression_lines(shown, "q", "u1", None, ts=datetime(2026, 11, 30, 23, 59, 59, tzinfo=timezone.utc))
+    rows = [json.loads(line) for line in encoded.text.splitlines()]
+    shared = {"request_id": "r1", "query_item_id": "q", "session_id": "u1", "user_id": "u1",
+              "ts": "2026-11-30T23:59:59.000000Z", "release": "v1", "arm": "treatment", "experiment": "exp-1",
+              "explored": True}
+    assert rows == [{"item_id": "a", "position": 0, "propensity": 1.0, **shared},
+                    {"item_id": 'b"q', "position": 1, "propensity": 0.25, **shared},
+                    {"item_id": "カメラ", "position": 2, "propensity": 0.25, **shared}]
+    assert (encoded.day, encoded.rows) == (f"dt={DAY}", 3)
+    # The interactions reader takes them as they are (join-events adds `tapped`).
+    path = tmp_path / "part.jsonl"
+    path.write_text("".join(json.dumps({**row, "tapped": 0}) + "\n" for row in rows))
+    table, dead = read_interactions(str(path))
+    assert (table.num_rows, dead) == (3, [])
 
 
 # ---------------------------------------------------------------- join-events

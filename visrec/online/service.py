@@ -33,7 +33,7 @@ from visrec.online.config import ServingConfig
 from visrec.online.entry import METADATA_FIELDS, JournalEntry
 from visrec.online.errors import BadItem, UnknownItem
 from visrec.online.eventlog import ServiceLog
-from visrec.online.experiments import ExperimentFollower, Shown, explore, impression_rows, new_request_id
+from visrec.online.experiments import ExperimentFollower, Shown, explore, impression_lines, new_request_id
 from visrec.online.follow import follow_successor, poll_handover
 from visrec.online.journal import store_image
 from visrec.online.loading import load_state
@@ -179,7 +179,7 @@ class RecommenderService:
         shown = Shown(new_request_id(), state.release.version, arm, experiment["id"] if experiment else None,
                       ranked, propensities, explored)
         if self.log.enabled:
-            self.log.impressions(impression_rows(shown, item_id, user_id, session_id))
+            self.log.impressions(impression_lines(shown, item_id, user_id, session_id))
         return shown
 
     def similar(self, item_id: str, k: int) -> tuple[str, RankedList]:
