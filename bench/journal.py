@@ -9,10 +9,11 @@ takes `--writes` journal writes in a marketplace's mix, spread over a week of wr
 - 5% deletes of live items.
 
 The journal is written with the library (`FileJournal.append_many` in batches of 10,000),
-which is what makes a million writes quick to set up. Start-up is `open_release` (every
-release file checked against `release.json`; this release has only the index and the
-catalog, a real one also embeddings and the model) and then `open_state` (the release's
-index and catalog, or the newest snapshot) and `sync_journal` (the journal after it,
+which is what makes a million writes quick to set up. Start-up is `open_release` (the release
+files the service reads checked against `release.json`, as `load_state` does: the index and the
+catalog only when no snapshot replaces them; this release has only those, a real one also
+embeddings and the model) and then `open_state` (the release's index and catalog, checked
+then, or the newest snapshot) and `sync_journal` (the journal after it,
 replayed): `load_state` but for the encoder, PCA and hand-over, which cost the same with any
 journal. Measured:
 no writes; every write uncompacted (a whole replay); compacted (`compact_journal`, timed
@@ -62,7 +63,7 @@ from visrec.online.compaction import compact_journal  # noqa: E402
 from visrec.online.config import CompactionConfig  # noqa: E402
 from visrec.online.entry import METADATA_FIELDS, JournalEntry, new_entry_id  # noqa: E402
 from visrec.online.journal import BUCKET_SECONDS, JOURNAL_PREFIX, GcsJournal, open_journal  # noqa: E402
-from visrec.online.loading import open_state  # noqa: E402
+from visrec.online.loading import not_read_by_the_service, open_state  # noqa: E402
 from visrec.online.replay import sync_journal  # noqa: E402
 from visrec.stages.release.release import Release, open_release  # noqa: E402
 
@@ -126,7 +127,9 @@ def mix(count: int, items: int, start: float, span: float, seed: int = 0) -> Ite
 
 def start(release: Release):
     """What a serving start-up does that depends on the journal: the verified release, its state."""
-    verified = open_release(str(release.path))  # the release files, whichever registry holds the state
+    # The release files, whichever registry holds the state; those a snapshot replaces are checked
+    # by `open_state` if it reads them.
+    verified = open_release(str(release.path), defer=not_read_by_the_service)
     state = open_state(dataclasses.replace(verified, version=release.version, registry=release.registry))
     sync_journal(state)
     return state

@@ -3,7 +3,10 @@ journal and the writes of the releases it follows.
 
 The index and catalog come from the newest snapshot of the release's state
 (`visrec.online.snapshot`) when there is one, else from the release itself (`open_state`);
-then the journal after the snapshot is replayed. At start-up the encoder (torch, seconds
+then the journal after the snapshot is replayed. The service checks the checksums of what it
+reads: the release's index and `items.parquet` only when no snapshot replaces them (the
+snapshot has checksums of its own), its `embeddings/` (the next evaluation's, never read here)
+not at all; `deploy` and `promote` verify every file. At start-up the encoder (torch, seconds
 to import) loads in the background after the index: the service answers reads as soon as
 the index is in memory and the journal replayed, and image upserts wait for the encoder
 (`ServingState.encoder()`).
@@ -28,6 +31,7 @@ from visrec.online.ranking import ItemCatalog, label_index_with_catalog
 from visrec.online.replay import sync_journal
 from visrec.online.snapshot import open_newest
 from visrec.online.state import ServingState
+from visrec.stages.release.release import ITEMS
 
 if TYPE_CHECKING:
     from visrec.model.encode import PreprocessingEncoder
@@ -81,6 +85,16 @@ def read_catalog(items_path: str) -> ItemCatalog:
     return catalog
 
 
+def read_only_without_snapshot(name: str) -> bool:
+    """Whether a release file (relative path) is read only when its state has no snapshot."""
+    return name == ITEMS or name.startswith("index/")
+
+
+def not_read_by_the_service(name: str) -> bool:
+    """The release files the service leaves for `Release.verify_deferred` or never reads."""
+    return read_only_without_snapshot(name) or name.startswith("embeddings/")
+
+
 def load_state(release_uri: str, config: ServingConfig, version: str | None = None) -> ServingState:
     """Load a release (`version`: that release of the registry `release_uri` instead of its
     CURRENT): verified files, PCA, its state (`open_state`: the newest snapshot or the release's
@@ -90,7 +104,7 @@ def load_state(release_uri: str, config: ServingConfig, version: str | None = No
     from visrec.stages.release.registry import load_release
 
     started = time.monotonic()
-    release = load_release(release_uri, config.cache_dir, version=version)
+    release = load_release(release_uri, config.cache_dir, version=version, defer=not_read_by_the_service)
     pca = None
     if release.pca_path is not None:
         from visrec.model.pca import PcaProjection
@@ -129,7 +143,8 @@ def open_state(release: Release, encoder_future: Future[PreprocessingEncoder | N
 
     snapshot, journal = open_newest(release.state_uri)
     if snapshot is None:
-        index = SimilarityIndex.load(str(release.index_dir), verified=True)  # load_release verified it
+        release.verify_deferred(read_only_without_snapshot)
+        index = SimilarityIndex.load(str(release.index_dir), verified=True)
         catalog = read_catalog(str(release.items_path))
     else:
         index, catalog = snapshot.index, snapshot.catalog

@@ -21,7 +21,7 @@ import getpass
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from visrec.core import io
 from visrec.core.clock import utc_now
@@ -61,12 +61,14 @@ def champion_embeddings_uri(registry: str) -> str | None:
     return io.join(release_uri(registry, version), "embeddings") if version else None
 
 
-def load_release(dir_or_registry: str, cache_dir: str | None = None, version: str | None = None) -> Release:
+def load_release(dir_or_registry: str, cache_dir: str | None = None, version: str | None = None,
+                 defer: Callable[[str], bool] | None = None) -> Release:
     """A verified release: a release directory, or a registry's CURRENT one (`version`: that
     release of the registry instead).
 
     `gs://` releases are downloaded (into `cache_dir`, default a new temp directory)
-    first, then every checksum listed in `release.json` is verified (`open_release`).
+    first, then every checksum listed in `release.json` is verified (`open_release`; `defer`:
+    the files whose check waits for `Release.verify_deferred`).
     """
     uri = registry = str(dir_or_registry)
     if version is not None:
@@ -75,7 +77,7 @@ def load_release(dir_or_registry: str, cache_dir: str | None = None, version: st
         uri = release_uri(uri, current_version(uri))
     elif io.exists(io.join(uri, RELEASES)) and not io.exists(io.join(uri, MANIFEST)):
         raise UserError(f"registry {uri} has no release in production yet ({CURRENT} is missing)")
-    release = open_release(uri, cache_dir)
+    release = open_release(uri, cache_dir, defer)
     return dataclasses.replace(release, registry=registry) if uri != registry else release
 
 

@@ -25,9 +25,9 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from visrec.core import io
 from visrec.core.checksums import ChecksumMismatch, verify_checksums
@@ -81,6 +81,8 @@ class Release:
     registry: the registry it belongs to: the one it was resolved from (its CURRENT), or
         for a `gs://` release directory (e.g. Vertex AI's copy) the `gs://` registry its
         manifest names; None for a local release directory.
+    unverified: the files (relative path -> sha256) `open_release` was told to leave unchecked
+        (`defer`) until `verify_deferred` checks them, before they are first read.
     """
 
     version: str
@@ -88,6 +90,12 @@ class Release:
     manifest: dict[str, Any]
     source: str = ""
     registry: str | None = None
+    unverified: dict[str, str] = field(default_factory=dict)
+
+    def verify_deferred(self, which: Callable[[str], bool] = lambda name: True) -> None:
+        """Check the `unverified` files `which` selects; `ReleaseInvalid` as `open_release`."""
+        _verify(self.path, {name: sha for name, sha in self.unverified.items() if which(name)},
+                self.manifest.get("version"))
 
     @property
     def model_dir(self) -> Path:
@@ -145,25 +153,38 @@ class Release:
 # ---- opening ----------------------------------------------------------------------------------
 
 
-def open_release(uri: str, cache_dir: str | None = None) -> Release:
-    """The release directory `uri` with every checksum in its `release.json` verified.
+def open_release(uri: str, cache_dir: str | None = None, defer: Callable[[str], bool] | None = None) -> Release:
+    """The release directory `uri` with every checksum in its `release.json` verified, but those of
+    the files `defer` selects (relative paths; `Release.unverified`, for `Release.verify_deferred`):
+    the service checks what a snapshot of its state replaces only if it reads them.
 
     A `gs://` release is downloaded into `cache_dir` (default a new temp directory) first;
     a copy already there that verifies is used as it is (worker processes, restarts,
     reloads). A `gs://` release knows its `gs://` registry from its manifest.
     """
     if io.is_gcs(uri):
-        release = _download_release(uri, Path(cache_dir or tempfile.mkdtemp(prefix="visrec-release-")))
+        release = _download_release(uri, Path(cache_dir or tempfile.mkdtemp(prefix="visrec-release-")), defer)
     elif not Path(uri).is_dir():
         raise UserError(f"release not found: {uri}")
     else:
-        release = _open_local(Path(uri))
+        release = _open_local(Path(uri), defer=defer)
     home = release.manifest.get("registry")
     return dataclasses.replace(release, registry=home) if io.is_gcs(uri) and home and io.is_gcs(home) else release
 
 
-def _open_local(path: Path, source: str | None = None) -> Release:
-    """A local release directory with its checksums verified (`source`: where it was downloaded from)."""
+def _verify(path: Path, files: dict[str, str], version: str | None) -> None:
+    """`verify_checksums`, a failure as `ReleaseInvalid` naming the file."""
+    try:
+        verify_checksums(path, files)
+    except ChecksumMismatch as exc:
+        problem = (f"incomplete: {exc.name} is missing" if exc.missing
+                   else f"corrupt: {exc.name} does not match its sha256")
+        raise ReleaseInvalid(f"release {version} is {problem}") from None
+
+
+def _open_local(path: Path, source: str | None = None, defer: Callable[[str], bool] | None = None) -> Release:
+    """A local release directory with its checksums verified but `defer`'s (`source`: where it was
+    downloaded from)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise ReleaseInvalid(f"{path} is not a release (no {MANIFEST})")
@@ -174,16 +195,13 @@ def _open_local(path: Path, source: str | None = None) -> Release:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise ReleaseInvalid(f"{manifest_path} lists no files")
-    try:
-        verify_checksums(path, files)
-    except ChecksumMismatch as exc:
-        problem = (f"incomplete: {exc.name} is missing" if exc.missing
-                   else f"corrupt: {exc.name} does not match its sha256")
-        raise ReleaseInvalid(f"release {manifest.get('version')} is {problem}") from None
-    return Release(version=manifest["version"], path=path, manifest=manifest, source=source or str(path))
+    unverified = {name: sha for name, sha in files.items() if defer is not None and defer(name)}
+    _verify(path, {name: sha for name, sha in files.items() if name not in unverified}, manifest.get("version"))
+    return Release(version=manifest["version"], path=path, manifest=manifest, source=source or str(path),
+                   unverified=unverified)
 
 
-def _download_release(uri: str, cache: Path) -> Release:
+def _download_release(uri: str, cache: Path, defer: Callable[[str], bool] | None = None) -> Release:
     """A `gs://` release as a verified local copy `cache/<version>` (its `state/` stays on GCS)."""
     version = uri.rstrip("/").rsplit("/", 1)[-1]
     local = cache / version
@@ -191,7 +209,7 @@ def _download_release(uri: str, cache: Path) -> Release:
         raise ReleaseInvalid(f"{uri} is not a release (no {MANIFEST})")
     if local.is_dir():
         try:
-            return _open_local(local, source=uri)
+            return _open_local(local, source=uri, defer=defer)
         except ReleaseInvalid as exc:
             log.warning("cached copy of %s is unusable (%s); downloading it again", uri, exc)
             shutil.rmtree(local, ignore_errors=True)
@@ -205,7 +223,7 @@ def _download_release(uri: str, cache: Path) -> Release:
         staging.rename(local)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-    return _open_local(local, source=uri)
+    return _open_local(local, source=uri, defer=defer)
 
 
 # ---- verification -----------------------------------------------------------------------------
