@@ -53,9 +53,12 @@ def test_a_prefix_fingerprints_its_data_files_and_nothing_else(tmp_path):
     assert resolve_input(str(root)) == first  # unchanged -> same fingerprint
     assert resolve_input(str(root) + "/").fingerprint == first.fingerprint
 
-    # Marker files, images and other objects are not data: the fingerprint does not move.
+    # Marker files, side files in a data format (`join-events`' `_rejected.jsonl`), images and
+    # other objects are not data: the fingerprint does not move.
     write(root / "images" / "x.png", "png")
     write(root / "_SUCCESS", "")
+    write(root / "_rejected.jsonl", "")
+    write(root / ".part-1.jsonl.swp", ROW)
     write(root / "README.txt", "notes")
     assert resolve_input(str(root)).fingerprint == first.fingerprint
 

@@ -144,7 +144,7 @@ def _partitions(uri: str, key: str) -> list[tuple[str, str]]:
 def _complete(partition: str, config: ResolveConfig) -> bool:
     if config.done_marker:
         return io.exists(io.join(partition, config.done_marker))
-    return any(_names_a_data_file(f) for f in io.list_files(partition))
+    return any(schema.is_data_file(f) for f in io.list_files(partition))
 
 
 def _fingerprinted(requested: str, resolved: str, partition: str | None,
@@ -156,7 +156,7 @@ def _fingerprinted(requested: str, resolved: str, partition: str | None,
     if _names_a_data_file(resolved):
         rows = [(resolved.rstrip("/").rsplit("/", 1)[-1], v) for v in versions]
     else:
-        by_uri = {v.uri: v for v in versions if _names_a_data_file(v.uri)}
+        by_uri = {v.uri: v for v in versions if schema.is_data_file(v.uri)}
         rows = [(_relative(f, resolved), by_uri[f]) for f in files if f in by_uri]
         if len(by_uri) != len(files):
             rows = []

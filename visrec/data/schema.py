@@ -65,6 +65,12 @@ def file_format(uri: str) -> str:
     raise UserError(f"cannot tell the format of {uri}: expected a .jsonl, .csv or .parquet file")
 
 
+def is_data_file(uri: str) -> bool:
+    """Whether a file found under an input directory is data: a .jsonl/.csv/.parquet file whose name
+    does not start with `_` or `.` (see `input_files`)."""
+    return uri.lower().endswith(tuple(FORMATS)) and not uri.rsplit("/", 1)[-1].startswith(("_", "."))
+
+
 def input_files(uri: str) -> list[str]:
     """The data files of `uri`: the file itself, or the .jsonl/.csv/.parquet files under a directory/prefix.
 
@@ -74,8 +80,7 @@ def input_files(uri: str) -> list[str]:
         if not io.exists(uri):
             raise UserError(f"listings file not found: {uri}")
         return [uri]
-    files = [f for f in io.list_files(uri) if any(f.lower().endswith(ext) for ext in FORMATS)
-             and not f.rsplit("/", 1)[-1].startswith(("_", "."))]
+    files = [f for f in io.list_files(uri) if is_data_file(f)]
     if not files:
         raise UserError(f"no .jsonl, .csv or .parquet files at {uri}")
     if len({file_format(f) for f in files}) > 1:
