@@ -392,6 +392,17 @@ def test_gcs_registry(inputs, gcs_emulator, tmp_path):
     assert deploy_release(config(inputs, registry)).status == UNCHANGED
     assert [r["version"] for r in list_releases(registry)] == [result.version]
     assert os.path.isdir(release.state_dir)
+    # A cached copy that is torn where the service defers its check is downloaded again, not
+    # served from the release before it.
+    from visrec.online.config import ServingConfig
+    from visrec.online.loading import load_state
+
+    vectors = release.index_dir / "vectors.npy"
+    vectors.write_bytes(vectors.read_bytes()[:-8] + b"garbage!")
+    state = load_state(registry, ServingConfig(cache_dir=str(tmp_path / "cache")))
+    assert state.release.version == result.version and len(state.index) == ITEMS
+    state.close()
+    load_release(registry, cache_dir=str(tmp_path / "cache"))  # the copy verifies whole again
 
 
 def test_component_never_deploys_a_rejected_candidate(inputs, tmp_path):

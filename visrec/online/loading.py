@@ -6,7 +6,8 @@ The index and catalog come from the newest snapshot of the release's state
 then the journal after the snapshot is replayed. The service checks the checksums of what it
 reads: the release's index and `items.parquet` only when no snapshot replaces them (the
 snapshot has checksums of its own), its `embeddings/` (the next evaluation's, never read here)
-not at all; `deploy` and `promote` verify every file. At start-up the encoder (torch, seconds
+not at all (a local release: a downloaded `gs://` copy is checked whole, see `open_release`);
+`deploy` and `promote` verify every file. At start-up the encoder (torch, seconds
 to import) loads in the background after the index: the service answers reads as soon as
 the index is in memory and the journal replayed, and image upserts wait for the encoder
 (`ServingState.encoder()`).

@@ -92,7 +92,7 @@ class Release:
     registry: str | None = None
     unverified: dict[str, str] = field(default_factory=dict)
 
-    def verify_deferred(self, which: Callable[[str], bool] = lambda name: True) -> None:
+    def verify_deferred(self, which: Callable[[str], bool]) -> None:
         """Check the `unverified` files `which` selects; `ReleaseInvalid` as `open_release`."""
         _verify(self.path, {name: sha for name, sha in self.unverified.items() if which(name)},
                 self.manifest.get("version"))
@@ -155,15 +155,18 @@ class Release:
 
 def open_release(uri: str, cache_dir: str | None = None, defer: Callable[[str], bool] | None = None) -> Release:
     """The release directory `uri` with every checksum in its `release.json` verified, but those of
-    the files `defer` selects (relative paths; `Release.unverified`, for `Release.verify_deferred`):
-    the service checks what a snapshot of its state replaces only if it reads them.
+    the files `defer` selects in a local release (relative paths; `Release.unverified`, for
+    `Release.verify_deferred`): the service checks what a snapshot of its state replaces only if it
+    reads them.
 
     A `gs://` release is downloaded into `cache_dir` (default a new temp directory) first;
     a copy already there that verifies is used as it is (worker processes, restarts,
-    reloads). A `gs://` release knows its `gs://` registry from its manifest.
+    reloads). A downloaded copy is always checked whole, `defer` or not: one that does not verify
+    is downloaded again, which a check deferred past this call could no longer do. A `gs://`
+    release knows its `gs://` registry from its manifest.
     """
     if io.is_gcs(uri):
-        release = _download_release(uri, Path(cache_dir or tempfile.mkdtemp(prefix="visrec-release-")), defer)
+        release = _download_release(uri, Path(cache_dir or tempfile.mkdtemp(prefix="visrec-release-")))
     elif not Path(uri).is_dir():
         raise UserError(f"release not found: {uri}")
     else:
@@ -201,7 +204,7 @@ def _open_local(path: Path, source: str | None = None, defer: Callable[[str], bo
                    unverified=unverified)
 
 
-def _download_release(uri: str, cache: Path, defer: Callable[[str], bool] | None = None) -> Release:
+def _download_release(uri: str, cache: Path) -> Release:
     """A `gs://` release as a verified local copy `cache/<version>` (its `state/` stays on GCS)."""
     version = uri.rstrip("/").rsplit("/", 1)[-1]
     local = cache / version
@@ -209,7 +212,7 @@ def _download_release(uri: str, cache: Path, defer: Callable[[str], bool] | None
         raise ReleaseInvalid(f"{uri} is not a release (no {MANIFEST})")
     if local.is_dir():
         try:
-            return _open_local(local, source=uri, defer=defer)
+            return _open_local(local, source=uri)
         except ReleaseInvalid as exc:
             log.warning("cached copy of %s is unusable (%s); downloading it again", uri, exc)
             shutil.rmtree(local, ignore_errors=True)
@@ -223,7 +226,7 @@ def _download_release(uri: str, cache: Path, defer: Callable[[str], bool] | None
         staging.rename(local)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-    return _open_local(local, source=uri, defer=defer)
+    return _open_local(local, source=uri)
 
 
 # ---- verification -----------------------------------------------------------------------------
