@@ -67,11 +67,15 @@ class Encoded:
     rows: int
 
 
+# `json.dumps` with options builds an encoder per call: one, built once, is several times faster.
+to_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def encode_rows(rows: list[dict[str, Any]]) -> list[Encoded]:
     """Rows (each with an ISO `ts`) as JSON Lines, one `Encoded` per day partition."""
     by_day: dict[str, list[str]] = defaultdict(list)
     for row in rows:
-        by_day[partition_of(row["ts"])].append(json.dumps(row, ensure_ascii=False) + "\n")
+        by_day[partition_of(row["ts"])].append(to_json(row) + "\n")
     return [Encoded(day, "".join(lines), len(lines)) for day, lines in by_day.items()]
 
 
