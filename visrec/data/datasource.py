@@ -61,7 +61,7 @@ class ResolveConfig:
             raise UserError(f"partition key must be a non-empty name without '/' or '=': {self.partition_key!r}")
         if "/" in self.done_marker:
             raise UserError(f"done marker must be a file name directly in a partition: {self.done_marker!r}")
-        if _names_a_data_file(self.done_marker):
+        if schema.names_a_data_file(self.done_marker):
             # It would then be read (and fingerprinted) as one of the partition's data files.
             raise UserError(f"done marker {self.done_marker!r} has a data file extension "
                             f"({', '.join(schema.FORMATS)}); use a name such as _SUCCESS")
@@ -104,7 +104,7 @@ def resolve_input(uri: str, config: ResolveConfig | None = None) -> ResolvedInpu
     Any other directory/prefix is itself. `UserError` if the resolved URI holds no data file.
     """
     config = config or ResolveConfig()
-    if _names_a_data_file(uri):
+    if schema.names_a_data_file(uri):
         return _fingerprinted(uri, uri, None, ())
     partitions = _partitions(uri, config.partition_key)
     if not partitions:
@@ -123,11 +123,6 @@ def resolve_input(uri: str, config: ResolveConfig | None = None) -> ResolvedInpu
 
 def _why_incomplete(config: ResolveConfig) -> str:
     return f"no {config.done_marker} marker" if config.done_marker else "no data file"
-
-
-def _names_a_data_file(uri: str) -> bool:
-    """The test `schema.input_files` applies to tell a file input from a directory/prefix."""
-    return uri.lower().endswith(tuple(schema.FORMATS))
 
 
 def _partitions(uri: str, key: str) -> list[tuple[str, str]]:
@@ -153,7 +148,7 @@ def _fingerprinted(requested: str, resolved: str, partition: str | None,
     `io.file_versions` (the two listings must agree, or the input changed in between)."""
     files = schema.input_files(resolved)  # UserError when there is none, or formats are mixed
     versions = io.file_versions(resolved)
-    if _names_a_data_file(resolved):
+    if schema.names_a_data_file(resolved):
         rows = [(resolved.rstrip("/").rsplit("/", 1)[-1], v) for v in versions]
     else:
         by_uri = {v.uri: v for v in versions if schema.is_data_file(v.uri)}

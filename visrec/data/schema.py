@@ -65,10 +65,15 @@ def file_format(uri: str) -> str:
     raise UserError(f"cannot tell the format of {uri}: expected a .jsonl, .csv or .parquet file")
 
 
+def names_a_data_file(uri: str) -> bool:
+    """Whether `uri` has a data format's extension: how an input names a file, not a directory/prefix."""
+    return uri.lower().endswith(tuple(FORMATS))
+
+
 def is_data_file(uri: str) -> bool:
     """Whether a file found under an input directory is data: a .jsonl/.csv/.parquet file whose name
     does not start with `_` or `.` (see `input_files`)."""
-    return uri.lower().endswith(tuple(FORMATS)) and not uri.rsplit("/", 1)[-1].startswith(("_", "."))
+    return names_a_data_file(uri) and not uri.rsplit("/", 1)[-1].startswith(("_", "."))
 
 
 def input_files(uri: str) -> list[str]:
@@ -76,7 +81,7 @@ def input_files(uri: str) -> list[str]:
 
     Under a directory, names starting with `_` or `.` are side files, not data (the Hadoop/Spark
     convention: `_SUCCESS`, `join-events`' `_rejected.jsonl`, an editor's `.swp`)."""
-    if any(uri.lower().endswith(ext) for ext in FORMATS):
+    if names_a_data_file(uri):
         if not io.exists(uri):
             raise UserError(f"listings file not found: {uri}")
         return [uri]

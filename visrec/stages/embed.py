@@ -61,7 +61,7 @@ def plan_input(data_uri: str) -> tuple[str, list[Any]]:
     """
     from visrec.data import schema
 
-    if not str(data_uri).endswith(tuple(schema.FORMATS)):
+    if not schema.names_a_data_file(str(data_uri)):
         files = io.list_files(data_uri, PREPARED_SHARDS)
         if files:
             return "prepared", files
