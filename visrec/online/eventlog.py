@@ -11,9 +11,10 @@ the interactions partitions the pipeline's evaluation reads.
 Logging never slows or fails a request: rows are serialised on the request's thread (microseconds:
 `visrec.online.experiments.impression_lines` encodes the fields an answer's rows share once), so
 the writer thread only joins and writes text and never holds the GIL long enough to stall a request;
-`LogSink.add_encoded` appends to a bounded buffer and returns; a full buffer (the sink is slower than the traffic, or the store is down) drops the rows and counts
-them, and a batch that cannot be written is retried once at the next flush, then dropped and
-counted. The counters are in the service's `/metrics`.
+`LogSink.add_encoded` appends to a bounded buffer and returns; a full buffer (the sink is slower
+than the traffic, or the store is down) drops the rows and counts them, and a batch that cannot be
+written is retried once at the next flush, then dropped and counted. The counters are in the
+service's `/metrics`.
 """
 
 from __future__ import annotations
