@@ -76,6 +76,18 @@ def test_sink_drops_and_counts_when_the_store_is_down(tmp_path, monkeypatch):
     sink.close()
 
 
+def test_sink_writes_to_gcs(gcs_emulator):
+    """`--log-uri gs://...` on Vertex AI: one object per batch and day under the stream's prefix."""
+    root = f"gs://{gcs_emulator()}/logs"
+    sink = LogSink(root, "impressions", LogConfig(uri=root, batch_rows=100, flush_seconds=30))
+    assert sink.add([impression("r1", "a", 0, "u"), impression("r2", "b", 1, "u", ts="2026-12-01T00:00:01Z")])
+    sink.close()
+    files = io.list_files(f"{root}/impressions", "*.jsonl")
+    assert sorted(f.rsplit("/", 2)[1] for f in files) == [f"dt={DAY}", "dt=2026-12-01"]
+    assert sorted(json.loads(io.read_text(f))["request_id"] for f in files) == ["r1", "r2"]
+    assert (sink.written_rows, sink.written_batches, sink.dropped_rows) == (2, 2, 0)
+
+
 def test_service_log_off_by_default():
     log = ServiceLog(LogConfig())
     log.impressions(encode_rows([impression("r", "a", 0, "u")])[0])
