@@ -17,13 +17,16 @@ from visrec.stages.evaluate.metrics import METRICS
 from visrec.sim.study.ab import RANKING_VARIANTS, Session, arm_of, make_sessions, simulate_taps
 from visrec.sim.study.config import ARMS, BASELINE, CANDIDATE, StudyConfig, table1_pca_dims, tradeoff_dims
 from visrec.sim.study.run import run_study
-from visrec.sim.study.stats import ratio_bootstrap, summarise_ab
+from visrec.sim.study.stats import neighbour_agreement, ratio_bootstrap, summarise_ab
 from visrec.core.errors import UserError
 
 
-def test_table1_pca_dims_follow_the_paper_or_the_largest_smaller_size():
+def test_table1_pca_dims_keep_the_papers_ratio():
+    # 128 of 768: the trade-off size below the embedding size nearest to a sixth of it.
     assert table1_pca_dims(768) == 128
-    assert table1_pca_dims(64) == 32
+    assert table1_pca_dims(192) == 32
+    assert table1_pca_dims(96) == 16
+    assert table1_pca_dims(64) == 16
     assert table1_pca_dims(16) is None
 
 
@@ -56,6 +59,24 @@ def test_ranking_variants_switch_filter_and_rerank_through_serve_flags():
 def _hidden(item_id, shape, colour, price, category="Men/Tops/T-shirts"):
     return {"item_id": item_id, "shape": shape, "colour": colour, "pattern": "plain", "category": category,
             "price": price}
+
+
+def test_neighbour_agreement_says_which_attribute_an_embedding_sees():
+    rng = np.random.default_rng(0)
+    shapes, colours = ["tote", "mug", "cap"], ["red", "navy"]
+    hidden = {f"i{n}": {"shape": shapes[n % 3], "colour": colours[n % 2], "pattern": "plain",
+                        "category": shapes[n % 3]} for n in range(120)}
+    ids = list(hidden)
+    by_shape = np.eye(3)[[n % 3 for n in range(120)]] + 0.01 * rng.normal(size=(120, 3))
+    by_colour = np.eye(2)[[n % 2 for n in range(120)]] + 0.01 * rng.normal(size=(120, 2))
+    # The colour model embeds only some items: every model is scored on the items all of them embed.
+    result = neighbour_agreement({"shape": (ids, by_shape), "colour": (ids[:90], by_colour[:90])}, hidden, k=5,
+                                 queries=50)
+    assert result["queries"] == 50
+    shape, colour = result["models"]["shape"], result["models"]["colour"]
+    assert shape["shape"] == shape["category"] == 1.0 and shape["pattern"] == 1.0
+    assert colour["colour"] == 1.0 and colour["shape"] < 0.5
+    assert result["random"]["shape"] == pytest.approx(1 / 3, abs=1e-4) and result["random"]["colour"] == 0.5
 
 
 def test_simulated_taps_use_the_hidden_model_and_common_random_numbers():
@@ -111,9 +132,11 @@ def test_study_writes_every_output(study):
 
 def test_table1_has_the_papers_rows_and_consistent_uplifts(study):
     _, result, _ = study
+    assert set(result["neighbour_agreement"]["models"]) == {r["key"] for r in result["table1"]["rows"]
+                                                           if r["key"] not in ("random", "logged_order")}
     rows = {r["key"]: r for r in result["table1"]["rows"]}
-    assert list(rows) == [BASELINE, "siglip_full", "siglip_pca32", "siglip_untrained", "random", "logged_order"]
-    assert rows["siglip_full"]["dims"] == 64 and rows["siglip_pca32"]["dims"] == 32
+    assert list(rows) == [BASELINE, "siglip_base", "siglip_full", "siglip_pca16", "random", "logged_order"]
+    assert rows["siglip_full"]["dims"] == 64 and rows["siglip_pca16"]["dims"] == 16
     base = rows[BASELINE]["metrics"]
     for key, row in rows.items():
         for m in METRICS:
@@ -126,8 +149,8 @@ def test_table1_has_the_papers_rows_and_consistent_uplifts(study):
             assert up["absolute"] == pytest.approx(mean - base[m]["mean"], abs=1e-5)
     # The gate's own evaluation scored the served candidate and the baseline on the same lists.
     gate = result["table1"]["gate"]
-    assert gate["candidate"] == "siglip_pca32" and gate["lists_used"] == result["table1"]["lists_used"]
-    assert gate["candidate_ndcg@5"] == pytest.approx(rows["siglip_pca32"]["metrics"]["ndcg@5"]["mean"])
+    assert gate["candidate"] == "siglip_pca16" and gate["lists_used"] == result["table1"]["lists_used"]
+    assert gate["candidate_ndcg@5"] == pytest.approx(rows["siglip_pca16"]["metrics"]["ndcg@5"]["mean"])
     assert gate["baseline_ndcg@5"] == pytest.approx(base["ndcg@5"]["mean"])
 
 
@@ -142,7 +165,7 @@ def test_pca_tradeoff_rows_and_sizes(study):
         assert p["bytes_per_item"] == pytest.approx(p["index_bytes"]["total"] / p["index_items"])
         assert p["storage_saving"] == pytest.approx(1 - p["index_bytes"]["total"] / full)
     rows = {r["key"]: r for r in result["table1"]["rows"]}
-    assert points["32"]["ndcg@5"] == rows["siglip_pca32"]["metrics"]["ndcg@5"]["mean"]
+    assert points["16"]["ndcg@5"] == rows["siglip_pca16"]["metrics"]["ndcg@5"]["mean"]
 
 
 def test_ab_test_arms_and_variants_are_consistent(study):

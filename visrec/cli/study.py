@@ -22,13 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=d["image_size"], help="rendered photo size in px")
     parser.add_argument("--marketplace", help="reuse a `visrec demo-data` directory instead of generating one")
     parser.add_argument("--models", help="reuse a `visrec init-models` directory instead of creating one")
+    parser.add_argument("--random-init", action="store_true",
+                        help="start from tiny random models instead of the ones pretrained on the synthetic web "
+                             "corpus (`visrec init-models --pretrained`, cached)")
+    parser.add_argument("--cache-dir", help="the pretrained models' cache (default $VISREC_CACHE_DIR/models, "
+                                            "else ~/.cache/visrec/models)")
     parser.add_argument("--full-size", action="store_true",
                         help="SigLIP ViT-B/16-256 + MobileNetV2 1.4 architectures with random weights (needs a GPU)")
     parser.add_argument("--siglip-model", help="a real SigLIP checkpoint (hub id, local or gs:// dir)")
     parser.add_argument("--baseline-model", help="a real MobileNetV2 checkpoint, e.g. google/mobilenet_v2_1.4_224")
-    parser.add_argument("--epochs", type=int, help="default 3 tiny, 5 full size")
-    parser.add_argument("--batch-size", type=int, help="default 64 tiny, 256 full size")
-    parser.add_argument("--lr", type=float, help="default 1e-3 tiny (from scratch), 5e-5 full size")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default 3 from the CPU stand-ins, 5 full size)")
+    parser.add_argument("--batch-size", type=int, help="default 64 CPU stand-ins, 256 full size")
+    parser.add_argument("--lr", type=float, help="default 1e-3 CPU stand-ins (far from converged), 5e-5 full size")
     parser.add_argument("--pca-dims", type=int, nargs="+", default=list(PCA_DIMS),
                         help=f"PCA sizes of the trade-off (default {' '.join(map(str, PCA_DIMS))})")
     parser.add_argument("--bootstrap", type=int, default=d["bootstrap_resamples"], help="bootstrap resamples")
@@ -47,7 +52,8 @@ def config_from_args(args: argparse.Namespace):
 
     return StudyConfig(
         out_dir=args.out, items=args.items, seed=args.seed, image_size=args.image_size,
-        marketplace_dir=args.marketplace, models_dir=args.models, full_size=args.full_size,
+        marketplace_dir=args.marketplace, models_dir=args.models, pretrained=not args.random_init,
+        cache_dir=args.cache_dir, full_size=args.full_size,
         siglip_model=args.siglip_model, baseline_model=args.baseline_model, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, pca_dims=tuple(args.pca_dims), bootstrap_resamples=args.bootstrap,
         ab_users=args.ab_users, ab_sessions_per_user=args.ab_sessions_per_user, ab_k=args.ab_k,

@@ -32,6 +32,7 @@ SIGLIP_HUB_ID = "google/siglip-base-patch16-256-multilingual"
 MOBILENET_HUB_ID = "google/mobilenet_v2_1.4_224"
 KINDS = ("siglip", "mobilenet_v2")
 TEXT_MAX_LENGTH = 64  # SigLIP was trained with max_length padding to 64 tokens.
+TINY_NOTE = "visrec_tiny.json"  # beside the weights of a random stand-in: what it is
 
 # A few bilingual product words so a tokenizer can be trained even without a catalog.
 _FALLBACK_TITLES = [
@@ -54,6 +55,11 @@ class TinyModelConfig:
     vocab_size: int = 2000
     mobilenet_depth_multiplier: float = 0.35
     seed: int = 0
+    # The text tower's width; None: `hidden_size`. A narrower one projects to `hidden_size` (SigLIP's
+    # text head), so image and text embeddings still share one space, at a fraction of the cost of
+    # 64 padded tokens per title.
+    text_hidden_size: int | None = None
+    text_intermediate_size: int | None = None
 
 
 def resolve_model_dir(uri: str, workdir: str | Path | None = None) -> str:
@@ -220,11 +226,13 @@ def preprocess_images(encoder: Any, images: Sequence[Any]) -> Any:
     return encoder.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
 
-def train_title_tokenizer(titles: Iterable[str], vocab_size: int = 2000) -> Any:
+def train_title_tokenizer(titles: Iterable[str], vocab_size: int = 2000, alphabet: Sequence[str] = ()) -> Any:
     """A Unigram tokenizer trained on catalog titles, wrapped as `PreTrainedTokenizerFast`.
 
     Unigram over NFKC-normalised, lower-cased text handles Japanese (no spaces) and
-    English alike; `</s>` is appended as SigLIP's own tokenizer does.
+    English alike; `</s>` is appended as SigLIP's own tokenizer does. `alphabet`: characters
+    every piece of text may need even if `titles` lack them (a tokenizer trained on one corpus
+    and used on another spells unseen words with them instead of `<unk>`).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -235,7 +243,7 @@ def train_title_tokenizer(titles: Iterable[str], vocab_size: int = 2000) -> Any:
     tok.decoder = decoders.Metaspace()
     special_tokens = ["<pad>", "</s>", "<unk>"]
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
-                                      unk_token="<unk>", shrinking_factor=0.75)
+                                      unk_token="<unk>", shrinking_factor=0.75, initial_alphabet=list(alphabet))
     tok.train_from_iterator(list(titles) + _FALLBACK_TITLES, trainer=trainer)
     tok.model = _canonical_unigram(json.loads(tok.to_str())["model"], len(special_tokens))
     eos = tok.token_to_id("</s>")
@@ -313,6 +321,54 @@ def _catalog_titles(listings_uri: str | None) -> list[str]:
     return [row["title"] for row in read_listings(listings_uri).rows]
 
 
+def new_siglip(config: TinyModelConfig, tokenizer: Any, logit_bias: float = -10.0) -> tuple[Any, Any]:
+    """A randomly initialised `SiglipModel` of `config`'s sizes for `tokenizer`, and its `SiglipProcessor`.
+
+    `logit_bias`: the initial bias b. The SigLIP paper's -10 balances the loss of a 32k-pair batch
+    (-log 32768 ~ -10.4); a small batch from scratch wants about -log(batch size) instead.
+    """
+    import torch
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+
+    common = dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+                  num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size)
+    text = dict(common, vocab_size=len(tokenizer), max_position_embeddings=TEXT_MAX_LENGTH,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.eos_token_id)
+    if config.text_hidden_size is not None:
+        text.update(hidden_size=config.text_hidden_size, projection_size=config.hidden_size,
+                    intermediate_size=config.text_intermediate_size or config.intermediate_size)
+    siglip = SiglipModel(SiglipConfig(
+        text_config=text, vision_config=dict(common, image_size=config.image_size, patch_size=config.patch_size)))
+    with torch.no_grad():
+        # The SigLIP paper's from-scratch initialisation, t' = log 10 and b = -10 unless told otherwise
+        # (transformers zero-initialises both, which starts training far from a balanced sigmoid loss).
+        siglip.logit_scale.fill_(math.log(10.0))
+        siglip.logit_bias.fill_(logit_bias)
+    image_processor = SiglipImageProcessor(size={"height": config.image_size, "width": config.image_size})
+    return siglip, SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def new_mobilenet(config: TinyModelConfig) -> tuple[Any, Any]:
+    """A randomly initialised, calibrated `MobileNetV2Model` of `config`'s sizes, and its image processor."""
+    from transformers import MobileNetV2Config, MobileNetV2ImageProcessor, MobileNetV2Model
+
+    mobilenet = MobileNetV2Model(MobileNetV2Config(depth_multiplier=config.mobilenet_depth_multiplier,
+                                                   image_size=config.image_size))
+    _calibrate_random_cnn(mobilenet, config.image_size)
+    processor = MobileNetV2ImageProcessor(size={"shortest_edge": config.image_size},
+                                          crop_size={"height": config.image_size, "width": config.image_size})
+    return mobilenet, processor
+
+
+def save_model(model: Any, processor: Any, out_dir: Path, note_name: str, note: dict) -> None:
+    """`save_pretrained` of `model` and `processor` into `out_dir` (what a real checkpoint holds), plus
+    `note_name` recording how the weights came about (so nobody mistakes them for the real ones)."""
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / note_name).write_text(json.dumps(note, indent=2, ensure_ascii=False) + "\n")
+
+
 def init_models(out_dir: str | Path, listings_uri: str | None = None,
                 config: TinyModelConfig | None = None) -> dict[str, str]:
     """Create tiny random `siglip/` and `mobilenet_v2/` model directories under `out_dir`.
@@ -322,54 +378,20 @@ def init_models(out_dir: str | Path, listings_uri: str | None = None,
     random stand-ins (so nobody mistakes them for trained weights).
     """
     import torch
-    from transformers import (MobileNetV2Config, MobileNetV2ImageProcessor, MobileNetV2Model,
-                              SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor)
 
     config = config or TinyModelConfig()
     torch.manual_seed(config.seed)
     titles = _catalog_titles(listings_uri)
     tokenizer = train_title_tokenizer(titles, vocab_size=config.vocab_size)
-    common = dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
-                  num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size)
-    siglip_config = SiglipConfig(
-        text_config=dict(common, vocab_size=len(tokenizer), max_position_embeddings=TEXT_MAX_LENGTH,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(common, image_size=config.image_size, patch_size=config.patch_size),
-    )
-    siglip = SiglipModel(siglip_config)
-    with torch.no_grad():
-        # The SigLIP paper's from-scratch initialisation, t' = log 10 and b = -10 (transformers
-        # zero-initialises both, which starts training far from a balanced sigmoid loss).
-        siglip.logit_scale.fill_(math.log(10.0))
-        siglip.logit_bias.fill_(-10.0)
-    image_processor = SiglipImageProcessor(size={"height": config.image_size, "width": config.image_size})
-    processor = SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-    out = Path(out_dir)
+    siglip, processor = new_siglip(config, tokenizer)
     note = {"tiny_random_stand_in": True, "real_checkpoint": None, "config": asdict(config),
             "tokenizer_trained_on_titles": len(titles)}
-    paths = {}
-    with io.output_dir(str(out)) as local:
-        siglip_dir = local / "siglip"
-        siglip.save_pretrained(siglip_dir)
-        processor.save_pretrained(siglip_dir)
-        (siglip_dir / "visrec_tiny.json").write_text(json.dumps({**note, "real_checkpoint": SIGLIP_HUB_ID}, indent=2))
-
-        mobilenet_config = MobileNetV2Config(depth_multiplier=config.mobilenet_depth_multiplier,
-                                             image_size=config.image_size)
-        mobilenet = MobileNetV2Model(mobilenet_config)
-        _calibrate_random_cnn(mobilenet, config.image_size)
-        mobilenet_processor = MobileNetV2ImageProcessor(
-            size={"shortest_edge": config.image_size},
-            crop_size={"height": config.image_size, "width": config.image_size})
-        mobilenet_dir = local / "mobilenet_v2"
-        mobilenet.save_pretrained(mobilenet_dir)
-        mobilenet_processor.save_pretrained(mobilenet_dir)
-        (mobilenet_dir / "visrec_tiny.json").write_text(
-            json.dumps({**note, "real_checkpoint": MOBILENET_HUB_ID}, indent=2))
-    for kind in KINDS:
-        paths[kind] = io.join(str(out), kind)
+    with io.output_dir(str(out_dir)) as local:
+        save_model(siglip, processor, local / "siglip", TINY_NOTE, {**note, "real_checkpoint": SIGLIP_HUB_ID})
+        mobilenet, mobilenet_processor = new_mobilenet(config)
+        save_model(mobilenet, mobilenet_processor, local / "mobilenet_v2", TINY_NOTE,
+                   {**note, "real_checkpoint": MOBILENET_HUB_ID})
+    paths = {kind: io.join(str(out_dir), kind) for kind in KINDS}
     log.info("created tiny random models (tokenizer on %d titles): %s", len(titles), paths)
     return paths
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -531,8 +531,11 @@ _SILHOUETTES = {shape: silhouette(shape) for shape, *_ in CATEGORIES.values()}
 _SUPERSAMPLE = 2  # masks are drawn at 2x and box-filtered down: anti-aliased edges
 
 
-def _masks(p: PhotoSpec, width: int, height: int) -> dict[str, np.ndarray]:
-    """Anti-aliased float masks (H, W) per non-empty silhouette layer, posed by scale, rotation, offset."""
+Silhouette = dict[str, list[Polygon]]
+
+
+def _masks(p: PhotoSpec, width: int, height: int, layers: Silhouette) -> dict[str, np.ndarray]:
+    """Anti-aliased float masks (H, W) per non-empty layer of `layers`, posed by scale, rotation, offset."""
     short = min(width, height)
     s = _SUPERSAMPLE
     cx, cy = width / 2 + p.offset[0] * short, height / 2 + p.offset[1] * short
@@ -548,7 +551,7 @@ def _masks(p: PhotoSpec, width: int, height: int) -> dict[str, np.ndarray]:
         return out
 
     masks = {}
-    for layer, polys in _SILHOUETTES[p.shape].items():
+    for layer, polys in layers.items():
         if not polys:
             continue
         canvas = Image.new("L", (width * s, height * s), 0)
@@ -579,26 +582,37 @@ def _pattern(p: PhotoSpec, width: int, height: int) -> np.ndarray | None:
     return 0.5 * ((u < period / 2).astype(np.float32) + (v < period / 2).astype(np.float32))
 
 
-def render_photo(p: PhotoSpec, image_size: int) -> bytes:
-    """JPEG bytes of one product photo; a pure function of the spec (same bytes every time)."""
-    width, height = max(1, round(p.size[0] * image_size)), max(1, round(p.size[1] * image_size))
-    masks = _masks(p, width, height)
-    body = masks["body"]
-    body_img = Image.fromarray((body * 255).astype(np.uint8))
+def object_layers(p: PhotoSpec, width: int, height: int,
+                  layers: Silhouette) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """(masks, drop shadow, shading) of one posed object on a `width` x `height` canvas: the shadow
+    (H, W) falls to the lower right, the shading (H, W) darkens the object's edges for some volume."""
+    masks = _masks(p, width, height, layers)
+    body_img = Image.fromarray((masks["body"] * 255).astype(np.uint8))
     blur = max(1.0, min(width, height) / 40)
-    # Soft drop shadow to the lower right, and darker edges inside the object for some volume.
     shadow = np.asarray(body_img.transform(body_img.size, Image.AFFINE, (1, 0, -blur * 1.5, 0, 1, -blur * 2))
                         .filter(ImageFilter.GaussianBlur(blur * 2)), dtype=np.float32) * (0.35 / 255.0)
     shade = np.asarray(body_img.filter(ImageFilter.GaussianBlur(blur * 1.5)), dtype=np.float32) * (0.28 / 255.0)
     shade += 0.72
+    return masks, shadow, shade
+
+
+def paint_object(img: np.ndarray, p: PhotoSpec, masks: dict[str, np.ndarray], shade: np.ndarray) -> None:
+    """Paint the object of `object_layers` onto `img` (H, W, 3 float32) in place: its colour and
+    pattern, shaded, then the solid `dark` and `light` details."""
+    width, height = img.shape[1], img.shape[0]
     base = np.array(p.rgb, dtype=np.float32)
-    img = (1.0 - shadow)[..., None] * np.array(p.background, dtype=np.float32)
     amount = _pattern(p, width, height)
     fabric = base if amount is None else base + amount[..., None] * (np.array(p.pattern_rgb, np.float32) - base)
-    img += body[..., None] * (fabric * shade[..., None] - img)
+    img += masks["body"][..., None] * (fabric * shade[..., None] - img)
     for layer, colour in (("dark", base * 0.5), ("light", base + 0.7 * (245.0 - base))):
         if layer in masks:
             img += masks[layer][..., None] * (colour - img)
+
+
+def develop(img: np.ndarray, p: PhotoSpec) -> bytes:
+    """JPEG bytes of `img` (H, W, 3 float32, modified) as `p`'s camera takes it: a lighting
+    gradient and exposure, sensor noise, and its JPEG quality."""
+    height, width = img.shape[:2]
     xs = (np.arange(width, dtype=np.float32) / width - 0.5) * (2 * math.cos(p.light_angle))
     ys = (np.arange(height, dtype=np.float32) / height - 0.5) * (2 * math.sin(p.light_angle))
     img *= (p.exposure * (1.0 + p.light_strength * (xs[None, :] + ys[:, None])))[..., None]
@@ -612,32 +626,50 @@ def render_photo(p: PhotoSpec, image_size: int) -> bytes:
     return out.getvalue()
 
 
-def _render_to_file(task: tuple[PhotoSpec, int, str]) -> int:
-    photo, image_size, path = task
-    data = render_photo(photo, image_size)
+def render_photo(p: PhotoSpec, image_size: int) -> bytes:
+    """JPEG bytes of one product photo; a pure function of the spec (same bytes every time)."""
+    width, height = max(1, round(p.size[0] * image_size)), max(1, round(p.size[1] * image_size))
+    masks, shadow, shade = object_layers(p, width, height, _SILHOUETTES[p.shape])
+    img = (1.0 - shadow)[..., None] * np.array(p.background, dtype=np.float32)
+    paint_object(img, p, masks, shade)
+    return develop(img, p)
+
+
+RenderTask = tuple[Callable[[Any, int], bytes], Any, int, str]  # (render function, spec, image size, path)
+
+
+def _render_to_file(task: RenderTask) -> int:
+    render, spec, image_size, path = task
+    data = render(spec, image_size)
     Path(path).write_bytes(data)
     return len(data)
 
 
-def render_images(items: Sequence[Item], image_dir: Path, config: DemoDataConfig) -> int:
-    """Render every item's photo to `image_dir/<item_id>.jpg` with `config.workers` processes; total bytes."""
-    image_dir.mkdir(parents=True, exist_ok=True)
-    tasks = [(it.photo, config.image_size, str(image_dir / f"{it.item_id}.jpg")) for it in items]
-    progress = Progress(log, "images", len(tasks), PROGRESS_EVERY_S)
+def render_files(tasks: Sequence[RenderTask], workers: int, what: str = "images") -> int:
+    """Run every `(render, spec, image_size, path)` task, writing `render(spec, image_size)` to `path`,
+    with `workers` processes; total bytes. Each file depends on its task alone, not on the workers."""
+    progress = Progress(log, what, len(tasks), PROGRESS_EVERY_S)
     total = 0
-    if config.workers == 1:
+    if workers == 1:
         for task in tasks:
             total += _render_to_file(task)
             progress.add()
         return total
     # fork: workers inherit the imported module instead of re-importing numpy and PIL.
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with ctx.Pool(config.workers) as pool:
-        chunk = max(1, min(64, len(tasks) // (config.workers * 8)))
+    with ctx.Pool(workers) as pool:
+        chunk = max(1, min(64, len(tasks) // (workers * 8)))
         for size in pool.imap_unordered(_render_to_file, tasks, chunksize=chunk):
             total += size
             progress.add()
     return total
+
+
+def render_images(items: Sequence[Item], image_dir: Path, config: DemoDataConfig) -> int:
+    """Render every item's photo to `image_dir/<item_id>.jpg` with `config.workers` processes; total bytes."""
+    image_dir.mkdir(parents=True, exist_ok=True)
+    return render_files([(render_photo, it.photo, config.image_size, str(image_dir / f"{it.item_id}.jpg"))
+                         for it in items], config.workers)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,46 +11,55 @@ from typing import Sequence
 
 from visrec.core import io
 from visrec.sim.study.ab import Session
-from visrec.sim.study.config import (ARMS, BASELINE, CANDIDATE, PAPER, PAPER_PCA_DIMS, SYNTHETIC_NOTE,
-                                     StudyConfig)
+from visrec.sim.pretrain import CHECKPOINT, PRETRAINED
+from visrec.sim.pretrain import RANDOM as RANDOM_WEIGHTS
+from visrec.sim.study.config import ARMS, BASELINE, CANDIDATE, PAPER, SYNTHETIC_NOTE, StudyConfig
 from visrec.sim.study.stages import StageRunner
 
 
-_LABELS = {BASELINE: "MobileNetV2 baseline", "siglip_untrained": "SigLIP, untrained (sanity)",
-           "random": "random order (reference)", "logged_order": "logged order (reference)"}
+_LABELS = {"random": "random order (reference)", "logged_order": "logged order (reference)"}
+# Row labels by where the weights came from (`visrec.sim.pretrain.model_origin`).
+_BASELINE_LABELS = {PRETRAINED: "MobileNetV2 baseline (classification-pretrained)",
+                    RANDOM_WEIGHTS: "MobileNetV2 baseline (random weights)", CHECKPOINT: "MobileNetV2 baseline"}
+_BASE_LABELS = {PRETRAINED: "SigLIP pretrained only (zero-shot)",
+                RANDOM_WEIGHTS: "SigLIP untrained (random weights, sanity)",
+                CHECKPOINT: "SigLIP checkpoint, not fine-tuned (zero-shot)"}
 
 
 def assemble_result(config: StudyConfig, command: str, market: Path, scored: dict, dims: dict[str, int],
                     kept: list[int], skipped: list[int], t1_dims: int | None, explained: dict, index_sizes: dict,
                     gate: dict, cand_name: str, deployed: dict, ab_summary: dict, sessions: list[Session],
-                    train_metrics: dict, stages: StageRunner) -> dict:
-    """study.json's content from the stages' results."""
+                    train_metrics: dict, stages: StageRunner, origins: dict[str, str],
+                    training: tuple[int, int, float], pretrain: dict | None) -> dict:
+    """study.json's content from the stages' results. `origins`: where the SigLIP that fine-tuning
+    started from and the baseline came from; `training`: (epochs, batch size, lr) of the fine-tuning;
+    `pretrain`: the `pretrain` stage's result when the study built or reused the pretrained stand-ins."""
     import platform
 
     from visrec.stages.evaluate.evaluation import LOGGED, RANDOM
     from visrec.stages.evaluate.metrics import METRICS
 
     values, uplift = scored["values"], scored["uplift"]
-    tiny = not config.full_size and config.siglip_model is None
     full_dims = dims["siglip_full"]
 
     def row(key: str, label: str) -> dict:
         return {"key": key, "label": label, "dims": dims.get(key, "-"), "metrics": values[key],
                 "uplift": {m: uplift[f"{key}_vs_{BASELINE}"][m] for m in METRICS} if key != BASELINE else None}
 
-    rows = [row(BASELINE, _LABELS[BASELINE]), row("siglip_full", f"SigLIP fine-tuned, full size ({full_dims}-d)")]
+    rows = [row(BASELINE, _BASELINE_LABELS[origins[BASELINE]]), row("siglip_base", _BASE_LABELS[origins["siglip"]]),
+            row("siglip_full", f"SigLIP fine-tuned ({full_dims}-d)")]
     if t1_dims:
         rows.append(row(f"siglip_pca{t1_dims}", f"SigLIP fine-tuned + PCA {t1_dims}"))
-    rows += [row(key, _LABELS[key]) for key in ("siglip_untrained", RANDOM, LOGGED)]
-    if full_dims <= PAPER_PCA_DIMS:
-        pca_note = (f"The tiny stand-in embeds in {full_dims} dims, so \"full size\" is {full_dims}-d (the paper's "
-                    f"is 768-d) and the PCA row uses {t1_dims} dims (the paper's 128, or for a smaller embedding the "
-                    "largest trade-off size below it).")
-    else:
-        pca_note = f"Full size is {full_dims}-d; the PCA row is the paper's {PAPER_PCA_DIMS}."
-    if config.baseline_model is None:
-        pca_note += (" The baseline is a randomly initialised MobileNetV2 (no ImageNet weights can be downloaded "
-                     "here); pass --baseline-model google/mobilenet_v2_1.4_224 for the real one.")
+    rows += [row(key, _LABELS[key]) for key in (RANDOM, LOGGED)]
+    pca_note = (f"SigLIP embeds in {full_dims} dims (the paper's in 768); the PCA row keeps "
+                f"{t1_dims or '-'}, the size nearest the paper's ratio 128/768.")
+    if origins[BASELINE] == RANDOM_WEIGHTS:
+        pca_note += (" The baseline is a randomly initialised MobileNetV2, no bar at all; pass --baseline-model "
+                     "google/mobilenet_v2_1.4_224 where it can be downloaded, or leave --pretrained on.")
+    elif origins[BASELINE] == PRETRAINED:
+        pca_note += (" The baseline is MobileNetV2 pretrained by classification of the synthetic web corpus's object "
+                     "classes and used frozen, as the paper's ImageNet one is; SigLIP was pretrained on the same "
+                     "corpus's image-caption pairs (`visrec init-models --pretrained`).")
 
     full_bytes = index_sizes["siglip_full"]["bytes"]["total"]
     points = []
@@ -81,13 +90,16 @@ def assemble_result(config: StudyConfig, command: str, market: Path, scored: dic
                                        "the candidate was rejected by the default gate, so it and the baseline were")
                + " under the A/B-arm policy `ab-arm-gate.yaml` (nDCG@5 >= 0: an arm is served to a share of "
                "users, never promoted).")
-    epochs, batch_size, lr = config.training()
-    if tiny:
+    epochs, batch_size, lr = training
+    if pretrain is not None:
+        description = (f"SiglipModel / MobileNetV2Model pretrained on a {pretrain['corpus_items']:,}-pair synthetic web "
+                       f"corpus (visrec init-models --pretrained, cache entry {pretrain['key']}), CPU")
+    elif origins["siglip"] == RANDOM_WEIGHTS:
         description = "tiny randomly initialised SiglipModel / MobileNetV2Model stand-ins (visrec init-models), CPU"
-    elif config.siglip_model:
-        description = f"checkpoints {config.siglip_model} / {config.baseline_model or 'random MobileNetV2 1.4'}"
-    else:
+    elif config.full_size:
         description = "SigLIP ViT-B/16-256 and MobileNetV2 1.4 architectures with random weights"
+    else:
+        description = f"checkpoints {config.siglip_model or config.models_dir} / {config.baseline_model or config.models_dir}"
     return {
         "note": SYNTHETIC_NOTE,
         "command": command,
@@ -97,6 +109,7 @@ def assemble_result(config: StudyConfig, command: str, market: Path, scored: dic
         "marketplace": {"dir": str(market), "items": io.count_lines(str(market / "listings.jsonl")),
                         "impressions": io.count_lines(str(market / "interactions.jsonl"))},
         "models": {"description": description, "siglip_dims": full_dims, "baseline_dims": dims[BASELINE],
+                   "origins": origins, "pretrain": pretrain,
                    "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr,
                                 **{k: train_metrics.get(k) for k in ("train_pairs", "val_pairs", "best_epoch",
                                                                      "initial_val", "best_val",
@@ -136,11 +149,21 @@ def _ci(ci: Sequence[float | None] | None, pct: bool = False, signed: bool = Fal
     return f"[{_fmt(ci[0], pct, signed)}, {_fmt(ci[1], pct, signed)}]"
 
 
+def _relevance_weights() -> str:
+    """The hidden user model's weight of each attribute in its relevance (`visrec.sim.demo_data`)."""
+    from visrec.sim.demo_data import RELEVANCE_WEIGHTS, VISUAL_WEIGHTS
+
+    weights = {a: RELEVANCE_WEIGHTS["visual"] * w for a, w in VISUAL_WEIGHTS.items()}
+    weights.update({a: w for a, w in RELEVANCE_WEIGHTS.items() if a != "visual"})
+    return ", ".join(f"{a} {w:.2f}" for a, w in weights.items())
+
+
 def render_markdown(result: dict) -> str:
     """`study.md`: the tables of `study.json` for people."""
     from visrec.stages.evaluate.metrics import METRICS
 
     t1, trade, ab = result["table1"], result["pca_tradeoff"], result["ab_test"]
+    nb = result["neighbour_agreement"]
     lines = [f"# Offline study on a synthetic marketplace ({result['marketplace']['items']:,} items, "
              f"seed {result['config']['seed']})", "", f"**{SYNTHETIC_NOTE}**", "",
              f"Command: `{result['command']}`  ", f"Models: {result['models']['description']}  ",
@@ -168,6 +191,15 @@ def render_markdown(result: dict) -> str:
               "P@1 for fine-tuned SigLIP over MobileNetV2.", "",
               f"Gate report of the served candidate ({t1['gate']['candidate']}): `{t1['gate']['report']}`, "
               f"decision **{t1['gate']['decision']}**.", "",
+              "## What each embedding sees", "",
+              f"Share of each item's {nb['k']} nearest neighbours (cosine) with the same hidden attribute, "
+              f"over {nb['queries']:,} items (what the hidden user model's relevance weighs: {_relevance_weights()}).",
+              "",
+              "| model | " + " | ".join(nb["attributes"]) + " |", "|---|" + "---:|" * len(nb["attributes"])]
+    labels = {row["key"]: row["label"] for row in t1["rows"]}
+    for name, shares in [*nb["models"].items(), ("random", nb["random"])]:
+        lines.append(f"| {labels.get(name, name)} | " + " | ".join(_fmt(shares[a]) for a in nb["attributes"]) + " |")
+    lines += ["",
               "## PCA trade-off", "",
               f"Fine-tuned SigLIP ({trade['full_dims']}-d) projected by PCA fitted on its own embeddings; index "
               f"bytes per item measured as the saved `SimilarityIndex` directory size / items "

@@ -18,7 +18,8 @@ from visrec.sim.study.config import (ARMS, BASELINE, CANDIDATE, FULL_SIZE_MODELS
 from visrec.sim.study.plots import plot_ab, plot_table1, plot_tradeoff
 from visrec.sim.study.report import assemble_result, render_markdown
 from visrec.sim.study.stages import StageRunner
-from visrec.sim.study.stats import score_rankings, summarise_ab
+from visrec.sim.pretrain import model_origin
+from visrec.sim.study.stats import neighbour_agreement, score_rankings, summarise_ab
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,20 @@ def _deploy_arm(registry: Path, model_dir: str, kind: str, embeddings_dir: str, 
     return outcome.as_dict()
 
 
+def _pretrained(config: StudyConfig) -> dict:
+    """The `pretrain` stage: `visrec.sim.pretrain.pretrained_models` (cached), and how it was obtained."""
+    from visrec.sim.pretrain import pretrained_models
+
+    models = pretrained_models(cache_dir=config.cache_dir)
+    m = models.manifest
+    return {"paths": models.paths, "key": models.key, "built_now": models.built_now,
+            "build_seconds": models.build_seconds, "corpus_items": m["corpus"]["items"],
+            "classes": m["mobilenet_v2"]["classes"], "siglip": m["siglip"],
+            "mobilenet_v2": {k: m["mobilenet_v2"][k] for k in ("initial_val_accuracy", "val_accuracy", "train_images",
+                                                                "val_images", "samples_per_second", "seconds")},
+            "seconds": m["seconds"]}
+
+
 def run_study(config: StudyConfig, command: str = "") -> dict:
     """Run the whole study into `config.out_dir`; returns (and writes) `study.json`."""
     from visrec.sim.demo_data import DemoDataConfig, generate_marketplace, load_hidden
@@ -114,11 +129,18 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
         stages.run("generate", lambda: generate_marketplace(market, DemoDataConfig(
             items=config.items, seed=config.seed, image_size=config.image_size, workers=config.workers)))
     listings, interactions = str(market / "listings.jsonl"), str(market / "interactions.jsonl")
-    models = Path(config.models_dir) if config.models_dir else out / "models"
-    if config.models_dir is None and not (config.siglip_model and config.baseline_model):
-        stages.run("init_models", lambda: init_models(models, listings_uri=listings, config=_model_config(config)))
-    siglip_uri = config.siglip_model or str(models / "siglip")
-    baseline_uri = config.baseline_model or str(models / "mobilenet_v2")
+    pretrain, models = None, {}
+    if config.models_dir:
+        models = {kind: str(Path(config.models_dir) / kind) for kind in ("siglip", "mobilenet_v2")}
+    elif config.uses_pretrained_stand_ins():
+        pretrain = stages.run("pretrain", lambda: _pretrained(config))
+        models = pretrain["paths"]
+    elif not (config.siglip_model and config.baseline_model):
+        models = stages.run("init_models", lambda: init_models(out / "models", listings_uri=listings,
+                                                               config=_model_config(config)))
+    siglip_uri = config.siglip_model or models["siglip"]
+    baseline_uri = config.baseline_model or models["mobilenet_v2"]
+    origins = {"siglip": model_origin(siglip_uri), BASELINE: model_origin(baseline_uri)}
 
     # Stages 1-3.
     prepared = str(out / "prepared")
@@ -130,7 +152,7 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
         data_uri=prepared, out_dir=str(trained), model_uri=siglip_uri, epochs=epochs, batch_size=batch_size, lr=lr,
         seed=config.seed, checkpoint_every_steps=0, num_workers=min(2, config.workers), device=config.device,
         progress=False)).as_dict().items() if k != "step_loss"})
-    raw = {"siglip": (str(trained / "model"), "siglip"), "siglip_untrained": (siglip_uri, "siglip"),
+    raw = {"siglip": (str(trained / "model"), "siglip"), "siglip_base": (siglip_uri, "siglip"),
            BASELINE: (baseline_uri, "mobilenet_v2")}
     emb = out / "embeddings"
     for name, (model_uri, kind) in raw.items():
@@ -157,8 +179,7 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
     variant_dirs.update({f"siglip_pca{d}": str(emb / f"siglip_pca{d}") for d in kept})
 
     # Table 1 and the trade-off's quality: every embedding set scored on the same lists.
-    vectors = {BASELINE: read_embeddings(str(emb / BASELINE)), "siglip_untrained":
-               read_embeddings(str(emb / "siglip_untrained"))}
+    vectors = {BASELINE: read_embeddings(str(emb / BASELINE)), "siglip_base": read_embeddings(str(emb / "siglip_base"))}
     vectors["siglip_full"] = (ids, full)
     vectors.update({f"siglip_pca{d}": read_embeddings(variant_dirs[f"siglip_pca{d}"]) for d in kept})
     dims = {name: vecs.shape[1] for name, (_, vecs) in vectors.items()}
@@ -166,6 +187,10 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
     comparisons += [(f"siglip_pca{d}", "siglip_full") for d in kept]
     scored = stages.run("score", lambda: score_rankings(interactions, vectors, comparisons,
                                                         config.bootstrap_resamples, config.seed))
+    hidden = load_hidden(market)
+    table1_models = [BASELINE, "siglip_base", "siglip_full", *([f"siglip_pca{t1_dims}"] if t1_dims else [])]
+    neighbours = stages.run("neighbours", lambda: neighbour_agreement({n: vectors[n] for n in table1_models}, hidden,
+                                                                      seed=config.seed))
 
     # Index bytes per item, measured on saved indexes.
     def measure_indexes() -> dict:
@@ -211,7 +236,6 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
         arm_evaluations[a])) for arm in ARMS}
 
     # The simulated A/B test against real serving processes.
-    hidden = load_hidden(market)
     served_ids = set(vectors[cand_name][0]) & set(vectors[BASELINE][0])  # the arms' embeddings, already read
     pool = sorted(i for i in served_ids if hidden[i]["status"] == "on_sale")
     sessions = make_sessions(pool, config.ab_users, config.ab_sessions_per_user, config.seed)
@@ -226,7 +250,9 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
     ab_summary = stages.run("ab_test", ab_test)
 
     result = assemble_result(config, command, market, scored, dims, kept, skipped, t1_dims, explained, index_sizes,
-                       gate, cand_name, deployed, ab_summary, sessions, train_metrics, stages)
+                             gate, cand_name, deployed, ab_summary, sessions, train_metrics, stages, origins,
+                             (epochs, batch_size, lr), pretrain)
+    result["neighbour_agreement"] = neighbours
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     files = {"table1.png": plot_table1(result["table1"]["rows"]),
              "pca_tradeoff.png": plot_tradeoff(result["pca_tradeoff"]["points"]),

@@ -86,3 +86,35 @@ def summarise_ab(records: list[dict], variants: Sequence[str], resamples: int, s
         entry["ctr_uplift_ci95"] = percentile_ci(draws[CANDIDATE][:, j] / draws[BASELINE][:, j] - 1.0)
         out["variants"][variant] = entry
     return out
+
+
+# The hidden attributes a photo shows, and the category, whose agreement `neighbour_agreement` reports.
+NEIGHBOUR_ATTRIBUTES = ("shape", "colour", "pattern", "category")
+
+
+def neighbour_agreement(models: dict[str, tuple[list[str], np.ndarray]], hidden: dict[str, dict], k: int = 5,
+                        queries: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Per model, the share of each query's `k` nearest neighbours (cosine, the query excluded) that
+    share its hidden shape, colour, pattern and category, over the same `queries` items drawn from the
+    items every model embeds; plus the share at random.
+
+    Table 1 says which model ranks better; this says why: what each embedding has learned to see.
+    """
+    common = sorted(set.intersection(*(set(ids) for ids, _ in models.values())))
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(common), size=min(queries, len(common)), replace=False)
+    query_ids = [common[i] for i in chosen]
+    values = {a: np.array([hidden[i][a] for i in common]) for a in NEIGHBOUR_ATTRIBUTES}
+    out: dict[str, Any] = {"k": k, "queries": len(query_ids), "attributes": list(NEIGHBOUR_ATTRIBUTES), "models": {}}
+    for name, (ids, vecs) in models.items():
+        index = {item: row for row, item in enumerate(ids)}
+        pool = vecs[[index[i] for i in common]].astype(np.float32)
+        pool /= np.maximum(np.linalg.norm(pool, axis=1, keepdims=True), 1e-12)
+        sims = pool[chosen] @ pool.T
+        sims[np.arange(len(chosen)), chosen] = -np.inf
+        neighbours = np.argpartition(-sims, k, axis=1)[:, :k]
+        out["models"][name] = {a: round(float((values[a][neighbours] == values[a][chosen, None]).mean()), 4)
+                               for a in NEIGHBOUR_ATTRIBUTES}
+    out["random"] = {a: round(float(sum((np.unique(values[a], return_counts=True)[1] / len(common)) ** 2)), 4)
+                     for a in NEIGHBOUR_ATTRIBUTES}
+    return out
