@@ -112,11 +112,18 @@ def test_cache_key_follows_the_config_not_the_workers():
     assert key != pretrain.cache_key(dataclasses.replace(TINY, corpus=dataclasses.replace(TINY.corpus, seed=1)))
 
 
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> tuple[Path, pretrain.PretrainedModels]:
+    """A cache holding the `TINY` stand-ins, built by the first call: (cache dir, that call's result)."""
+    cache = tmp_path_factory.mktemp("pretrained-cache")
+    return cache, pretrain.pretrained_models(TINY, cache_dir=cache)
+
+
 @pytest.mark.integration
-def test_pretrained_models_are_built_once_cached_and_reproducible(tmp_path):
-    first = pretrain.pretrained_models(TINY, cache_dir=tmp_path / "cache")
+def test_pretrained_models_are_built_once_cached_and_reproducible(tiny_cache, tmp_path):
+    cache, first = tiny_cache
     assert first.built_now and Path(first.paths["siglip"]).parent.name == f"pretrained-{first.key}"
-    again = pretrain.pretrained_models(TINY, cache_dir=tmp_path / "cache")
+    again = pretrain.pretrained_models(TINY, cache_dir=cache)
     assert not again.built_now and again.paths == first.paths and again.manifest == first.manifest
     for kind in pretrain.KINDS:  # the same classes and loading path as the real checkpoints
         encoder = load_image_encoder(first.paths[kind])
@@ -136,17 +143,14 @@ def test_pretrained_models_are_built_once_cached_and_reproducible(tmp_path):
 
 
 @pytest.mark.integration
-def test_init_models_cli_pretrained_copies_the_cached_models(tmp_path, capsys, monkeypatch):
-    build = pretrain.pretrained_models  # the CLI builds the default config: TINY instead
+def test_init_models_cli_pretrained_copies_the_cached_models(tiny_cache, tmp_path, capsys, monkeypatch):
+    cache, built = tiny_cache
+    build = pretrain.pretrained_models  # the CLI asks for the default config: TINY instead
     monkeypatch.setattr(pretrain, "pretrained_models", lambda config=None, **kw: build(config or TINY, **kw))
-    cache = str(tmp_path / "cache")
-    assert cli.main(["init-models", "--pretrained", "--cache-dir", cache, "--out", str(tmp_path / "m")]) == 0
-    assert "(built now" in capsys.readouterr().out
-    assert cli.main(["init-models", "--pretrained", "--cache-dir", cache, "--out", str(tmp_path / "again")]) == 0
-    cached = build(TINY, cache_dir=cache)
-    assert f"pretrained models {cached.key} (from the cache" in capsys.readouterr().out
+    assert cli.main(["init-models", "--pretrained", "--cache-dir", str(cache), "--out", str(tmp_path / "m")]) == 0
+    assert f"pretrained models {built.key} (from the cache" in capsys.readouterr().out
     for kind in pretrain.KINDS:
-        assert (tmp_path / "again" / kind / "model.safetensors").read_bytes() == \
-            (Path(cached.paths[kind]) / "model.safetensors").read_bytes()
+        assert (tmp_path / "m" / kind / "model.safetensors").read_bytes() == \
+            (Path(built.paths[kind]) / "model.safetensors").read_bytes()
     assert cli.main(["init-models", "--pretrained", "--listings", "x.jsonl"]) == 2
     assert cli.main(["init-models"]) == 2  # random models need --out
