@@ -103,14 +103,17 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class PretrainedModels:
-    """A cache entry: the model directories by kind, its key, whether this call built it and how
-    long that took (now or when it was built), and the manifest."""
+    """A cache entry: the model directories by kind, its key, whether this call built it, and the
+    manifest (with how long the build took, now or when it was built: `build_seconds`)."""
 
     paths: dict[str, str]
     key: str
     built_now: bool
-    build_seconds: float
     manifest: dict[str, Any]
+
+    @property
+    def build_seconds(self) -> float:
+        return self.manifest["seconds"]["total"]
 
 
 # Where a model directory's weights came from (`model_origin`).
@@ -178,7 +181,7 @@ def pretrained_models(config: PretrainConfig | None = None, cache_dir: str | Pat
             log.info("pretrained models %s: reusing %s", key, entry)
     manifest = json.loads((entry / MANIFEST).read_text())
     return PretrainedModels(paths={kind: str(entry / kind) for kind in KINDS}, key=key, built_now=built_now,
-                            build_seconds=manifest["seconds"]["total"], manifest=manifest)
+                            manifest=manifest)
 
 
 def copy_models(models: PretrainedModels, out_dir: str) -> dict[str, str]:

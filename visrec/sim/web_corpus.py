@@ -39,8 +39,8 @@ from PIL import Image
 
 from visrec.core import io
 from visrec.core.errors import UserError
-from visrec.sim.demo_data import (LISTED_FROM, PhotoSpec, Polygon, Silhouette, _band, _ellipse, _mirror, _pick,
-                                  _rect, develop, object_layers, paint_object, render_files)
+from visrec.sim.demo_data import (LISTED_FROM, PhotoSpec, Polygon, Silhouette, _band, _ellipse, _jsonl, _mirror,
+                                  _pick, _rect, develop, object_layers, paint_object, render_files)
 
 log = logging.getLogger(__name__)
 
@@ -443,10 +443,8 @@ def generate_web_corpus(out_dir: str | Path, config: WebCorpusConfig) -> dict:
                    "classes": {c: sum(im.main.label == c for im in images) for c in CLASSES},
                    "scenes": {s: sum(im.scene == s for im in images) for s in SCENES},
                    "second_objects": sum(im.second is not None for im in images)}
-        io.write_text(str(out / PAIRS_FILE), "".join(json.dumps(im.pair(), ensure_ascii=False) + "\n"
-                                                     for im in images))
-        io.write_text(str(out / "hidden" / "items.jsonl"), "".join(json.dumps(im.hidden(), ensure_ascii=False) + "\n"
-                                                                   for im in images))
+        io.write_text(str(out / PAIRS_FILE), _jsonl([im.pair() for im in images]))
+        io.write_text(str(out / "hidden" / "items.jsonl"), _jsonl([im.hidden() for im in images]))
         io.write_text(str(out / "README.txt"), _readme(config, summary))
     summary["seconds"] = round(time.monotonic() - start, 2)
     log.info("web corpus: %d images in %.1fs -> %s", len(images), summary["seconds"], out_dir)

@@ -99,6 +99,12 @@ class StudyConfig:
                 self.lr or (5e-5 if paper else 1e-3))
 
 
+def table1_models(t1_dims: int | None) -> list[str]:
+    """The embeddings of Table 1's model rows, in order: the baseline, the SigLIP fine-tuning started
+    from, the fine-tuned SigLIP and, when there is one, its PCA row (`table1_pca_dims`)."""
+    return [BASELINE, "siglip_base", "siglip_full", *([f"siglip_pca{t1_dims}"] if t1_dims else [])]
+
+
 def table1_pca_dims(full_dims: int, pca_dims: Sequence[int] = PCA_DIMS) -> int | None:
     """The PCA size of Table 1's "SigLIP + PCA" row: the paper's ratio, 128 of 768 (a sixth), applied
     to this embedding: the trade-off size below the embedding size nearest to a sixth of it, the

@@ -13,7 +13,7 @@ from visrec.core import io
 from visrec.sim.study.ab import Session
 from visrec.sim.pretrain import CHECKPOINT, PRETRAINED
 from visrec.sim.pretrain import RANDOM as RANDOM_WEIGHTS
-from visrec.sim.study.config import ARMS, BASELINE, CANDIDATE, PAPER, SYNTHETIC_NOTE, StudyConfig
+from visrec.sim.study.config import ARMS, BASELINE, CANDIDATE, PAPER, SYNTHETIC_NOTE, StudyConfig, table1_models
 from visrec.sim.study.stages import StageRunner
 
 
@@ -46,16 +46,15 @@ def assemble_result(config: StudyConfig, command: str, market: Path, scored: dic
         return {"key": key, "label": label, "dims": dims.get(key, "-"), "metrics": values[key],
                 "uplift": {m: uplift[f"{key}_vs_{BASELINE}"][m] for m in METRICS} if key != BASELINE else None}
 
-    rows = [row(BASELINE, _BASELINE_LABELS[origins[BASELINE]]), row("siglip_base", _BASE_LABELS[origins["siglip"]]),
-            row("siglip_full", f"SigLIP fine-tuned ({full_dims}-d)")]
-    if t1_dims:
-        rows.append(row(f"siglip_pca{t1_dims}", f"SigLIP fine-tuned + PCA {t1_dims}"))
-    rows += [row(key, _LABELS[key]) for key in (RANDOM, LOGGED)]
+    labels = {BASELINE: _BASELINE_LABELS[origins[BASELINE]], "siglip_base": _BASE_LABELS[origins["siglip"]],
+              "siglip_full": f"SigLIP fine-tuned ({full_dims}-d)",
+              f"siglip_pca{t1_dims}": f"SigLIP fine-tuned + PCA {t1_dims}", **_LABELS}
+    rows = [row(key, labels[key]) for key in [*table1_models(t1_dims), RANDOM, LOGGED]]
     pca_note = (f"SigLIP embeds in {full_dims} dims (the paper's in 768); the PCA row keeps "
                 f"{t1_dims or '-'}, the size nearest the paper's ratio 128/768.")
     if origins[BASELINE] == RANDOM_WEIGHTS:
         pca_note += (" The baseline is a randomly initialised MobileNetV2, no bar at all; pass --baseline-model "
-                     "google/mobilenet_v2_1.4_224 where it can be downloaded, or leave --pretrained on.")
+                     "google/mobilenet_v2_1.4_224 where it can be downloaded, or drop --random-init.")
     elif origins[BASELINE] == PRETRAINED:
         pca_note += (" The baseline is MobileNetV2 pretrained by classification of the synthetic web corpus's object "
                      "classes and used frozen, as the paper's ImageNet one is; SigLIP was pretrained on the same "

@@ -13,8 +13,8 @@ import numpy as np
 
 from visrec.core.errors import UserError
 from visrec.sim.study.ab import RANKING_VARIANTS, make_sessions, play_sessions
-from visrec.sim.study.config import (ARMS, BASELINE, CANDIDATE, FULL_SIZE_MODELS, StudyConfig, table1_pca_dims,
-                                     tradeoff_dims)
+from visrec.sim.study.config import (ARMS, BASELINE, CANDIDATE, FULL_SIZE_MODELS, StudyConfig, table1_models,
+                                     table1_pca_dims, tradeoff_dims)
 from visrec.sim.study.plots import plot_ab, plot_table1, plot_tradeoff
 from visrec.sim.study.report import assemble_result, render_markdown
 from visrec.sim.study.stages import StageRunner
@@ -188,9 +188,8 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
     scored = stages.run("score", lambda: score_rankings(interactions, vectors, comparisons,
                                                         config.bootstrap_resamples, config.seed))
     hidden = load_hidden(market)
-    table1_models = [BASELINE, "siglip_base", "siglip_full", *([f"siglip_pca{t1_dims}"] if t1_dims else [])]
-    neighbours = stages.run("neighbours", lambda: neighbour_agreement({n: vectors[n] for n in table1_models}, hidden,
-                                                                      seed=config.seed))
+    neighbours = stages.run("neighbours", lambda: neighbour_agreement(
+        {name: vectors[name] for name in table1_models(t1_dims)}, hidden, seed=config.seed))
 
     # Index bytes per item, measured on saved indexes.
     def measure_indexes() -> dict:
@@ -206,7 +205,7 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
     index_sizes = stages.run("index_sizes", measure_indexes)
 
     # Stage 4-6 for the two A/B arms: the candidate (SigLIP + Table 1's PCA) and the baseline.
-    cand_name = f"siglip_pca{t1_dims}" if t1_dims else "siglip_full"
+    cand_name = table1_models(t1_dims)[-1]  # Table 1's last model row: with PCA when there is a PCA row
     arm_embeddings = {CANDIDATE: variant_dirs[cand_name], BASELINE: str(emb / BASELINE)}
     index_config = IndexConfig(max_p99_ms=None, seed=config.seed)  # latency is bench/ann.py's job
     for arm in ARMS:

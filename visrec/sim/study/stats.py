@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from visrec.model.pca import l2_normalise
 from visrec.sim.study.config import ARMS, BASELINE, CANDIDATE, TAP_STREAM
 from visrec.stages.experiment.stats import percentile_ci, ratio_bootstrap
 
@@ -103,13 +104,11 @@ def neighbour_agreement(models: dict[str, tuple[list[str], np.ndarray]], hidden:
     common = sorted(set.intersection(*(set(ids) for ids, _ in models.values())))
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(common), size=min(queries, len(common)), replace=False)
-    query_ids = [common[i] for i in chosen]
     values = {a: np.array([hidden[i][a] for i in common]) for a in NEIGHBOUR_ATTRIBUTES}
-    out: dict[str, Any] = {"k": k, "queries": len(query_ids), "attributes": list(NEIGHBOUR_ATTRIBUTES), "models": {}}
+    out: dict[str, Any] = {"k": k, "queries": len(chosen), "attributes": list(NEIGHBOUR_ATTRIBUTES), "models": {}}
     for name, (ids, vecs) in models.items():
         index = {item: row for row, item in enumerate(ids)}
-        pool = vecs[[index[i] for i in common]].astype(np.float32)
-        pool /= np.maximum(np.linalg.norm(pool, axis=1, keepdims=True), 1e-12)
+        pool = l2_normalise(vecs[[index[i] for i in common]])
         sims = pool[chosen] @ pool.T
         sims[np.arange(len(chosen)), chosen] = -np.inf
         neighbours = np.argpartition(-sims, k, axis=1)[:, :k]
