@@ -1,6 +1,7 @@
 """The paper's offline study on the synthetic marketplace (same code as `visrec study`).
 
-    python bench/study.py --out /tmp/study                 # defaults: 20,000 items, tiny models on CPU
+    python bench/study.py --out /tmp/study                 # 20,000 items, the pretrained CPU stand-ins
+    python bench/study.py --out /tmp/study --shuffled-titles-control   # + the negative control
     python bench/study.py --out /tmp/study --full-size     # SigLIP ViT-B/16-256 architecture (GPU)
 
 Writes everything into --out (study.json, study.md, plots, the gate report), prints the

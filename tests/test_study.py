@@ -1,8 +1,8 @@
 """The offline study (visrec.sim.study package): pure parts, and one fast end-to-end run on a tiny marketplace.
 
 The end-to-end run uses the shared 400-item marketplace and tiny models, 1 epoch, few
-bootstrap resamples and a few dozen simulated users: it checks that every output is
-written and that the figures agree with each other, not what they are.
+bootstrap resamples, a few dozen simulated users and the shuffled-titles control: it checks
+that every output is written and that the figures agree with each other, not what they are.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import pytest
 from visrec.sim.demo_data import tap_probability
 from visrec.stages.evaluate.metrics import METRICS
 from visrec.sim.study.ab import RANKING_VARIANTS, Session, arm_of, make_sessions, simulate_taps
-from visrec.sim.study.config import ARMS, BASELINE, CANDIDATE, StudyConfig, table1_pca_dims, tradeoff_dims
+from visrec.sim.study.config import (ARMS, BASELINE, CANDIDATE, CONTROL, StudyConfig, table1_pca_dims,
+                                     tradeoff_dims)
+from visrec.sim.study.controls import derangement, shuffle_titles
 from visrec.sim.study.run import run_study
 from visrec.sim.study.stats import neighbour_agreement, ratio_bootstrap, summarise_ab
 from visrec.core.errors import UserError
@@ -109,11 +111,48 @@ def test_ratio_bootstrap_and_ab_summary_are_consistent():
     assert "relative_change_vs_full" in out["variants"]["b"][CANDIDATE]
 
 
+def test_derangement_moves_every_element():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 10, 500):
+        perm = derangement(n, rng)
+        assert sorted(perm) == list(range(n)) and not (perm == np.arange(n)).any()
+    with pytest.raises(UserError, match="at least 2"):
+        derangement(1, rng)
+
+
+def test_shuffle_titles_moves_every_trainable_title_and_keeps_the_rest(tmp_path):
+    market = tmp_path / "market"
+    (market / "images").mkdir(parents=True)
+    rows = [{"item_id": f"m{i}", "title": f"title {i}", "image_uri": f"images/m{i}.jpg", "price": 100 + i,
+             "category": "Home/Kitchen/Mugs", "status": "reserved" if i == 2 else "on_sale"} for i in range(6)]
+    (market / "listings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "control" / "listings.jsonl"
+    counts = shuffle_titles(str(market / "listings.jsonl"), out, seed=1)
+    assert counts == {"rows": 6, "titles_moved": 5, "kept_in_place": 1}
+    shuffled = [json.loads(line) for line in out.read_text().splitlines()]
+    for before, after in zip(rows, shuffled):
+        assert {k: v for k, v in after.items() if k not in ("title", "image_uri")} == \
+            {k: v for k, v in before.items() if k not in ("title", "image_uri")}
+        assert after["image_uri"] == str(market / before["image_uri"])  # absolute: the copy lives elsewhere
+    # A reserved listing's title is a message prepare drops with it: it stays; every other title moves.
+    assert shuffled[2]["title"] == "title 2"
+    moved = [(b["title"], a["title"]) for b, a in zip(rows, shuffled) if b["status"] != "reserved"]
+    assert all(old != new for old, new in moved)
+    assert sorted(new for _, new in moved) == sorted(old for old, _ in moved)
+    again = tmp_path / "again.jsonl"
+    shuffle_titles(str(market / "listings.jsonl"), again, seed=1)
+    assert again.read_text() == out.read_text()
+    (market / "listings.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(UserError, match="listings.jsonl:2"):
+        shuffle_titles(str(market / "listings.jsonl"), out, seed=1)
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, marketplace, tiny_models):
     out = tmp_path_factory.mktemp("study")
     config = StudyConfig(out_dir=str(out), marketplace_dir=str(marketplace), models_dir=str(tiny_models), epochs=1,
-                         bootstrap_resamples=50, ab_users=30, ab_sessions_per_user=2, workers=1, seed=7)
+                         shuffled_titles_control=True, bootstrap_resamples=50, ab_users=30, ab_sessions_per_user=2,
+                         workers=1, seed=7)
     result = run_study(config, command="pytest")
     return out, result, config
 
@@ -135,7 +174,7 @@ def test_table1_has_the_papers_rows_and_consistent_uplifts(study):
     assert set(result["neighbour_agreement"]["models"]) == {r["key"] for r in result["table1"]["rows"]
                                                            if r["key"] not in ("random", "logged_order")}
     rows = {r["key"]: r for r in result["table1"]["rows"]}
-    assert list(rows) == [BASELINE, "siglip_base", "siglip_full", "siglip_pca16", "random", "logged_order"]
+    assert list(rows) == [BASELINE, "siglip_base", CONTROL, "siglip_full", "siglip_pca16", "random", "logged_order"]
     assert rows["siglip_full"]["dims"] == 64 and rows["siglip_pca16"]["dims"] == 16
     base = rows[BASELINE]["metrics"]
     for key, row in rows.items():
@@ -166,6 +205,29 @@ def test_pca_tradeoff_rows_and_sizes(study):
         assert p["storage_saving"] == pytest.approx(1 - p["index_bytes"]["total"] / full)
     rows = {r["key"]: r for r in result["table1"]["rows"]}
     assert points["16"]["ndcg@5"] == rows["siglip_pca16"]["metrics"]["ndcg@5"]["mean"]
+
+
+def test_shuffled_titles_control_trains_on_the_shuffled_pairs_and_is_gated(study):
+    from visrec.stages.train.data import read_prepared
+
+    out, result, _ = study
+    control, rows = result["table1"]["control"], {r["key"]: r for r in result["table1"]["rows"]}
+    # Fine-tuned on the same items as the candidate, each with the title the shuffle gave it.
+    real, shuffled = (read_prepared(str(d))[0] for d in (out / "prepared", out / "control" / "prepared"))
+    assert sorted(real.column("item_id").to_pylist()) == sorted(shuffled.column("item_id").to_pylist())
+    given = {r["item_id"]: r["title"] for r in map(json.loads, (out / "control" / "listings.jsonl").open())}
+    titles = dict(zip(shuffled.column("item_id").to_pylist(), shuffled.column("title").to_pylist()))
+    assert titles == {i: given[i] for i in titles}
+    own = dict(zip(real.column("item_id").to_pylist(), real.column("title").to_pylist()))
+    assert np.mean([titles[i] != own[i] for i in titles]) > 0.9  # some generated titles repeat
+    assert control["shuffle"]["titles_moved"] > len(titles)
+    # Scored beside the others, compared with the real fine-tuning, and through the default gate.
+    pairing = control["pairing_uplift"]
+    assert pairing["absolute"] == pytest.approx(rows["siglip_full"]["metrics"]["ndcg@5"]["mean"]
+                                                - rows[CONTROL]["metrics"]["ndcg@5"]["mean"], abs=1e-5)
+    assert control["gate"]["decision"] in ("deploy", "reject") and (out / control["gate"]["report"]).is_file()
+    assert CONTROL in result["neighbour_agreement"]["models"]
+    assert "Control: the same fine-tuning" in (out / "study.md").read_text()
 
 
 def test_ab_test_arms_and_variants_are_consistent(study):

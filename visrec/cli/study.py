@@ -31,9 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SigLIP ViT-B/16-256 + MobileNetV2 1.4 architectures with random weights (needs a GPU)")
     parser.add_argument("--siglip-model", help="a real SigLIP checkpoint (hub id, local or gs:// dir)")
     parser.add_argument("--baseline-model", help="a real MobileNetV2 checkpoint, e.g. google/mobilenet_v2_1.4_224")
-    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default 3 from the CPU stand-ins, 5 full size)")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default 5, the paper's)")
     parser.add_argument("--batch-size", type=int, help="default 64 CPU stand-ins, 256 full size")
     parser.add_argument("--lr", type=float, help="default 1e-3 CPU stand-ins (far from converged), 5e-5 full size")
+    parser.add_argument("--shuffled-titles-control", action="store_true",
+                        help="also fine-tune a negative control on the titles shuffled between items, which the "
+                             "gate must reject (one more prepare, fine-tuning and embedding)")
     parser.add_argument("--pca-dims", type=int, nargs="+", default=list(PCA_DIMS),
                         help=f"PCA sizes of the trade-off (default {' '.join(map(str, PCA_DIMS))})")
     parser.add_argument("--bootstrap", type=int, default=d["bootstrap_resamples"], help="bootstrap resamples")
@@ -55,7 +58,8 @@ def config_from_args(args: argparse.Namespace):
         marketplace_dir=args.marketplace, models_dir=args.models, pretrained=not args.random_init,
         cache_dir=args.cache_dir, full_size=args.full_size,
         siglip_model=args.siglip_model, baseline_model=args.baseline_model, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, pca_dims=tuple(args.pca_dims), bootstrap_resamples=args.bootstrap,
+        batch_size=args.batch_size, lr=args.lr, shuffled_titles_control=args.shuffled_titles_control,
+        pca_dims=tuple(args.pca_dims), bootstrap_resamples=args.bootstrap,
         ab_users=args.ab_users, ab_sessions_per_user=args.ab_sessions_per_user, ab_k=args.ab_k,
         workers=args.workers, device=args.device, resume=args.resume)
 

@@ -13,7 +13,8 @@ from visrec.core import io
 from visrec.sim.study.ab import Session
 from visrec.sim.pretrain import CHECKPOINT, PRETRAINED
 from visrec.sim.pretrain import RANDOM as RANDOM_WEIGHTS
-from visrec.sim.study.config import ARMS, BASELINE, CANDIDATE, PAPER, SYNTHETIC_NOTE, StudyConfig, table1_models
+from visrec.sim.study.config import (ARMS, BASELINE, CANDIDATE, CONTROL, PAPER, SYNTHETIC_NOTE, StudyConfig,
+                                     table1_models)
 from visrec.sim.study.stages import StageRunner
 
 
@@ -30,10 +31,11 @@ def assemble_result(config: StudyConfig, command: str, market: Path, scored: dic
                     kept: list[int], skipped: list[int], t1_dims: int | None, explained: dict, index_sizes: dict,
                     gate: dict, cand_name: str, deployed: dict, ab_summary: dict, sessions: list[Session],
                     train_metrics: dict, stages: StageRunner, origins: dict[str, str],
-                    training: tuple[int, int, float], pretrain: dict | None) -> dict:
+                    training: tuple[int, int, float], pretrain: dict | None, control: dict | None = None) -> dict:
     """study.json's content from the stages' results. `origins`: where the SigLIP that fine-tuning
     started from and the baseline came from; `training`: (epochs, batch size, lr) of the fine-tuning;
-    `pretrain`: the `pretrain` stage's result when the study built or reused the pretrained stand-ins."""
+    `pretrain`: the `pretrain` stage's result when the study built or reused the pretrained stand-ins;
+    `control`: the shuffled-titles control's shuffle counts, fine-tuning metrics and gate evaluation."""
     import platform
 
     from visrec.stages.evaluate.evaluation import LOGGED, RANDOM
@@ -48,8 +50,17 @@ def assemble_result(config: StudyConfig, command: str, market: Path, scored: dic
 
     labels = {BASELINE: _BASELINE_LABELS[origins[BASELINE]], "siglip_base": _BASE_LABELS[origins["siglip"]],
               "siglip_full": f"SigLIP fine-tuned ({full_dims}-d)",
-              f"siglip_pca{t1_dims}": f"SigLIP fine-tuned + PCA {t1_dims}", **_LABELS}
-    rows = [row(key, labels[key]) for key in [*table1_models(t1_dims), RANDOM, LOGGED]]
+              f"siglip_pca{t1_dims}": f"SigLIP fine-tuned + PCA {t1_dims}",
+              CONTROL: "SigLIP fine-tuned on shuffled titles (control)", **_LABELS}
+    rows = [row(key, labels[key]) for key in [*table1_models(t1_dims, control is not None), RANDOM, LOGGED]]
+    control_summary = None
+    if control is not None:
+        gate_ev = control["gate"]
+        control_summary = {
+            "key": CONTROL, "shuffle": control["shuffle"], "best_val": control["train"].get("best_val"),
+            "pairing_uplift": uplift[f"siglip_full_vs_{CONTROL}"]["ndcg@5"],
+            "gate": {"decision": gate_ev["decision"], "report": "control/evaluation/report.html",
+                     "failed": [r["message"] for r in gate_ev["reasons"] if not r["passed"]]}}
     pca_note = (f"SigLIP embeds in {full_dims} dims (the paper's in 768); the PCA row keeps "
                 f"{t1_dims or '-'}, the size nearest the paper's ratio 128/768.")
     if origins[BASELINE] == RANDOM_WEIGHTS:
@@ -117,7 +128,9 @@ def assemble_result(config: StudyConfig, command: str, market: Path, scored: dic
                    "note": pca_note, "paper": {k: PAPER[k] for k in ("uplift_ndcg@5", "uplift_precision@1")},
                    "gate": {"candidate": cand_name, "decision": gate["decision"], "report": "gate_report.html",
                             "lists_used": gate["lists_used"], "candidate_ndcg@5": gate["candidate"]["ndcg@5"],
-                            "baseline_ndcg@5": gate["baseline"]["ndcg@5"]}},
+                            "baseline_ndcg@5": gate["baseline"]["ndcg@5"],
+                            "failed": [r["message"] for r in gate["reasons"] if not r["passed"]]},
+                   "control": control_summary},
         "pca_tradeoff": {"full_dims": full_dims, "items": points[0]["index_items"], "points": points,
                          "skipped_dims": skipped, "note": trade_note,
                          "paper": {k: PAPER[k] for k in ("pca_768_to_128_storage_saving",
@@ -189,8 +202,19 @@ def render_markdown(result: dict) -> str:
     lines += ["", f"Paper (real data): +{PAPER['uplift_ndcg@5']:.1%} nDCG@5, +{PAPER['uplift_precision@1']:.1%} "
               "P@1 for fine-tuned SigLIP over MobileNetV2.", "",
               f"Gate report of the served candidate ({t1['gate']['candidate']}): `{t1['gate']['report']}`, "
-              f"decision **{t1['gate']['decision']}**.", "",
-              "## What each embedding sees", "",
+              f"decision **{t1['gate']['decision']}**"
+              + (f" ({'; '.join(t1['gate']['failed'])})." if t1["gate"]["failed"] else "."), ""]
+    if t1.get("control"):
+        c, rows = t1["control"], {r["key"]: r for r in t1["rows"]}
+        ndcg, pairing = rows[c["key"]]["metrics"]["ndcg@5"]["mean"], c["pairing_uplift"]
+        lines += [f"Control: the same fine-tuning on the same listings with {c['shuffle']['titles_moved']:,} titles "
+                  "moved between items (images, titles and recipe unchanged, the pairing broken): nDCG@5 "
+                  f"{_fmt(ndcg)} ({_fmt(rows[c['key']]['uplift']['ndcg@5']['relative'], pct=True, signed=True)} vs "
+                  f"the baseline). The pairing is worth {_fmt(pairing['absolute'], signed=True)} "
+                  f"{_ci(pairing['ci95'], signed=True)} nDCG@5 (fine-tuned vs control). The default gate on the "
+                  f"control: **{c['gate']['decision']}**"
+                  + (f" ({'; '.join(c['gate']['failed'])})." if c["gate"]["failed"] else "."), ""]
+    lines += ["## What each embedding sees", "",
               f"Share of each item's {nb['k']} nearest neighbours (cosine) with the same hidden attribute, "
               f"over {nb['queries']:,} items (what the hidden user model's relevance weighs: {_relevance_weights()}).",
               "",
@@ -252,6 +276,9 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"{r['label']:<40} nDCG@5 {_fmt(m['ndcg@5']['mean'])} P@1 {_fmt(m['precision@1']['mean'])}"
                      + (f"  vs baseline {_fmt(up['ndcg@5']['relative'], pct=True, signed=True)} nDCG@5, "
                         f"{_fmt(up['precision@1']['relative'], pct=True, signed=True)} P@1" if up else ""))
+    t1 = result["table1"]
+    lines.append(f"default gate: candidate {t1['gate']['decision']}"
+                 + (f"; shuffled-titles control {t1['control']['gate']['decision']}" if t1["control"] else ""))
     for p in result["pca_tradeoff"]["points"]:
         lines.append(f"PCA {p['label']:>4}: nDCG@5 {_fmt(p['ndcg@5'])} "
                      f"({_fmt(p['ndcg@5_relative_change'], pct=True, signed=True)}), "

@@ -13,8 +13,9 @@ import numpy as np
 
 from visrec.core.errors import UserError
 from visrec.sim.study.ab import RANKING_VARIANTS, make_sessions, play_sessions
-from visrec.sim.study.config import (ARMS, BASELINE, CANDIDATE, FULL_SIZE_MODELS, StudyConfig, table1_models,
-                                     table1_pca_dims, tradeoff_dims)
+from visrec.sim.study.config import (ARMS, BASELINE, CANDIDATE, CONTROL, FULL_SIZE_MODELS, StudyConfig,
+                                     table1_models, table1_pca_dims, tradeoff_dims)
+from visrec.sim.study.controls import shuffle_titles
 from visrec.sim.study.plots import plot_ab, plot_table1, plot_tradeoff
 from visrec.sim.study.report import assemble_result, render_markdown
 from visrec.sim.study.stages import StageRunner
@@ -143,17 +144,30 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
     origins = {"siglip": model_origin(siglip_uri), BASELINE: model_origin(baseline_uri)}
 
     # Stages 1-3.
-    prepared = str(out / "prepared")
-    stages.run("prepare", lambda: run_prepare(PrepareConfig(listings_uri=listings, out_dir=prepared, seed=config.seed,
-                                                            image_size=_image_size(siglip_uri), shards=4)).as_dict())
     epochs, batch_size, lr = config.training()
-    trained = out / "train"
-    train_metrics = stages.run("train", lambda: {k: v for k, v in train(TrainConfig(
-        data_uri=prepared, out_dir=str(trained), model_uri=siglip_uri, epochs=epochs, batch_size=batch_size, lr=lr,
-        seed=config.seed, checkpoint_every_steps=0, num_workers=min(2, config.workers), device=config.device,
-        progress=False)).as_dict().items() if k != "step_loss"})
+
+    def prepare_and_train(listings_uri: str, root: Path, suffix: str = "") -> dict:
+        """Stages 1-2 on `listings_uri` into `root/prepared` and `root/train`: the train metrics."""
+        prepared = str(root / "prepared")
+        stages.run(f"prepare{suffix}", lambda: run_prepare(PrepareConfig(
+            listings_uri=listings_uri, out_dir=prepared, seed=config.seed, image_size=_image_size(siglip_uri),
+            shards=4)).as_dict())
+        return stages.run(f"train{suffix}", lambda: {k: v for k, v in train(TrainConfig(
+            data_uri=prepared, out_dir=str(root / "train"), model_uri=siglip_uri, epochs=epochs,
+            batch_size=batch_size, lr=lr, seed=config.seed, checkpoint_every_steps=0,
+            num_workers=min(2, config.workers), device=config.device, progress=False)).as_dict().items()
+            if k != "step_loss"})
+
+    prepared, trained = str(out / "prepared"), out / "train"
+    train_metrics = prepare_and_train(listings, out)
     raw = {"siglip": (str(trained / "model"), "siglip"), "siglip_base": (siglip_uri, "siglip"),
            BASELINE: (baseline_uri, "mobilenet_v2")}
+    control = out / "control"
+    if config.shuffled_titles_control:
+        shuffled = stages.run("shuffle_titles", lambda: shuffle_titles(listings, control / "listings.jsonl",
+                                                                       config.seed))
+        control_train = prepare_and_train(str(control / "listings.jsonl"), control, "_control")
+        raw[CONTROL] = (str(control / "train" / "model"), "siglip")
     emb = out / "embeddings"
     for name, (model_uri, kind) in raw.items():
         stages.run(f"embed_{name}", lambda m=model_uri, k=kind, n=name: run_embed(EmbedConfig(
@@ -179,17 +193,20 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
     variant_dirs.update({f"siglip_pca{d}": str(emb / f"siglip_pca{d}") for d in kept})
 
     # Table 1 and the trade-off's quality: every embedding set scored on the same lists.
-    vectors = {BASELINE: read_embeddings(str(emb / BASELINE)), "siglip_base": read_embeddings(str(emb / "siglip_base"))}
+    vectors = {name: read_embeddings(str(emb / name)) for name in raw if name != "siglip"}
     vectors["siglip_full"] = (ids, full)
     vectors.update({f"siglip_pca{d}": read_embeddings(variant_dirs[f"siglip_pca{d}"]) for d in kept})
     dims = {name: vecs.shape[1] for name, (_, vecs) in vectors.items()}
     comparisons = [(name, BASELINE) for name in [*vectors, RANDOM, LOGGED] if name != BASELINE]
     comparisons += [(f"siglip_pca{d}", "siglip_full") for d in kept]
+    if config.shuffled_titles_control:
+        comparisons.append(("siglip_full", CONTROL))  # what the image-title pairing is worth
     scored = stages.run("score", lambda: score_rankings(interactions, vectors, comparisons,
                                                         config.bootstrap_resamples, config.seed))
     hidden = load_hidden(market)
     neighbours = stages.run("neighbours", lambda: neighbour_agreement(
-        {name: vectors[name] for name in table1_models(t1_dims)}, hidden, seed=config.seed))
+        {name: vectors[name] for name in table1_models(t1_dims, config.shuffled_titles_control)}, hidden,
+        seed=config.seed))
 
     # Index bytes per item, measured on saved indexes.
     def measure_indexes() -> dict:
@@ -217,6 +234,13 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
         out_dir=str(evaluation), listings_uri=listings, bootstrap_resamples=config.bootstrap_resamples,
         seed=config.seed)).as_dict())
     shutil.copyfile(evaluation / "report.html", out / "gate_report.html")
+    control_result = None
+    if config.shuffled_titles_control:
+        control_gate = stages.run("evaluate_control", lambda: run_evaluation(EvaluateConfig(
+            interactions_uri=interactions, candidate_uri=str(emb / CONTROL), baseline_uri=arm_embeddings[BASELINE],
+            out_dir=str(control / "evaluation"), listings_uri=listings,
+            bootstrap_resamples=config.bootstrap_resamples, seed=config.seed)).as_dict())
+        control_result = {"shuffle": shuffled, "train": control_train, "gate": control_gate}
     arm_policy = out / "ab-arm-gate.yaml"
     arm_policy.write_text(ARM_POLICY_YAML)
     arm_evaluations = {CANDIDATE: str(evaluation)}
@@ -250,7 +274,7 @@ def run_study(config: StudyConfig, command: str = "") -> dict:
 
     result = assemble_result(config, command, market, scored, dims, kept, skipped, t1_dims, explained, index_sizes,
                              gate, cand_name, deployed, ab_summary, sessions, train_metrics, stages, origins,
-                             (epochs, batch_size, lr), pretrain)
+                             (epochs, batch_size, lr), pretrain, control_result)
     result["neighbour_agreement"] = neighbours
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     files = {"table1.png": plot_table1(result["table1"]["rows"]),
