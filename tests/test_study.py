@@ -28,13 +28,13 @@ def test_table1_pca_dims_keep_the_papers_ratio():
     assert table1_pca_dims(768) == 128
     assert table1_pca_dims(192) == 32
     assert table1_pca_dims(96) == 16
-    assert table1_pca_dims(64) == 16
-    assert table1_pca_dims(16) is None
+    assert table1_pca_dims(64) == 8
+    assert table1_pca_dims(4) is None
 
 
 def test_tradeoff_skips_sizes_above_the_embedding():
-    assert tradeoff_dims(64) == ([16, 32, 64], [128, 256])
-    assert tradeoff_dims(768) == ([16, 32, 64, 128, 256], [])
+    assert tradeoff_dims(64) == ([4, 8, 16, 32, 64], [128, 256])
+    assert tradeoff_dims(768) == ([4, 8, 16, 32, 64, 128, 256], [])
 
 
 def test_traffic_split_is_stable_per_user_and_roughly_even():
@@ -174,8 +174,8 @@ def test_table1_has_the_papers_rows_and_consistent_uplifts(study):
     assert set(result["neighbour_agreement"]["models"]) == {r["key"] for r in result["table1"]["rows"]
                                                            if r["key"] not in ("random", "logged_order")}
     rows = {r["key"]: r for r in result["table1"]["rows"]}
-    assert list(rows) == [BASELINE, "siglip_base", CONTROL, "siglip_full", "siglip_pca16", "random", "logged_order"]
-    assert rows["siglip_full"]["dims"] == 64 and rows["siglip_pca16"]["dims"] == 16
+    assert list(rows) == [BASELINE, "siglip_base", CONTROL, "siglip_full", "siglip_pca8", "random", "logged_order"]
+    assert rows["siglip_full"]["dims"] == 64 and rows["siglip_pca8"]["dims"] == 8
     base = rows[BASELINE]["metrics"]
     for key, row in rows.items():
         for m in METRICS:
@@ -188,8 +188,8 @@ def test_table1_has_the_papers_rows_and_consistent_uplifts(study):
             assert up["absolute"] == pytest.approx(mean - base[m]["mean"], abs=1e-5)
     # The gate's own evaluation scored the served candidate and the baseline on the same lists.
     gate = result["table1"]["gate"]
-    assert gate["candidate"] == "siglip_pca16" and gate["lists_used"] == result["table1"]["lists_used"]
-    assert gate["candidate_ndcg@5"] == pytest.approx(rows["siglip_pca16"]["metrics"]["ndcg@5"]["mean"])
+    assert gate["candidate"] == "siglip_pca8" and gate["lists_used"] == result["table1"]["lists_used"]
+    assert gate["candidate_ndcg@5"] == pytest.approx(rows["siglip_pca8"]["metrics"]["ndcg@5"]["mean"])
     assert gate["baseline_ndcg@5"] == pytest.approx(base["ndcg@5"]["mean"])
 
 
@@ -197,14 +197,14 @@ def test_pca_tradeoff_rows_and_sizes(study):
     _, result, _ = study
     trade = result["pca_tradeoff"]
     points = {p["label"]: p for p in trade["points"]}
-    assert list(points) == ["none", "64", "32", "16"] and trade["skipped_dims"] == [128, 256]
+    assert list(points) == ["none", "64", "32", "16", "8", "4"] and trade["skipped_dims"] == [128, 256]
     full = points["none"]["index_bytes"]["total"]
     assert points["16"]["bytes_per_item"] < points["32"]["bytes_per_item"] < points["none"]["bytes_per_item"]
     for p in trade["points"]:
         assert p["bytes_per_item"] == pytest.approx(p["index_bytes"]["total"] / p["index_items"])
         assert p["storage_saving"] == pytest.approx(1 - p["index_bytes"]["total"] / full)
     rows = {r["key"]: r for r in result["table1"]["rows"]}
-    assert points["16"]["ndcg@5"] == rows["siglip_pca16"]["metrics"]["ndcg@5"]["mean"]
+    assert points["8"]["ndcg@5"] == rows["siglip_pca8"]["metrics"]["ndcg@5"]["mean"]
 
 
 def test_shuffled_titles_control_trains_on_the_shuffled_pairs_and_is_gated(study):
