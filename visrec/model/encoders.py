@@ -366,7 +366,7 @@ def save_model(model: Any, processor: Any, out_dir: Path, note_name: str, note: 
     `note_name` recording how the weights came about (so nobody mistakes them for the real ones)."""
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    (out_dir / note_name).write_text(json.dumps(note, indent=2, ensure_ascii=False) + "\n")
+    io.write_json(str(out_dir / note_name), note)
 
 
 def init_models(out_dir: str | Path, listings_uri: str | None = None,

@@ -38,15 +38,15 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from visrec.core import io
 from visrec.online.entry import BadEntry, JournalEntry, new_entry_id
+from visrec.online.lock import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -205,17 +205,6 @@ def _parse(line: bytes, where: str) -> JournalEntry | None:
         return None
 
 
-@contextmanager
-def _write_locked(path: Path) -> Iterator[int]:
-    """A descriptor of `path` (created if missing) opened for appending, under its exclusive lock."""
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield fd
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def _drop_torn_tail(fd: int, path: Path) -> int:
     """Cut an unterminated last line off the locked file `fd`; returns the file's size after.
 
@@ -261,7 +250,7 @@ class FileJournal:
         self.skipped = 0
         self.stats = JournalStats()
         if path.exists():
-            with _write_locked(path) as fd:
+            with exclusive_lock(path) as fd:
                 _drop_torn_tail(fd, path)
         _check_offset(path, offset)
 
@@ -273,7 +262,7 @@ class FileJournal:
         if not entries:
             return
         data = "".join(e.to_json() + "\n" for e in entries).encode("utf-8")
-        with _write_locked(self.path) as fd:
+        with exclusive_lock(self.path) as fd:
             size = _drop_torn_tail(fd, self.path)
             try:
                 _write_all(fd, data)

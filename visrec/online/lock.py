@@ -1,11 +1,26 @@
-"""`ProcessLock`: which one of the worker processes of a machine does a job that only one may do
-(following another release's journal into this one's)."""
+"""File locks between the processes of a machine: `ProcessLock`, which one of the worker processes
+does a job that only one may do (following another release's journal into this one's), and
+`exclusive_lock`, one writer at a time (journal appends, a model-cache build)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import os
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[int]:
+    """A descriptor of `path` (created if missing) opened for appending, under its exclusive lock,
+    which the block waits for."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class ProcessLock:

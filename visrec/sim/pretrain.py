@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import importlib
 import json
@@ -42,6 +41,7 @@ from typing import Any, Iterator
 from visrec.core import io
 from visrec.model.classify import ClassifierConfig
 from visrec.model.encoders import TinyModelConfig
+from visrec.online.lock import exclusive_lock
 from visrec.sim.web_corpus import WebCorpusConfig
 
 log = logging.getLogger(__name__)
@@ -147,17 +147,6 @@ def cache_key(config: PretrainConfig) -> str:
     return digest.hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def pretrained_models(config: PretrainConfig | None = None, cache_dir: str | Path | None = None,
                       rebuild: bool = False) -> PretrainedModels:
     """The pretrained SigLIP and MobileNetV2 of `config`: from the cache, or built into it now.
@@ -168,7 +157,8 @@ def pretrained_models(config: PretrainConfig | None = None, cache_dir: str | Pat
     key = cache_key(config)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     entry = root / f"pretrained-{key}"
-    with _locked(root / f"pretrained-{key}.lock"):
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(root / f"pretrained-{key}.lock"):
         built_now = rebuild or not (entry / MANIFEST).is_file()
         if built_now:
             staging = root / f"pretrained-{key}.building"
@@ -313,12 +303,12 @@ def build_pretrained(out_dir: Path, config: PretrainConfig, key: str = "") -> di
 
     siglip_figures = {k: getattr(siglip_run, k) for k in ("train_pairs", "val_pairs", "best_epoch", "initial_val",
                                                            "best_val", "samples_per_second", "train_seconds")}
-    (out_dir / "siglip" / NOTE).write_text(json.dumps({
+    io.write_json(str(out_dir / "siglip" / NOTE), {
         **_note(config, key), "real_checkpoint": SIGLIP_HUB_ID, "pretraining": "sigmoid contrastive loss on "
-        "image-caption pairs (visrec train)", "figures": siglip_figures}, indent=2, ensure_ascii=False) + "\n")
+        "image-caption pairs (visrec train)", "figures": siglip_figures})
     manifest = {"key": key, "config": config.fingerprint(), "corpus": corpus, "siglip": siglip_figures,
                 "mobilenet_v2": classifier, "seconds": seconds}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    io.write_json(str(out_dir / MANIFEST), manifest)
     log.info("pretraining done in %.1fs: SigLIP val %s; MobileNetV2 val accuracy %s", seconds["total"],
              siglip_figures["best_val"], classifier["val_accuracy"])
     return manifest

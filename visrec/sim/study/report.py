@@ -60,7 +60,7 @@ def assemble_result(config: StudyConfig, command: str, market: Path, scored: dic
             "key": CONTROL, "shuffle": control["shuffle"], "best_val": control["train"].get("best_val"),
             "pairing_uplift": uplift[f"siglip_full_vs_{CONTROL}"]["ndcg@5"],
             "gate": {"decision": gate_ev["decision"], "report": "control/evaluation/report.html",
-                     "failed": [r["message"] for r in gate_ev["reasons"] if not r["passed"]]}}
+                     "failed": _failed_thresholds(gate_ev)}}
     pca_note = (f"SigLIP embeds in {full_dims} dims (the paper's in 768); the PCA row keeps "
                 f"{t1_dims or '-'}, the size nearest the paper's ratio 128/768.")
     if origins[BASELINE] == RANDOM_WEIGHTS:
@@ -129,7 +129,7 @@ def assemble_result(config: StudyConfig, command: str, market: Path, scored: dic
                    "gate": {"candidate": cand_name, "decision": gate["decision"], "report": "gate_report.html",
                             "lists_used": gate["lists_used"], "candidate_ndcg@5": gate["candidate"]["ndcg@5"],
                             "baseline_ndcg@5": gate["baseline"]["ndcg@5"],
-                            "failed": [r["message"] for r in gate["reasons"] if not r["passed"]]},
+                            "failed": _failed_thresholds(gate)},
                    "control": control_summary},
         "pca_tradeoff": {"full_dims": full_dims, "items": points[0]["index_items"], "points": points,
                          "skipped_dims": skipped, "note": trade_note,
@@ -141,6 +141,16 @@ def assemble_result(config: StudyConfig, command: str, market: Path, scored: dic
         "stage_cpu_seconds": stages.cpu_seconds,
         "stages_reused": stages.reused,
     }
+
+
+def _failed_thresholds(evaluation: dict) -> list[str]:
+    """The messages of the thresholds an evaluation's gate decision failed."""
+    return [r["message"] for r in evaluation["reasons"] if not r["passed"]]
+
+
+def _decision(gate: dict) -> str:
+    """`**reject** (the failed thresholds).` of a study.json gate section, for study.md."""
+    return f"**{gate['decision']}**" + (f" ({'; '.join(gate['failed'])})." if gate["failed"] else ".")
 
 
 def _fmt(x: float | None, pct: bool = False, signed: bool = False) -> str:
@@ -202,8 +212,7 @@ def render_markdown(result: dict) -> str:
     lines += ["", f"Paper (real data): +{PAPER['uplift_ndcg@5']:.1%} nDCG@5, +{PAPER['uplift_precision@1']:.1%} "
               "P@1 for fine-tuned SigLIP over MobileNetV2.", "",
               f"Gate report of the served candidate ({t1['gate']['candidate']}): `{t1['gate']['report']}`, "
-              f"decision **{t1['gate']['decision']}**"
-              + (f" ({'; '.join(t1['gate']['failed'])})." if t1["gate"]["failed"] else "."), ""]
+              f"decision {_decision(t1['gate'])}", ""]
     if t1.get("control"):
         c, rows = t1["control"], {r["key"]: r for r in t1["rows"]}
         ndcg, pairing = rows[c["key"]]["metrics"]["ndcg@5"]["mean"], c["pairing_uplift"]
@@ -212,8 +221,7 @@ def render_markdown(result: dict) -> str:
                   f"{_fmt(ndcg)} ({_fmt(rows[c['key']]['uplift']['ndcg@5']['relative'], pct=True, signed=True)} vs "
                   f"the baseline). The pairing is worth {_fmt(pairing['absolute'], signed=True)} "
                   f"{_ci(pairing['ci95'], signed=True)} nDCG@5 (fine-tuned vs control). The default gate on the "
-                  f"control: **{c['gate']['decision']}**"
-                  + (f" ({'; '.join(c['gate']['failed'])})." if c["gate"]["failed"] else "."), ""]
+                  f"control: {_decision(c['gate'])}", ""]
     lines += ["## What each embedding sees", "",
               f"Share of each item's {nb['k']} nearest neighbours (cosine) with the same hidden attribute, "
               f"over {nb['queries']:,} items (what the hidden user model's relevance weighs: {_relevance_weights()}).",
